@@ -1,0 +1,187 @@
+"""The `edgeagent` command: serve, generate, info, demo, make-tiny, config."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+
+from edgeagent.client import Client, Parameters
+from edgeagent.v1 import generation_pb2 as pb
+
+EXIT_USAGE, EXIT_RPC_FAILED = 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler: int = args.handler(args)
+    return handler
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.set_defaults(handler=_serve)
+
+    generate = commands.add_parser("generate", help="stream an answer to the terminal")
+    generate.add_argument("prompt")
+    generate.add_argument("--chat", action="store_true", help="send as a user chat message")
+    generate.add_argument("--system", help="a system message (implies --chat)")
+    generate.add_argument("--max-tokens", type=int)
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--top-k", type=int)
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--target", help="gRPC target; default: the daemon's Unix socket")
+    generate.add_argument("--timeout", type=float, help="seconds before the request is cancelled")
+    generate.set_defaults(handler=_generate)
+
+    info = commands.add_parser("info", help="show the served model")
+    info.add_argument("--target")
+    info.set_defaults(handler=_info)
+
+    demo = commands.add_parser("demo", help="start the daemon, stream one chat answer, stop it")
+    demo.add_argument("--prompt", default="Tell me about edge boxes in one short paragraph.")
+    demo.set_defaults(handler=_demo)
+
+    tiny = commands.add_parser("make-tiny", help="write the embedded tiny Phi-4-family model")
+    tiny.add_argument("out", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_make_tiny)
+
+    config = commands.add_parser("config", help="print the effective configuration")
+    config.set_defaults(handler=_config)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from edgeagent.daemon import Daemon
+    from edgeagent.settings import Settings
+
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return asyncio.run(Daemon(settings).serve())
+
+
+def _generate(args: argparse.Namespace) -> int:
+    params = Parameters(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    with Client(args.target, timeout=args.timeout) as client:
+        if args.chat or args.system:
+            messages = [("system", args.system)] if args.system else []
+            responses = client.chat([*messages, ("user", args.prompt)], params)
+        else:
+            responses = client.stream(args.prompt, params)
+        return _print_stream(responses)
+
+
+def _print_stream(responses: Iterator[pb.GenerateStreamResponse]) -> int:
+    """Print text as it arrives, then one line of timing on stderr."""
+    started = time.perf_counter()
+    first: float | None = None
+    last = pb.GenerateStreamResponse()
+    try:
+        for last in responses:
+            if first is None:
+                first = time.perf_counter() - started
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except grpc.RpcError as error:
+        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        return EXIT_RPC_FAILED
+    elapsed = time.perf_counter() - started
+    decode = elapsed - (first or 0.0)
+    rate = (last.completion_tokens - 1) / decode if decode > 0 and last.completion_tokens > 1 else 0
+    print(
+        f"\n--- {last.prompt_tokens} prompt tokens, {last.completion_tokens} generated in "
+        f"{elapsed:.2f} s; first token {1000 * (first or 0):.0f} ms; {rate:.0f} tok/s; "
+        f"finish: {pb.FinishReason.Name(last.finish_reason)}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        info = client.model_info()
+    for field, value in info.ListFields():
+        print(f"{field.name:>24}  {value}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The quick start: the whole pipeline on the embedded model, then a clean stop."""
+    from edgeagent.settings import Settings
+
+    settings = Settings()
+    log_path = settings.state_dir / "demo-daemon.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting the daemon (log: {log_path}); the first start compiles the model...")
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "serve"], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        with Client(f"unix:{settings.socket_path}", timeout=120) as client:
+            _wait_for_daemon(client, daemon, timeout=900)
+            print(f"serving after {time.perf_counter() - started:.1f} s")
+            _info_lines(client.model_info())
+            print(f"\n> {args.prompt}\n")
+            code = _print_stream(client.chat([("user", args.prompt)], Parameters(max_tokens=96)))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        exit_code = daemon.wait(timeout=120)
+    print(f"daemon stopped on SIGTERM with exit code {exit_code}")
+    return code or exit_code
+
+
+def _wait_for_daemon(client: Client, daemon: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not client.is_serving():
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with code {daemon.returncode}; see its log")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the daemon was not serving after {timeout:g} s")
+        time.sleep(0.5)
+
+
+def _info_lines(info: pb.ModelInfo) -> None:
+    print(
+        f"model {info.model_id} ({info.architecture}, quantization {info.quantization}), "
+        f"context {info.max_context_tokens} tokens"
+    )
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from edgeagent.artifacts.tiny import build_tiny_model
+
+    print(build_tiny_model(args.out, seed=args.seed))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from edgeagent.settings import Settings
+
+    print(json.dumps(Settings().redacted(), indent=2, sort_keys=True))
+    return 0

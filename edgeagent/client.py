@@ -1,0 +1,116 @@
+"""A small client for apps: `Client().stream("Hello")`, `Client().chat([...])`.
+
+By default it connects to the daemon's Unix socket from the same settings the daemon reads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgeagent.v1 import generation_pb2 as pb
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+Message = tuple[str, str]  # (role, content)
+
+
+@dataclass(frozen=True)
+class Parameters:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+
+
+def build_request(
+    prompt: str | None = None,
+    messages: Iterable[Message] | None = None,
+    params: Parameters = Parameters(),
+) -> pb.GenerateRequest:
+    """A `GenerateRequest` from a raw prompt or chat messages; unset parameters stay unset."""
+    request = pb.GenerateRequest()
+    if messages is not None:
+        request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
+    elif prompt is not None:
+        request.prompt = prompt
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        value = getattr(params, name)
+        if value is not None:
+            setattr(request.sampling, name, value)
+    if params.max_tokens is not None:
+        request.stopping.max_tokens = params.max_tokens
+    request.stopping.stop.extend(params.stop)
+    return request
+
+
+def default_target() -> str:
+    from edgeagent.settings import Settings
+
+    return f"unix:{Settings().socket_path}"
+
+
+class Client:
+    def __init__(self, target: str | None = None, timeout: float | None = None) -> None:
+        self.target = target or default_target()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.target)
+        self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def stream(
+        self, prompt: str, params: Parameters = Parameters()
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stream_request(build_request(prompt=prompt, params=params))
+
+    def chat(
+        self, messages: Iterable[Message], params: Parameters = Parameters()
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stream_request(build_request(messages=messages, params=params))
+
+    def stream_request(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateStreamResponse]:
+        responses: Iterator[pb.GenerateStreamResponse] = self._stub.GenerateStream(
+            request, timeout=self.timeout
+        )
+        return responses
+
+    def generate(self, prompt: str, params: Parameters = Parameters()) -> pb.GenerateResponse:
+        response: pb.GenerateResponse = self._stub.Generate(
+            build_request(prompt=prompt, params=params), timeout=self.timeout
+        )
+        return response
+
+    def model_info(self) -> pb.ModelInfo:
+        info: pb.ModelInfo = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        return info
+
+    def is_serving(self) -> bool:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def wait_until_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.is_serving():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.target} not serving after {timeout:g} s")
+            time.sleep(0.25)

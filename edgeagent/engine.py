@@ -1,0 +1,207 @@
+"""A narrow async wrapper over vLLM's `AsyncLLM`: start, stream, abort, health, reload, shutdown.
+
+It knows nothing of the artifact store, the fit check or gRPC: it takes a model directory and
+sizes, token ids and sampling options, and yields text deltas with token counts.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgeagent.errors import EngineDeadError, EngineError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: Path
+    kv_cache_bytes: int
+    max_num_seqs: int
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    enforce_eager: bool = False
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+class FinishReason(enum.Enum):
+    MAX_TOKENS = "max_tokens"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+    CANCELLED = "cancelled"
+    TOKEN_LIMIT = "token_limit"
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text produced since the last delta; counts are totals so far."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the served model is, as the engine loaded it."""
+
+    path: Path
+    max_model_len: int
+    max_num_seqs: int
+    architecture: str
+    quantization: str
+
+
+class ChatMessage(Protocol):
+    role: str
+    content: str
+
+
+class Engine(Protocol):
+    """What the server and the daemon need of an engine; `VllmEngine` is the real one."""
+
+    facts: ModelFacts
+
+    def encode(self, text: str) -> list[int]: ...
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str: ...
+    def stream(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncGenerator[Delta, None]: ...
+    async def abort(self, request_id: str) -> None: ...
+    async def check_health(self) -> None: ...
+    def num_unfinished_requests(self) -> int: ...
+    async def reload_weights(self, weights_path: Path) -> None: ...
+    def shutdown(self) -> None: ...
+
+
+class VllmEngine:
+    """The real engine: vLLM's `AsyncLLM` in this process, its engine core in a child process."""
+
+    def __init__(self, llm: Any, facts: ModelFacts) -> None:
+        self._llm = llm
+        self._tokenizer = llm.get_tokenizer()
+        self.facts = facts
+
+    @classmethod
+    def start(cls, config: EngineConfig) -> VllmEngine:
+        """Start vLLM on `config.model_path` (blocks: tens of seconds; longer with a cold cache)."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if not (config.model_path / "config.json").is_file():
+            raise EngineError(f"no model at {config.model_path} (config.json missing)")
+        args = AsyncEngineArgs(
+            model=str(config.model_path),
+            dtype=config.dtype,  # type: ignore[arg-type]  # checked by Settings
+            kv_cache_memory_bytes=config.kv_cache_bytes,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+            disable_log_stats=True,
+        )
+        if config.max_model_len is not None:
+            args.max_model_len = config.max_model_len
+        started = time.perf_counter()
+        llm = AsyncLLM.from_engine_args(args)
+        model_config = llm.model_config
+        facts = ModelFacts(
+            path=config.model_path,
+            max_model_len=int(model_config.max_model_len),
+            max_num_seqs=config.max_num_seqs,
+            architecture=(model_config.architectures or ["unknown"])[0],
+            quantization=str(model_config.quantization or "none"),
+        )
+        logger.info("engine started in %.1f s: %s", time.perf_counter() - started, facts)
+        return cls(llm, facts)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        rendered: str = self._tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        return rendered
+
+    async def stream(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncGenerator[Delta, None]:
+        """Yield deltas until the request finishes. Closing the iterator aborts the request."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        params = SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        completion_tokens = 0
+        prompt = {"prompt_token_ids": prompt_token_ids}
+        try:
+            async for output in self._llm.generate(prompt, params, request_id):
+                completion = output.outputs[0]
+                completion_tokens += len(completion.token_ids)
+                finish = None
+                if output.finished:
+                    total = len(prompt_token_ids) + completion_tokens
+                    finish = self._finish_reason(completion, total)
+                stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+                yield Delta(completion.text, completion_tokens, finish, stop)
+        except VllmEngineDeadError as exc:
+            raise EngineDeadError(f"the engine died: {exc}") from exc
+
+    def _finish_reason(self, completion: Any, total_tokens: int) -> FinishReason:
+        reason = completion.finish_reason
+        if reason == "length":
+            at_limit = total_tokens >= self.facts.max_model_len
+            return FinishReason.TOKEN_LIMIT if at_limit else FinishReason.MAX_TOKENS
+        if reason == "stop":
+            if isinstance(completion.stop_reason, str):
+                return FinishReason.STOP_SEQUENCE
+            return FinishReason.EOS_TOKEN
+        return FinishReason.CANCELLED
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        try:
+            await self._llm.check_health()
+        except Exception as exc:
+            raise EngineDeadError(f"the engine is not healthy: {exc}") from exc
+
+    def num_unfinished_requests(self) -> int:
+        count: int = self._llm.get_num_unfinished_requests()
+        return count
+
+    async def reload_weights(self, weights_path: Path) -> None:
+        """Swap in the weights at `weights_path` (same architecture and layout) in place."""
+        started = time.perf_counter()
+        await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
+        elapsed = time.perf_counter() - started
+        logger.info("weights reloaded from %s in %.2f s", weights_path, elapsed)
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

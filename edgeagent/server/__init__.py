@@ -1,0 +1,1 @@
+"""The gRPC side: request checks, the generation service, error mapping, server assembly."""

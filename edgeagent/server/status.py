@@ -1,0 +1,43 @@
+"""The one place where edgeagent's errors become gRPC status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from edgeagent.errors import (
+    ConfigError,
+    EdgeAgentError,
+    EngineDeadError,
+    InvalidRequestError,
+    RequestCancelledError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+_CODES: tuple[tuple[type[EdgeAgentError], grpc.StatusCode], ...] = (
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (RequestCancelledError, grpc.StatusCode.UNAVAILABLE),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
+    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for `exc`; unknown errors say nothing inside."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    if isinstance(exc, EdgeAgentError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+async def abort_with(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> None:
+    """End the RPC with the status for `exc` (raises, as `context.abort` does)."""
+    code, message = status_for(exc)
+    await context.abort(code, message)

@@ -1,0 +1,139 @@
+"""edgeagent's one configuration object.
+
+Sources, highest priority first: keyword arguments; `EDGEAGENT_*` environment variables
+(nested with `__`, e.g. `EDGEAGENT_SERVER__TCP_ADDRESS`); secret files in
+`$CREDENTIALS_DIRECTORY` (systemd's `LoadCredential=`, file name = field name, e.g. `hub_token`);
+the TOML file (`$EDGEAGENT_CONFIG`, default `/etc/edgeagent/edgeagent.toml`); the defaults below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_CONFIG_FILE = Path("/etc/edgeagent/edgeagent.toml")
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get("EDGEAGENT_CONFIG", str(DEFAULT_CONFIG_FILE)))
+
+
+def _default_dir(systemd_var: str, root_default: str, user_default: Path) -> Path:
+    """systemd's StateDirectory= & co. when set, else the FHS path for root, else XDG for users."""
+    if os.environ.get(systemd_var):
+        return Path(os.environ[systemd_var].split(":")[0])
+    return Path(root_default) if os.geteuid() == 0 else user_default
+
+
+def _default_state_dir() -> Path:
+    xdg = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state"))
+    return _default_dir("STATE_DIRECTORY", "/var/lib/edgeagent", xdg / "edgeagent")
+
+
+def _default_cache_dir() -> Path:
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return _default_dir("CACHE_DIRECTORY", "/var/cache/edgeagent", xdg / "edgeagent")
+
+
+def _default_runtime_dir() -> Path:
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    user = Path(xdg) / "edgeagent" if xdg else Path(f"/tmp/edgeagent-{os.geteuid()}")
+    return _default_dir("RUNTIME_DIRECTORY", "/run/edgeagent", user)
+
+
+class ServerSettings(BaseModel):
+    """Where and how the gRPC API listens."""
+
+    socket_path: Path | None = Field(
+        default=None, description="Unix socket for local apps; default RUNTIME_DIR/edgeagent.sock"
+    )
+    socket_mode: int = Field(default=0o660, ge=0, le=0o777)
+    tcp_address: str | None = Field(default=None, description="also listen on HOST:PORT")
+    max_message_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
+    drain_grace_s: float = Field(default=10.0, ge=0, description="in-flight time on shutdown")
+
+
+class ModelSettings(BaseModel):
+    """What is served and how the engine is sized."""
+
+    path: Path | None = Field(default=None, description="a local model dir; default: embedded")
+    max_model_len: int | None = Field(default=None, ge=16, description="default: the model's")
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    max_num_seqs: int = Field(default=16, ge=1)
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
+
+
+class LimitSettings(BaseModel):
+    """Per-request limits, checked before a request reaches the engine."""
+
+    max_input_bytes: int = Field(default=256 * 1024, ge=1, description="prompt or all messages")
+    max_messages: int = Field(default=256, ge=1)
+    max_stop_sequences: int = Field(default=8, ge=0)
+    max_stop_sequence_bytes: int = Field(default=256, ge=1)
+    default_max_tokens: int = Field(default=512, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGEAGENT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    runtime_dir: Path = Field(default_factory=_default_runtime_dir)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    hub_token: SecretStr | None = None
+    server: ServerSettings = ServerSettings()
+    model: ModelSettings = ModelSettings()
+    limits: LimitSettings = LimitSettings()
+
+    @model_validator(mode="after")
+    def _socket_in_runtime_dir(self) -> Settings:
+        if self.server.socket_path is None:
+            server = self.server.model_copy(
+                update={"socket_path": self.runtime_dir / "edgeagent.sock"}
+            )
+            object.__setattr__(self, "server", server)
+        return self
+
+    @property
+    def socket_path(self) -> Path:
+        assert self.server.socket_path is not None  # set by the validator
+        return self.server.socket_path
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        if credentials and Path(credentials).is_dir():
+            sources.append(SecretsSettingsSource(settings_cls, credentials, env_prefix=""))
+        config_file = config_file_path()
+        if config_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked (SecretStr dumps as ***)."""
+        data: dict[str, Any] = json.loads(self.model_dump_json())
+        return data
