@@ -9,6 +9,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -145,7 +146,23 @@ class Daemon:
     def _handle_exit(self, sig: signal.Signals) -> None:
         if self.should_exit:
             logger.warning("second %s: exiting now without draining", sig.name)
+            _kill_descendants()  # the engine's processes would otherwise outlive us
             logging.shutdown()
             os._exit(EXIT_FORCED)
         logger.info("%s received: shutting down", sig.name)
         self.should_exit = True
+
+
+def _kill_descendants() -> None:
+    """SIGKILL every process below this one (Linux /proc), deepest first."""
+    pending, found = [os.getpid()], []
+    while pending:
+        pid = pending.pop()
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                kids = [int(child) for child in children.read_text().split()]
+                found += kids
+                pending += kids
+    for pid in reversed(found):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,87 @@
+"""Shared fixtures: the tiny model, one real vLLM engine and one gRPC server for the session.
+
+The engine is vLLM's real `AsyncLLM` on the CPU; nothing here mocks it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from edgeagent.artifacts.tiny import build_tiny_model
+from edgeagent.engine import EngineConfig, VllmEngine
+from edgeagent.server.app import ApiServer
+from edgeagent.server.inflight import InflightRequests
+from edgeagent.server.service import GenerationService, ServedModel
+from edgeagent.settings import LimitSettings, ServerSettings
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+# vLLM's compile cache survives between runs on one machine; a cold one costs ~30 s more.
+COMPILE_CACHE = REPO / ".cache" / "vllm"
+os.environ.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE))
+
+TEST_CONTEXT = 1024
+TEST_LIMITS = LimitSettings(
+    max_input_bytes=16 * 1024,
+    max_messages=8,
+    max_stop_sequences=2,
+    max_stop_sequence_bytes=16,
+    default_max_tokens=32,
+)
+TEST_MAX_MESSAGE_BYTES = 128 * 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-a", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture, other weights: a second version for reloads."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model: Path) -> Iterator[VllmEngine]:
+    config = EngineConfig(
+        model_path=tiny_model,
+        kv_cache_bytes=128 << 20,
+        max_num_seqs=8,
+        max_model_len=TEST_CONTEXT,
+    )
+    engine = VllmEngine.start(config)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def inflight() -> InflightRequests:
+    return InflightRequests()
+
+
+@pytest.fixture(scope="session")
+async def api_target(
+    engine: VllmEngine, inflight: InflightRequests, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    """A real gRPC server on a Unix socket, serving the session's engine."""
+    socket_path = tmp_path_factory.mktemp("run") / "edgeagent.sock"
+    service = GenerationService(engine, ServedModel("tiny", "test-1"), TEST_LIMITS, inflight)
+    server = ApiServer(
+        service, ServerSettings(max_message_bytes=TEST_MAX_MESSAGE_BYTES), socket_path
+    )
+    await server.start()
+    await server.set_serving(True)
+    yield f"unix:{socket_path}"
+    await server.stop(grace=None)
+
+
+@pytest.fixture
+async def stub(api_target: str) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
+    async with grpc.aio.insecure_channel(api_target) as channel:
+        yield pb_grpc.GenerationServiceStub(channel)

@@ -1,0 +1,190 @@
+"""`edgeagent serve` as a real process: the CLI client, and SIGTERM handling with streams in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import REPO
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from edgeagent.client import Client, Parameters, build_request
+from edgeagent.v1 import generation_pb2 as pb
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.daemon
+LONG_STREAM = Parameters(max_tokens=3000, temperature=0)
+
+
+@dataclass
+class RunningDaemon:
+    process: subprocess.Popen[bytes]
+    target: str
+    log: Path
+
+    def children(self) -> list[int]:
+        found: list[int] = []
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return found
+
+    def wait(self, within_s: float) -> int:
+        try:
+            return self.process.wait(timeout=within_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"daemon still running after {within_s} s; log:\n{self.tail()}")
+
+    def tail(self) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
+
+
+def _start_daemon(tmp_path: Path, model: Path, grace_s: float) -> RunningDaemon:
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),  # shares the tests' compile cache
+        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
+        "EDGEAGENT_MODEL__PATH": str(model),
+        "EDGEAGENT_MODEL__KV_CACHE_GIB": "0.25",
+        "EDGEAGENT_SERVER__DRAIN_GRACE_S": str(grace_s),
+    }
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    daemon = RunningDaemon(process, f"unix:{tmp_path / 'run' / 'edgeagent.sock'}", log)
+    deadline = time.monotonic() + 240
+    with Client(daemon.target) as client:
+        while not client.is_serving():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise AssertionError(f"daemon did not start; log:\n{daemon.tail()}")
+            time.sleep(0.25)
+    return daemon
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
+    started: list[RunningDaemon] = []
+
+    def start(grace_s: float) -> RunningDaemon:
+        started.append(_start_daemon(tmp_path, tiny_model, grace_s))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+
+
+async def _read_to_end(stream) -> list[pb.GenerateStreamResponse]:  # type: ignore[no-untyped-def]
+    messages = []
+    while (message := await stream.read()) is not grpc.aio.EOF:
+        messages.append(message)
+    return messages
+
+
+async def _health(target: str) -> int:
+    async with grpc.aio.insecure_channel(target) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+        return int(reply.status)
+
+
+async def test_sigterm_lets_streams_in_flight_finish(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """1. A daemon with a 60 s grace; the CLI streams an answer from it.
+    2. A long stream starts; SIGTERM arrives mid-stream.
+    3. Health turns NOT_SERVING and a new request is refused with UNAVAILABLE.
+    4. The stream runs to its end; the daemon exits 0."""
+    daemon = daemon_factory(grace_s=60)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeagent",
+            "generate",
+            "--chat",
+            "--target",
+            daemon.target,
+            "--max-tokens",
+            "8",
+            "--seed",
+            "3",
+            "Hello there",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert "8 generated" in cli.stderr or "FINISH_REASON_EOS_TOKEN" in cli.stderr, cli.stderr
+
+    async with grpc.aio.insecure_channel(daemon.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        stream = stub.GenerateStream(build_request("Hello", params=LONG_STREAM))
+        messages = [await stream.read() for _ in range(3)]
+        daemon.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert await _health(daemon.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Generate(build_request("new work", params=Parameters(max_tokens=4)))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (refused.value.details() or "")
+        messages += await _read_to_end(stream)
+    assert messages[-1].finish_reason in (pb.FINISH_REASON_MAX_TOKENS, pb.FINISH_REASON_EOS_TOKEN)
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+
+
+async def test_streams_past_the_grace_period_are_cancelled_with_a_reason(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """A 1 s grace: the long stream is cancelled in the engine and told why; exit 0."""
+    daemon = daemon_factory(grace_s=1)
+    async with grpc.aio.insecure_channel(daemon.target) as channel:
+        stream = pb_grpc.GenerationServiceStub(channel).GenerateStream(
+            build_request("Hello", params=LONG_STREAM)
+        )
+        await stream.read()
+        daemon.process.send_signal(signal.SIGTERM)
+        with pytest.raises(grpc.aio.AioRpcError) as cancelled:
+            await _read_to_end(stream)
+    assert cancelled.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "1 s drain grace period" in (cancelled.value.details() or "")
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+
+
+async def test_second_signal_forces_exit(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM starts a 60 s drain; a second SIGTERM exits at once, engine processes included."""
+    daemon = daemon_factory(grace_s=60)
+    engine_processes = daemon.children()
+    assert engine_processes
+    async with grpc.aio.insecure_channel(daemon.target) as channel:
+        stream = pb_grpc.GenerationServiceStub(channel).GenerateStream(
+            build_request("Hello", params=LONG_STREAM)
+        )
+        await stream.read()
+        daemon.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 10) == 130
+        stream.cancel()
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}").exists() for pid in engine_processes):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"engine processes {engine_processes} outlived the daemon")

@@ -1,0 +1,104 @@
+"""The engine wrapper over the real vLLM `AsyncLLM`, on the tiny model, on the CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from pathlib import Path
+
+from edgeagent.engine import Delta, FinishReason, SamplingOptions, VllmEngine
+
+
+async def _run(engine: VllmEngine, prompt: str, options: SamplingOptions) -> list[Delta]:
+    ids = engine.encode(prompt)
+    return [d async for d in engine.stream(ids, options, uuid.uuid4().hex)]
+
+
+def _text(deltas: list[Delta]) -> str:
+    return "".join(d.text for d in deltas)
+
+
+async def test_streams_deltas_to_max_tokens(engine: VllmEngine) -> None:
+    deltas = await _run(engine, "The river runs", SamplingOptions(max_tokens=24, temperature=0))
+    assert len(deltas) > 1
+    assert [d.completion_tokens for d in deltas] == sorted(d.completion_tokens for d in deltas)
+    last = deltas[-1]
+    assert last.finish_reason in (FinishReason.MAX_TOKENS, FinishReason.EOS_TOKEN)
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    if last.finish_reason is FinishReason.MAX_TOKENS:
+        assert last.completion_tokens == 24
+
+
+async def test_seeded_sampling_repeats(engine: VllmEngine) -> None:
+    options = SamplingOptions(max_tokens=32, temperature=0.9, top_p=0.95, seed=1234)
+    first = await _run(engine, "Good morning", options)
+    second = await _run(engine, "Good morning", options)
+    other = await _run(engine, "Good morning", SamplingOptions(max_tokens=32, seed=99))
+    assert _text(first) == _text(second)
+    assert _text(first) != _text(other)
+
+
+async def test_stop_string_ends_generation(engine: VllmEngine) -> None:
+    free = _text(await _run(engine, "Numbers:", SamplingOptions(max_tokens=48, temperature=0)))
+    stop = free.strip()[4:8]
+    assert stop, free
+    deltas = await _run(
+        engine, "Numbers:", SamplingOptions(max_tokens=48, temperature=0, stop=(stop,))
+    )
+    assert deltas[-1].finish_reason is FinishReason.STOP_SEQUENCE
+    assert deltas[-1].stop_sequence == stop
+    assert stop not in _text(deltas)
+
+
+async def test_closing_the_stream_aborts_in_the_engine(engine: VllmEngine) -> None:
+    stream = engine.stream(
+        engine.encode("Hello"), SamplingOptions(max_tokens=900, temperature=0), "closed-early"
+    )
+    async with contextlib.aclosing(stream):
+        async for _ in stream:
+            assert engine.num_unfinished_requests() == 1
+            break
+    await _until_idle(engine)
+
+
+async def test_abort_ends_the_stream_as_cancelled(engine: VllmEngine) -> None:
+    options = SamplingOptions(max_tokens=900, temperature=0)
+    stream = engine.stream(engine.encode("Hello"), options, "aborted")
+    deltas: list[Delta] = []
+    async for delta in stream:
+        deltas.append(delta)
+        if len(deltas) == 2:
+            await engine.abort("aborted")
+    assert deltas[-1].finish_reason is FinishReason.CANCELLED
+    assert deltas[-1].completion_tokens < 900
+    await _until_idle(engine)
+
+
+async def test_health(engine: VllmEngine) -> None:
+    await engine.check_health()
+
+
+async def test_reload_weights_in_place(
+    engine: VllmEngine, tiny_model: Path, tiny_model_b: Path
+) -> None:
+    """1. Generate greedily on version A. 2. Reload B in place: outputs change.
+    3. Reload A: the outputs are A's again, token for token."""
+    options = SamplingOptions(max_tokens=24, temperature=0)
+    before = _text(await _run(engine, "The library opens", options))
+    await engine.reload_weights(tiny_model_b)
+    try:
+        on_b = _text(await _run(engine, "The library opens", options))
+    finally:
+        await engine.reload_weights(tiny_model)
+    after = _text(await _run(engine, "The library opens", options))
+    assert on_b != before
+    assert after == before
+
+
+async def _until_idle(engine: VllmEngine, within_s: float = 5.0) -> None:
+    for _ in range(int(within_s / 0.05)):
+        if engine.num_unfinished_requests() == 0:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{engine.num_unfinished_requests()} request(s) still in the engine")
