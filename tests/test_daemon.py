@@ -1,4 +1,4 @@
-"""`edgeagent serve` as a real process: the CLI client, and SIGTERM handling with streams in flight."""
+"""`edgeagent serve` as a real process: the CLI client, and SIGTERM with streams in flight."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ class RunningDaemon:
             return self.process.wait(timeout=within_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(f"daemon still running after {within_s} s; log:\n{self.tail()}")
+            raise AssertionError(
+                f"daemon still running after {within_s} s; log:\n{self.tail()}"
+            ) from None
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
@@ -93,6 +95,10 @@ def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
             daemon.process.wait()
 
 
+def _any_alive(pids: list[int]) -> bool:
+    return any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
 async def _read_to_end(stream) -> list[pb.GenerateStreamResponse]:  # type: ignore[no-untyped-def]
     messages = []
     while (message := await stream.read()) is not grpc.aio.EOF:
@@ -112,7 +118,8 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory) -> None:  #
     3. Health turns NOT_SERVING and a new request is refused with UNAVAILABLE.
     4. The stream runs to its end; the daemon exits 0."""
     daemon = daemon_factory(grace_s=60)
-    cli = subprocess.run(
+    cli = await asyncio.to_thread(
+        subprocess.run,
         [
             sys.executable,
             "-m",
@@ -183,7 +190,7 @@ async def test_second_signal_forces_exit(daemon_factory) -> None:  # type: ignor
         assert await asyncio.to_thread(daemon.wait, 10) == 130
         stream.cancel()
     for _ in range(100):
-        if not any(Path(f"/proc/{pid}").exists() for pid in engine_processes):
+        if not _any_alive(engine_processes):
             break
         await asyncio.sleep(0.1)
     else:
