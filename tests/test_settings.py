@@ -68,3 +68,11 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGEAGENT_MODEL__MAX_NUM_SEQS", "0")
     with pytest.raises(ValueError, match="max_num_seqs"):
         Settings()
+
+
+def test_shipped_example_config_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "edgeagent.toml.example"
+    monkeypatch.setenv("EDGEAGENT_CONFIG", str(example))
+    settings = Settings()
+    assert settings.server.socket_mode == 0o660
+    assert settings.limits.default_max_tokens == 512

@@ -1,0 +1,192 @@
+"""The daemon over gRPC vs vLLM's `AsyncLLM` called directly: same model, same run, interleaved.
+
+Prints a Markdown table of decode tokens/s per stream, aggregate tokens/s, time to first token,
+and the daemon/raw ratios, at 1 and 8 concurrent streams (more with --streams).
+
+    .venv/bin/python bench/bench_serving.py [--model DIR] [--rounds 5] [--streams 1 8]
+
+Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
+
+from edgeagent.artifacts.tiny import build_tiny_model  # noqa: E402
+from edgeagent.client import Client, Parameters, build_request  # noqa: E402
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+KV_CACHE_GIB = 0.5
+MAX_NUM_SEQS = 16
+PROMPT = "The river runs through the old town under seven stone bridges. Tell me more:"
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tokens: int
+    total_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.tokens - 1) / (self.total_s - self.ttft_s) if self.tokens > 1 else 0.0
+
+
+@dataclass
+class Trial:
+    samples: list[Sample]
+    wall_s: float
+
+    @property
+    def aggregate_tok_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
+
+async def raw_stream(llm: object, max_tokens: int, seed: int) -> Sample:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(
+        max_tokens=max_tokens, temperature=0.8, seed=seed, output_kind=RequestOutputKind.DELTA
+    )
+    started = time.perf_counter()
+    first, tokens = 0.0, 0
+    async for output in llm.generate({"prompt": PROMPT}, params, uuid.uuid4().hex):  # type: ignore[attr-defined]
+        if tokens == 0:
+            first = time.perf_counter() - started
+        tokens += len(output.outputs[0].token_ids)
+    return Sample(first, tokens, time.perf_counter() - started)
+
+
+async def daemon_stream(stub: pb_grpc.GenerationServiceStub, max_tokens: int, seed: int) -> Sample:
+    request = build_request(
+        PROMPT, params=Parameters(max_tokens=max_tokens, temperature=0.8, seed=seed)
+    )
+    started = time.perf_counter()
+    first, tokens = 0.0, 0
+    async for message in stub.GenerateStream(request):
+        if tokens == 0:
+            first = time.perf_counter() - started
+        tokens = message.completion_tokens
+    return Sample(first, tokens, time.perf_counter() - started)
+
+
+async def trial(run_one: object, streams: int, max_tokens: int, round_: int) -> Trial:
+    started = time.perf_counter()
+    samples = await asyncio.gather(
+        *(run_one(max_tokens, 1000 * round_ + i) for i in range(streams))  # type: ignore[operator]
+    )
+    return Trial(list(samples), time.perf_counter() - started)
+
+
+def start_daemon(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(workdir / "state"),
+        "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),
+        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
+        "EDGEAGENT_MODEL__PATH": str(model),
+        "EDGEAGENT_MODEL__KV_CACHE_GIB": str(KV_CACHE_GIB),
+        "EDGEAGENT_MODEL__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
+        "EDGEAGENT_LOG_LEVEL": "WARNING",
+    }
+    log = (workdir / "daemon.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    target = f"unix:{workdir / 'run' / 'edgeagent.sock'}"
+    with Client(target) as client:
+        deadline = time.monotonic() + 600
+        while not client.is_serving():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"daemon did not start; see {workdir / 'daemon.log'}")
+            time.sleep(0.5)
+    return process, target
+
+
+def start_raw(model: Path) -> object:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    args = AsyncEngineArgs(
+        model=str(model),
+        kv_cache_memory_bytes=int(KV_CACHE_GIB * (1 << 30)),
+        max_num_seqs=MAX_NUM_SEQS,
+        disable_log_stats=True,
+    )
+    return AsyncLLM.from_engine_args(args)
+
+
+def row(label: str, raw: list[Trial], daemon: list[Trial]) -> str:
+    def med(trials: list[Trial], key: str) -> float:
+        if key == "aggregate":
+            return statistics.median(t.aggregate_tok_s for t in trials)
+        values = [getattr(s, key) for t in trials for s in t.samples]
+        return statistics.median(values)
+
+    r_dec, d_dec = med(raw, "decode_tok_s"), med(daemon, "decode_tok_s")
+    r_agg, d_agg = med(raw, "aggregate"), med(daemon, "aggregate")
+    r_ttft, d_ttft = med(raw, "ttft_s") * 1000, med(daemon, "ttft_s") * 1000
+    return (
+        f"| {label} | {r_dec:.0f} | {d_dec:.0f} | {d_dec / r_dec:.3f} | {r_agg:.0f} | "
+        f"{d_agg:.0f} | **{d_agg / r_agg:.3f}** | {r_ttft:.1f} | {d_ttft:.1f} | "
+        f"{d_ttft - r_ttft:+.1f} |"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
+    model = args.model or build_tiny_model(workdir / "tiny")
+    daemon, target = start_daemon(model, workdir)
+    llm = start_raw(model)
+    results: dict[int, tuple[list[Trial], list[Trial]]] = {n: ([], []) for n in args.streams}
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            runners = (lambda m, s: raw_stream(llm, m, s), lambda m, s: daemon_stream(stub, m, s))
+            for warm in runners:
+                await trial(warm, max(args.streams), args.max_tokens, 0)
+            for round_ in range(1, args.rounds + 1):
+                for streams in args.streams:
+                    order = (0, 1) if round_ % 2 else (1, 0)  # alternate who goes first
+                    for side in order:
+                        result = await trial(runners[side], streams, args.max_tokens, round_)
+                        results[streams][side].append(result)
+    finally:
+        llm.shutdown()  # type: ignore[attr-defined]
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    print(f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, model {model}")
+    print(
+        "| streams | raw decode tok/s/stream | daemon | ratio | raw aggregate tok/s | daemon | "
+        "ratio | raw TTFT ms | daemon TTFT ms | overhead ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for streams, (raw, over_grpc) in results.items():
+        print(row(str(streams), raw, over_grpc))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
