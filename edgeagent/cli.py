@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from edgeagent.client import Client, Parameters
+from edgeagent.errors import EdgeAgentError
 from edgeagent.v1 import generation_pb2 as pb
 
 EXIT_USAGE, EXIT_RPC_FAILED = 2, 3
@@ -74,7 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return asyncio.run(Daemon(settings).serve())
+    try:
+        return asyncio.run(Daemon(settings).serve())
+    except EdgeAgentError as error:
+        logging.getLogger("edgeagent").error("cannot serve: %s", error)
+        return 1
 
 
 def _generate(args: argparse.Namespace) -> int:

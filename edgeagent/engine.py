@@ -102,11 +102,11 @@ class VllmEngine:
     @classmethod
     def start(cls, config: EngineConfig) -> VllmEngine:
         """Start vLLM on `config.model_path` (blocks: tens of seconds; longer with a cold cache)."""
+        if not (config.model_path / "config.json").is_file():
+            raise EngineError(f"no model at {config.model_path} (config.json missing)")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if not (config.model_path / "config.json").is_file():
-            raise EngineError(f"no model at {config.model_path} (config.json missing)")
         args = AsyncEngineArgs(
             model=str(config.model_path),
             dtype=config.dtype,  # type: ignore[arg-type]  # checked by Settings

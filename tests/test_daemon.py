@@ -195,3 +195,24 @@ async def test_second_signal_forces_exit(daemon_factory) -> None:  # type: ignor
         await asyncio.sleep(0.1)
     else:
         raise AssertionError(f"engine processes {engine_processes} outlived the daemon")
+
+
+def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        "EDGEAGENT_CACHE_DIR": str(tmp_path / "cache"),
+        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
+        "EDGEAGENT_MODEL__PATH": str(tmp_path / "no-such-model"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"cannot serve: no model at {tmp_path / 'no-such-model'}" in result.stderr
