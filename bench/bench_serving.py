@@ -19,8 +19,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -30,6 +32,9 @@ os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 from edgeagent.artifacts.tiny import build_tiny_model  # noqa: E402
 from edgeagent.client import Client, Parameters, build_request  # noqa: E402
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
+
+if TYPE_CHECKING:
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 KV_CACHE_GIB = 0.5
 MAX_NUM_SEQS = 16
@@ -57,7 +62,7 @@ class Trial:
         return sum(s.tokens for s in self.samples) / self.wall_s
 
 
-async def raw_stream(llm: object, max_tokens: int, seed: int) -> Sample:
+async def raw_stream(llm: AsyncLLM, max_tokens: int, seed: int) -> Sample:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -66,7 +71,7 @@ async def raw_stream(llm: object, max_tokens: int, seed: int) -> Sample:
     )
     started = time.perf_counter()
     first, tokens = 0.0, 0
-    async for output in llm.generate({"prompt": PROMPT}, params, uuid.uuid4().hex):  # type: ignore[attr-defined]
+    async for output in llm.generate({"prompt": PROMPT}, params, uuid.uuid4().hex):
         if tokens == 0:
             first = time.perf_counter() - started
         tokens += len(output.outputs[0].token_ids)
@@ -86,10 +91,13 @@ async def daemon_stream(stub: pb_grpc.GenerationServiceStub, max_tokens: int, se
     return Sample(first, tokens, time.perf_counter() - started)
 
 
-async def trial(run_one: object, streams: int, max_tokens: int, round_: int) -> Trial:
+RunOne = Callable[[int, int], Awaitable[Sample]]  # (max_tokens, seed) -> one stream's sample
+
+
+async def trial(run_one: RunOne, streams: int, max_tokens: int, round_: int) -> Trial:
     started = time.perf_counter()
     samples = await asyncio.gather(
-        *(run_one(max_tokens, 1000 * round_ + i) for i in range(streams))  # type: ignore[operator]
+        *(run_one(max_tokens, 1000 * round_ + i) for i in range(streams))
     )
     return Trial(list(samples), time.perf_counter() - started)
 
@@ -112,15 +120,14 @@ def start_daemon(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], s
     )
     target = f"unix:{workdir / 'run' / 'edgeagent.sock'}"
     with Client(target) as client:
-        deadline = time.monotonic() + 600
-        while not client.is_serving():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"daemon did not start; see {workdir / 'daemon.log'}")
-            time.sleep(0.5)
+        try:
+            client.wait_until_serving(timeout=600, daemon=process)
+        except (RuntimeError, TimeoutError) as error:
+            raise SystemExit(f"{error}; see {workdir / 'daemon.log'}") from None
     return process, target
 
 
-def start_raw(model: Path) -> object:
+def start_raw(model: Path) -> AsyncLLM:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -134,15 +141,15 @@ def start_raw(model: Path) -> object:
 
 
 def row(label: str, raw: list[Trial], daemon: list[Trial]) -> str:
-    def med(trials: list[Trial], key: str) -> float:
-        if key == "aggregate":
-            return statistics.median(t.aggregate_tok_s for t in trials)
-        values = [getattr(s, key) for t in trials for s in t.samples]
-        return statistics.median(values)
+    def per_stream(trials: list[Trial], key: str) -> float:
+        return statistics.median(getattr(s, key) for t in trials for s in t.samples)
 
-    r_dec, d_dec = med(raw, "decode_tok_s"), med(daemon, "decode_tok_s")
-    r_agg, d_agg = med(raw, "aggregate"), med(daemon, "aggregate")
-    r_ttft, d_ttft = med(raw, "ttft_s") * 1000, med(daemon, "ttft_s") * 1000
+    def aggregate(trials: list[Trial]) -> float:
+        return statistics.median(t.aggregate_tok_s for t in trials)
+
+    r_dec, d_dec = per_stream(raw, "decode_tok_s"), per_stream(daemon, "decode_tok_s")
+    r_agg, d_agg = aggregate(raw), aggregate(daemon)
+    r_ttft, d_ttft = per_stream(raw, "ttft_s") * 1000, per_stream(daemon, "ttft_s") * 1000
     return (
         f"| {label} | {r_dec:.0f} | {d_dec:.0f} | {d_dec / r_dec:.3f} | {r_agg:.0f} | "
         f"{d_agg:.0f} | **{d_agg / r_agg:.3f}** | {r_ttft:.1f} | {d_ttft:.1f} | "
@@ -175,7 +182,7 @@ async def main() -> None:
                         result = await trial(runners[side], streams, args.max_tokens, round_)
                         results[streams][side].append(result)
     finally:
-        llm.shutdown()  # type: ignore[attr-defined]
+        llm.shutdown()
         daemon.terminate()
         daemon.wait(timeout=60)
     print(f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, model {model}")

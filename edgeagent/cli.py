@@ -149,7 +149,10 @@ def _demo(args: argparse.Namespace) -> int:
         )
     try:
         with Client(f"unix:{settings.socket_path}", timeout=120) as client:
-            _wait_for_daemon(client, daemon, timeout=900)
+            try:
+                client.wait_until_serving(timeout=900, daemon=daemon)
+            except (RuntimeError, TimeoutError) as error:
+                raise SystemExit(f"{error}; see {log_path}") from None
             print(f"serving after {time.perf_counter() - started:.1f} s")
             _info_lines(client.model_info())
             print(f"\n> {args.prompt}\n")
@@ -159,16 +162,6 @@ def _demo(args: argparse.Namespace) -> int:
         exit_code = daemon.wait(timeout=120)
     print(f"daemon stopped on SIGTERM with exit code {exit_code}")
     return code or exit_code
-
-
-def _wait_for_daemon(client: Client, daemon: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not client.is_serving():
-        if daemon.poll() is not None:
-            raise SystemExit(f"the daemon exited with code {daemon.returncode}; see its log")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the daemon was not serving after {timeout:g} s")
-        time.sleep(0.5)
 
 
 def _info_lines(info: pb.ModelInfo) -> None:

@@ -5,6 +5,7 @@ By default it connects to the daemon's Unix socket from the same settings the da
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -108,9 +109,14 @@ class Client:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def wait_until_serving(self, timeout: float) -> None:
+    def wait_until_serving(
+        self, timeout: float, daemon: subprocess.Popen[bytes] | None = None
+    ) -> None:
+        """Poll health until SERVING; fail early if `daemon` (the server's process) exits."""
         deadline = time.monotonic() + timeout
         while not self.is_serving():
+            if daemon is not None and daemon.poll() is not None:
+                raise RuntimeError(f"the daemon exited with code {daemon.returncode}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.target} not serving after {timeout:g} s")
             time.sleep(0.25)

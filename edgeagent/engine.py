@@ -7,7 +7,6 @@ sizes, token ids and sampling options, and yields text deltas with token counts.
 from __future__ import annotations
 
 import enum
-import gc
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -206,6 +205,3 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
-        # Collect AsyncLLM now: its __del__ shuts down again, which fails at interpreter exit.
-        self._llm = self._tokenizer = None
-        gc.collect()

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -101,19 +101,9 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     limits: LimitSettings = LimitSettings()
 
-    @model_validator(mode="after")
-    def _socket_in_runtime_dir(self) -> Settings:
-        if self.server.socket_path is None:
-            server = self.server.model_copy(
-                update={"socket_path": self.runtime_dir / "edgeagent.sock"}
-            )
-            object.__setattr__(self, "server", server)
-        return self
-
     @property
     def socket_path(self) -> Path:
-        assert self.server.socket_path is not None  # set by the validator
-        return self.server.socket_path
+        return self.server.socket_path or self.runtime_dir / "edgeagent.sock"
 
     @classmethod
     def settings_customise_sources(
@@ -136,4 +126,5 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, secrets masked (SecretStr dumps as ***)."""
         data: dict[str, Any] = json.loads(self.model_dump_json())
+        data["server"]["socket_path"] = str(self.socket_path)
         return data

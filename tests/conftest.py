@@ -5,6 +5,7 @@ The engine is vLLM's real `AsyncLLM` on the CPU; nothing here mocks it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -85,3 +86,17 @@ async def api_target(
 async def stub(api_target: str) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
     async with grpc.aio.insecure_channel(api_target) as channel:
         yield pb_grpc.GenerationServiceStub(channel)
+
+
+async def wait_until_engine_idle(
+    engine: VllmEngine, inflight: InflightRequests | None = None, within_s: float = 5.0
+) -> None:
+    """Poll until the engine (and the server, if given) has no request left."""
+    for _ in range(int(within_s / 0.05)):
+        if engine.num_unfinished_requests() == 0 and not (inflight and len(inflight)):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(
+        f"engine still has {engine.num_unfinished_requests()} request(s), "
+        f"server {len(inflight) if inflight else 'n/a'}"
+    )

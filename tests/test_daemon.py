@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import pytest
@@ -22,6 +22,7 @@ from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.daemon
+StreamCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateStreamResponse]
 LONG_STREAM = Parameters(max_tokens=3000, temperature=0)
 
 
@@ -70,18 +71,21 @@ def _start_daemon(tmp_path: Path, model: Path, grace_s: float) -> RunningDaemon:
             stderr=subprocess.STDOUT,
         )
     daemon = RunningDaemon(process, f"unix:{tmp_path / 'run' / 'edgeagent.sock'}", log)
-    deadline = time.monotonic() + 240
     with Client(daemon.target) as client:
-        while not client.is_serving():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise AssertionError(f"daemon did not start; log:\n{daemon.tail()}")
-            time.sleep(0.25)
+        try:
+            client.wait_until_serving(timeout=240, daemon=process)
+        except (RuntimeError, TimeoutError) as error:
+            process.kill()
+            raise AssertionError(f"{error}; log:\n{daemon.tail()}") from None
     return daemon
 
 
+class DaemonFactory(Protocol):
+    def __call__(self, grace_s: float) -> RunningDaemon: ...
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
+def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[DaemonFactory]:
     started: list[RunningDaemon] = []
 
     def start(grace_s: float) -> RunningDaemon:
@@ -99,7 +103,7 @@ def _any_alive(pids: list[int]) -> bool:
     return any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
 
-async def _read_to_end(stream) -> list[pb.GenerateStreamResponse]:  # type: ignore[no-untyped-def]
+async def _read_to_end(stream: StreamCall) -> list[pb.GenerateStreamResponse]:
     messages = []
     while (message := await stream.read()) is not grpc.aio.EOF:
         messages.append(message)
@@ -112,7 +116,7 @@ async def _health(target: str) -> int:
         return int(reply.status)
 
 
-async def test_sigterm_lets_streams_in_flight_finish(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_sigterm_lets_streams_in_flight_finish(daemon_factory: DaemonFactory) -> None:
     """1. A daemon with a 60 s grace; the CLI streams an answer from it.
     2. A long stream starts; SIGTERM arrives mid-stream.
     3. Health turns NOT_SERVING and a new request is refused with UNAVAILABLE.
@@ -158,7 +162,9 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory) -> None:  #
     assert await asyncio.to_thread(daemon.wait, 60) == 0
 
 
-async def test_streams_past_the_grace_period_are_cancelled_with_a_reason(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_streams_past_the_grace_are_cancelled_with_a_reason(
+    daemon_factory: DaemonFactory,
+) -> None:
     """A 1 s grace: the long stream is cancelled in the engine and told why; exit 0."""
     daemon = daemon_factory(grace_s=1)
     async with grpc.aio.insecure_channel(daemon.target) as channel:
@@ -174,7 +180,7 @@ async def test_streams_past_the_grace_period_are_cancelled_with_a_reason(daemon_
     assert await asyncio.to_thread(daemon.wait, 60) == 0
 
 
-async def test_second_signal_forces_exit(daemon_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_second_signal_forces_exit(daemon_factory: DaemonFactory) -> None:
     """SIGTERM starts a 60 s drain; a second SIGTERM exits at once, engine processes included."""
     daemon = daemon_factory(grace_s=60)
     engine_processes = daemon.children()
@@ -216,3 +222,12 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert f"cannot serve: no model at {tmp_path / 'no-such-model'}" in result.stderr
+
+
+async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonFactory) -> None:
+    """1. A serving daemon. 2. Its engine core process is killed.
+    3. The main loop's health check notices; the daemon exits 1 so systemd restarts it."""
+    daemon = daemon_factory(grace_s=60)
+    for pid in daemon.children():
+        os.kill(pid, signal.SIGKILL)
+    assert await asyncio.to_thread(daemon.wait, 30) == 1

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import uuid
 from pathlib import Path
+
+from conftest import wait_until_engine_idle
 
 from edgeagent.engine import Delta, FinishReason, SamplingOptions, VllmEngine
 
@@ -59,7 +60,7 @@ async def test_closing_the_stream_aborts_in_the_engine(engine: VllmEngine) -> No
         async for _ in stream:
             assert engine.num_unfinished_requests() == 1
             break
-    await _until_idle(engine)
+    await wait_until_engine_idle(engine)
 
 
 async def test_abort_ends_the_stream_as_cancelled(engine: VllmEngine) -> None:
@@ -72,7 +73,7 @@ async def test_abort_ends_the_stream_as_cancelled(engine: VllmEngine) -> None:
             await engine.abort("aborted")
     assert deltas[-1].finish_reason is FinishReason.CANCELLED
     assert deltas[-1].completion_tokens < 900
-    await _until_idle(engine)
+    await wait_until_engine_idle(engine)
 
 
 async def test_health(engine: VllmEngine) -> None:
@@ -94,11 +95,3 @@ async def test_reload_weights_in_place(
     after = _text(await _run(engine, "The library opens", options))
     assert on_b != before
     assert after == before
-
-
-async def _until_idle(engine: VllmEngine, within_s: float = 5.0) -> None:
-    for _ in range(int(within_s / 0.05)):
-        if engine.num_unfinished_requests() == 0:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{engine.num_unfinished_requests()} request(s) still in the engine")
