@@ -14,13 +14,15 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, ensure_embedded_model
+from edgeagent.artifacts.prepare import model_to_serve, open_store
 from edgeagent.engine import Engine, EngineConfig, VllmEngine
-from edgeagent.errors import EngineDeadError
+from edgeagent.errors import CancelledError, EngineDeadError
 from edgeagent.server.app import ApiServer
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
@@ -29,7 +31,9 @@ from edgeagent.settings import GiB, Settings
 logger = logging.getLogger(__name__)
 
 EngineFactory = Callable[[EngineConfig], Engine]
+T = TypeVar("T")
 TICK_S = 0.1
+CANCEL_WAIT_S = 35.0  # a cancelled build's AutoRound process gets 30 s to stop
 HEALTH_CHECK_EVERY_S = 5.0
 EXIT_OK, EXIT_ENGINE_DIED, EXIT_FORCED = 0, 1, 130
 
@@ -43,6 +47,7 @@ class Daemon:
         self._inflight = InflightRequests()
         self._engine: Engine | None = None
         self._api: ApiServer | None = None
+        self._cancel = threading.Event()
         self.should_exit = False
 
     async def serve(self) -> int:
@@ -51,6 +56,9 @@ class Daemon:
         try:
             await self.startup()
             return await self.run()
+        except CancelledError as stopped:
+            logger.info("%s", stopped)
+            return EXIT_OK
         finally:
             await self.shutdown()
 
@@ -61,7 +69,7 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
-        served, model_path = self._resolve_model()
+        served, model_path = await self._prepare_model()
         started = time.perf_counter()
         self._engine = self._engine_factory(self._engine_config(model_path))
         service = GenerationService(self._engine, served, settings.limits, self._inflight)
@@ -75,12 +83,45 @@ class Daemon:
             time.perf_counter() - started,
         )
 
-    def _resolve_model(self) -> tuple[ServedModel, Path]:
-        configured = self.settings.model.path
-        if configured is not None:
-            return ServedModel(configured.name, configured.name), configured
-        path = ensure_embedded_model(self.settings.state_dir / "models")
-        return ServedModel(EMBEDDED_MODEL_ID, "embedded"), path
+    async def _prepare_model(self) -> tuple[ServedModel, Path]:
+        """The verified version to serve; fetched or built first when the store is empty."""
+        store = open_store(self.settings)
+        manifest = await self._off_loop(lambda: model_to_serve(self.settings, store, self._cancel))
+        logger.info(
+            "model %s version %s (%s, %s)",
+            manifest.model_id,
+            manifest.version,
+            manifest.source_label,
+            manifest.quantization_label,
+        )
+        return ServedModel(manifest.model_id, manifest.version), store.model_dir(manifest.version)
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Run blocking work (a fetch, a build) on a thread while signals are still noticed.
+
+        On a signal the work is cancelled: a download stops within a chunk and resumes at
+        the next start; a build's AutoRound process is stopped.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = work()
+            except BaseException as error:  # handed to the event loop, raised there
+                loop.call_soon_threadsafe(_settle, done, None, error)
+            else:
+                loop.call_soon_threadsafe(_settle, done, result, None)
+
+        worker = threading.Thread(target=run, name="prepare-model", daemon=True)
+        worker.start()
+        while not done.done():
+            if self.should_exit:
+                self._cancel.set()
+                await asyncio.to_thread(worker.join, CANCEL_WAIT_S)
+                raise CancelledError("stopped while preparing the model")
+            await asyncio.wait({done}, timeout=TICK_S)
+        return done.result()
 
     def _engine_config(self, model_path: Path) -> EngineConfig:
         model = self.settings.model
@@ -151,6 +192,15 @@ class Daemon:
             os._exit(EXIT_FORCED)
         logger.info("%s received: shutting down", sig.name)
         self.should_exit = True
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
 
 
 def _kill_descendants() -> None:

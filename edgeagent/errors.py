@@ -1,14 +1,66 @@
-"""Every error edgeagent raises on purpose. gRPC status codes are assigned in `server/status.py`."""
+"""Every error edgeagent raises on purpose.
+
+gRPC status codes are assigned in `server/status.py`; `exit_code` is what the CLI returns for
+each, so scripts can tell a missing repo from a full disk (the table is in the README).
+"""
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 
 class EdgeAgentError(Exception):
     """Base class: an error edgeagent understands and can explain."""
 
+    exit_code: ClassVar[int] = 1
+
 
 class ConfigError(EdgeAgentError, ValueError):
     """The configuration cannot work (a missing model directory, an impossible size)."""
+
+    exit_code = 2
+
+
+class NotFoundError(EdgeAgentError, LookupError):
+    """A model version, hub repo, revision or file does not exist."""
+
+    exit_code = 4
+
+
+class CorruptArtifactError(EdgeAgentError):
+    """An artifact's bytes do not match its digests, or it is not a loadable model."""
+
+    exit_code = 5
+
+
+class InsufficientDiskError(EdgeAgentError, OSError):
+    """Not enough free disk for a fetch or build; nothing was changed."""
+
+    exit_code = 6
+
+
+class AccessDeniedError(EdgeAgentError):
+    """The hub refused: a gated or private repo without a (valid) token."""
+
+    exit_code = 7
+
+
+class HubUnreachableError(EdgeAgentError):
+    """The hub cannot be reached, or offline mode has nothing stored for the request."""
+
+    exit_code = 8
+
+
+class BuildError(EdgeAgentError):
+    """The quantizer failed; its last output lines are in the message."""
+
+    exit_code = 9
+
+
+class CancelledError(EdgeAgentError):
+    """A fetch or build was stopped by a signal; staging is kept or cleaned, the store unchanged."""
+
+    exit_code = 130
 
 
 class InvalidRequestError(EdgeAgentError, ValueError):

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -69,12 +69,55 @@ class ServerSettings(BaseModel):
 class ModelSettings(BaseModel):
     """What is served and how the engine is sized."""
 
-    path: Path | None = Field(default=None, description="a local model dir; default: embedded")
+    source: Literal["hub", "embedded"] = Field(
+        default="hub",
+        description="what an empty store starts with: hub.repo at hub.revision, or the "
+        "embedded tiny model built with AutoRound",
+    )
     max_model_len: int | None = Field(default=None, ge=16, description="default: the model's")
     kv_cache_gib: float = Field(default=1.0, gt=0)
     max_num_seqs: int = Field(default=16, ge=1)
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
+
+
+class HubSettings(BaseModel):
+    """Where models are fetched from. The token is `hub_token` (a credential or env var)."""
+
+    repo: str = Field(default="kaitchup/Phi-4-AutoRound-GPTQ-4bit", pattern=r"^[^/@\s]+/[^/@\s]+$")
+    revision: str = Field(default="main", min_length=1, description="branch, tag or commit")
+    endpoint: str | None = Field(default=None, description="a mirror; default: HF_ENDPOINT")
+    offline: bool = Field(default=False, description="never contact the hub; use the store")
+
+
+class StoreSettings(BaseModel):
+    """The versioned model store under STATE_DIR/models."""
+
+    keep_versions: int = Field(default=3, ge=1, description="gc keeps these plus current/previous")
+    min_free_gib: float = Field(default=1.0, ge=0, description="left free after a fetch or build")
+    verify_on_start: Literal["full", "size"] = Field(
+        default="full", description="full: sha256 of every file before loading (~1 GB/s)"
+    )
+
+
+class BuildSettings(BaseModel):
+    """AutoRound's recipe. The defaults are the seed's: W4, group 128, symmetric, GPTQ format."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = Field(default=128, ge=-1)
+    sym: bool = Field(default=True, description="vLLM's CPU kernels need symmetric GPTQ")
+    iters: int = Field(default=256, ge=0, description="0: round to nearest (RTN), seconds")
+    nsamples: int = Field(default=128, ge=1)
+    seqlen: int = Field(default=2048, ge=16)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default=1, ge=1, description="OMP threads; 1 is fastest and repeatable")
+    calibration: Path | None = Field(
+        default=None, description=".txt or .jsonl; default: generated from Python's docs"
+    )
 
 
 class LimitSettings(BaseModel):
@@ -99,11 +142,18 @@ class Settings(BaseSettings):
     hub_token: SecretStr | None = None
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
+    hub: HubSettings = HubSettings()
+    store: StoreSettings = StoreSettings()
+    build: BuildSettings = BuildSettings()
     limits: LimitSettings = LimitSettings()
 
     @property
     def socket_path(self) -> Path:
         return self.server.socket_path or self.runtime_dir / "edgeagent.sock"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.state_dir / "models"
 
     @classmethod
     def settings_customise_sources(

@@ -1,6 +1,8 @@
-"""Shared fixtures: the tiny model, one real vLLM engine and one gRPC server for the session.
+"""Shared fixtures: the tiny models, one real vLLM engine and one gRPC server for the session.
 
-The engine is vLLM's real `AsyncLLM` on the CPU; nothing here mocks it.
+The served model is the embedded default as the product makes it: the tiny fp16 model quantized
+to 4-bit GPTQ by AutoRound and committed to a store. The engine is vLLM's real `AsyncLLM` on
+the CPU; nothing here mocks it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build, build_embedded
+from edgeagent.artifacts.manifest import Manifest
+from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import build_tiny_model
 from edgeagent.engine import EngineConfig, VllmEngine
 from edgeagent.server.app import ApiServer
@@ -38,14 +43,42 @@ TEST_MAX_MESSAGE_BYTES = 128 * 1024
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_fp16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-a", seed=0)
 
 
 @pytest.fixture(scope="session")
-def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Same architecture, other weights: a second version for reloads."""
+def tiny_fp16_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture, other weights."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-b", seed=1)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    return ModelStore(tmp_path_factory.mktemp("state") / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_4bit(model_store: ModelStore) -> Manifest:
+    """The embedded default, built the way the daemon builds it (AutoRound, ~30 s)."""
+    return build_embedded(model_store)
+
+
+@pytest.fixture(scope="session")
+def tiny_4bit_b(model_store: ModelStore, tiny_fp16_b: Path) -> Manifest:
+    """A second 4-bit version with the same layout (round-to-nearest, seconds): for reloads."""
+    recipe = EMBEDDED_RECIPE.model_copy(update={"iters": 0})
+    return build(model_store, BuildRequest(base=tiny_fp16_b, recipe=recipe, label="tiny-b"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_store: ModelStore, tiny_4bit: Manifest) -> Path:
+    return model_store.model_dir(tiny_4bit.version)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_b(model_store: ModelStore, tiny_4bit_b: Manifest) -> Path:
+    return model_store.model_dir(tiny_4bit_b.version)
 
 
 @pytest.fixture(scope="session")

@@ -15,22 +15,22 @@ def _digests(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.iterdir()}
 
 
-def test_same_bytes_every_time(tiny_model: Path, tmp_path: Path) -> None:
+def test_same_bytes_every_time(tiny_fp16: Path, tmp_path: Path) -> None:
     again = build_tiny_model(tmp_path / "again", seed=0)
-    assert _digests(again) == _digests(tiny_model)
+    assert _digests(again) == _digests(tiny_fp16)
 
 
-def test_other_seed_changes_weights_only(tiny_model: Path, tiny_model_b: Path) -> None:
-    a, b = _digests(tiny_model), _digests(tiny_model_b)
+def test_other_seed_changes_weights_only(tiny_fp16: Path, tiny_fp16_b: Path) -> None:
+    a, b = _digests(tiny_fp16), _digests(tiny_fp16_b)
     assert a.pop("model.safetensors") != b.pop("model.safetensors")
     assert a == b
 
 
-def test_phi4_architecture_and_special_tokens(tiny_model: Path) -> None:
-    config = json.loads((tiny_model / "config.json").read_text())
+def test_phi4_architecture_and_special_tokens(tiny_fp16: Path) -> None:
+    config = json.loads((tiny_fp16 / "config.json").read_text())
     assert config["architectures"] == ["Phi3ForCausalLM"]
     assert config["num_key_value_heads"] < config["num_attention_heads"]  # GQA, like Phi-4
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_fp16)
     assert len(tokenizer) == config["vocab_size"]
     assert tokenizer.bos_token == "<|endoftext|>"
     assert tokenizer.eos_token == "<|im_end|>"
@@ -42,8 +42,8 @@ def test_phi4_architecture_and_special_tokens(tiny_model: Path) -> None:
         ]
 
 
-def test_chat_template_renders_like_phi4(tiny_model: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+def test_chat_template_renders_like_phi4(tiny_fp16: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_fp16)
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi"},
@@ -60,7 +60,7 @@ def test_chat_template_renders_like_phi4(tiny_model: Path) -> None:
     )
 
 
-def test_tokenizer_round_trips_text(tiny_model: Path) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+def test_tokenizer_round_trips_text(tiny_fp16: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_fp16)
     text = "Knead the dough for ten minutes. Ünïcode and emoji 🚀 survive too."
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

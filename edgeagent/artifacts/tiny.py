@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edgeagent.artifacts.durable import fsync_dir, fsync_tree
+
 EMBEDDED_MODEL_ID = "edgeagent/tiny-phi4"
 
 # Phi-4's special tokens (microsoft/phi-4 tokenizer_config.json); pad is one of its dummies.
@@ -68,20 +70,12 @@ def build_tiny_model(out_dir: Path, seed: int = 0, shape: TinyShape = TinyShape(
         token_ids = _write_tokenizer(staging, shape.vocab_size)
         _write_config(staging, shape, token_ids)
         _write_weights(staging, shape, seed)
-        _fsync_tree(staging)
+        fsync_tree(staging)
         os.replace(staging, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
-
-
-def ensure_embedded_model(models_dir: Path) -> Path:
-    """The embedded default model under `models_dir`, built on first use."""
-    target = Path(models_dir) / "tiny-phi4"
-    if not (target / "config.json").is_file():
-        build_tiny_model(target)
-    return target
 
 
 def _corpus_lines() -> list[str]:
@@ -202,18 +196,3 @@ def _write_weights(out: Path, shape: TinyShape, seed: int) -> None:
 
 def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.iterdir():
-        with path.open("rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

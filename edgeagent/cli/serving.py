@@ -1,4 +1,4 @@
-"""The `edgeagent` command: serve, generate, info, demo, make-tiny, config."""
+"""Commands that run or talk to the daemon: serve, generate, info, demo, config, make-tiny."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -19,19 +21,10 @@ from edgeagent.client import Client, Parameters
 from edgeagent.errors import EdgeAgentError
 from edgeagent.v1 import generation_pb2 as pb
 
-EXIT_USAGE, EXIT_RPC_FAILED = 2, 3
+EXIT_RPC_FAILED = 3
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handler: int = args.handler(args)
-    return handler
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeagent", description=__doc__)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
+def add_commands(commands: Any) -> None:
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     serve.set_defaults(handler=_serve)
 
@@ -64,7 +57,6 @@ def _parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="print the effective configuration")
     config.set_defaults(handler=_config)
-    return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         return asyncio.run(Daemon(settings).serve())
     except EdgeAgentError as error:
         logging.getLogger("edgeagent").error("cannot serve: %s", error)
-        return 1
+        return error.exit_code
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -135,17 +127,27 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """The quick start: the whole pipeline on the embedded model, then a clean stop."""
+    """The quick start: the whole pipeline on the embedded model, then a clean stop.
+
+    An empty store is filled by building the tiny model to 4-bit GPTQ with AutoRound.
+    """
     from edgeagent.settings import Settings
 
     settings = Settings()
     log_path = settings.state_dir / "demo-daemon.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"starting the daemon (log: {log_path}); the first start compiles the model...")
+    print(
+        f"starting the daemon (log: {log_path}); the first start builds the 4-bit model "
+        "with AutoRound and compiles it..."
+    )
     started = time.perf_counter()
+    env = {"EDGEAGENT_MODEL__SOURCE": "embedded", **os.environ}
     with log_path.open("w") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "serve"], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "edgeagent", "serve"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
     try:
         with Client(f"unix:{settings.socket_path}", timeout=120) as client:
@@ -166,8 +168,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _info_lines(info: pb.ModelInfo) -> None:
     print(
-        f"model {info.model_id} ({info.architecture}, quantization {info.quantization}), "
-        f"context {info.max_context_tokens} tokens"
+        f"model {info.model_id} version {info.version} ({info.architecture}, "
+        f"quantization {info.quantization}), context {info.max_context_tokens} tokens"
     )
 
 

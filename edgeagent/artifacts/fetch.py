@@ -1,0 +1,277 @@
+"""Fetch a model from the Hugging Face Hub (or a mirror at `HF_ENDPOINT`) into the store.
+
+huggingface_hub resolves the revision to a commit, lists the files with their sizes and
+digests, and downloads each one (`http_get`, with its retries and error types). Resuming
+after the process dies is ours: huggingface_hub's own temporary files are per process and
+are thrown away, so each file is downloaded to `<name>.part` in a staging directory keyed by
+repo and commit, and a later fetch of the same commit continues from where the last one
+stopped. The store then checks every file against the hub's digests (sha256 for LFS files,
+the git blob id for the rest) before committing; huggingface_hub checks only sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+import httpx2
+from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.file_download import http_get
+from huggingface_hub.hf_api import RepoFile
+from huggingface_hub.utils._headers import build_hf_headers
+from huggingface_hub.utils.tqdm import disable_progress_bars
+
+from edgeagent.artifacts.manifest import HubSource, Manifest
+from edgeagent.artifacts.store import Expected, ModelStore
+from edgeagent.errors import (
+    AccessDeniedError,
+    CancelledError,
+    ConfigError,
+    HubUnreachableError,
+    InsufficientDiskError,
+    NotFoundError,
+)
+from edgeagent.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+# What a safetensors model needs; never pickles, GGUF, images or READMEs.
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    repo: str
+    revision: str = "main"
+
+    @classmethod
+    def parse(cls, text: str, default_revision: str = "main") -> HubTarget:
+        repo, _, revision = text.partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise ConfigError(f"{text!r}: expected ORG/NAME or ORG/NAME@REVISION")
+        return cls(repo, revision or default_revision)
+
+    def __str__(self) -> str:
+        return f"{self.repo}@{self.revision}"
+
+
+class HubFetcher:
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        endpoint: str | None = None,
+        token: str | None = None,
+        offline: bool = False,
+    ) -> None:
+        self.store = store
+        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+        self._token = token
+        self.offline = offline or constants.HF_HUB_OFFLINE
+        self._api = HfApi(endpoint=self.endpoint, token=token)
+
+    def fetch(self, target: HubTarget, cancel: threading.Event | None = None) -> Manifest:
+        """Resolve, download what is missing, verify, commit; returns the version's manifest.
+
+        Setting `cancel` stops the download within one network chunk; the next fetch of the
+        same commit resumes it.
+        """
+        if self.offline:
+            return self._from_store(target)
+        with _hub_errors(target):
+            commit = self._resolve(target)
+            known = self.store.find_hub_version(target.repo, commit)
+            if known is not None:
+                logger.info("%s is commit %s, already stored as %s", target, commit, known.version)
+                return known
+            files = self._model_files(target.repo, commit)
+            needed = sum(f.size for f in files if not self._in_store(f))
+            self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
+            key = f"fetch-{target.repo.replace('/', '--')}-{commit}"
+            with self.store.staging(key) as staged:
+                self._download(target.repo, commit, files, staged, cancel)
+                source = HubSource(
+                    repo=target.repo, revision=target.revision, commit=commit,
+                    endpoint=self.endpoint,
+                )  # fmt: skip
+                return self.store.commit(staged, source, _expected(files))
+
+    def _from_store(self, target: HubTarget) -> Manifest:
+        manifest = self.store.find_hub_version(target.repo, target.revision)
+        if manifest is None:
+            raise HubUnreachableError(
+                f"offline mode: the store has no version of {target}; "
+                f"fetch it while online, or copy it in with `edgeagent models import`"
+            )
+        logger.info("offline mode: %s served from the store as %s", target, manifest.version)
+        return manifest
+
+    def _resolve(self, target: HubTarget) -> str:
+        info = self._api.model_info(target.repo, revision=target.revision)
+        if not info.sha:
+            raise NotFoundError(f"{target}: the hub did not name a commit")
+        logger.info("%s resolved to commit %s", target, info.sha)
+        return info.sha
+
+    def _model_files(self, repo: str, commit: str) -> list[RepoFile]:
+        entries = self._api.list_repo_tree(repo, revision=commit, recursive=True)
+        files = [
+            entry
+            for entry in entries
+            if isinstance(entry, RepoFile)
+            and any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
+        ]
+        if not any(f.path.endswith(".safetensors") for f in files):
+            raise NotFoundError(f"{repo}@{commit[:10]} has no safetensors weights")
+        if not any(f.path == "config.json" for f in files):
+            raise NotFoundError(f"{repo}@{commit[:10]} has no config.json")
+        return files
+
+    def _in_store(self, file: RepoFile) -> bool:
+        return file.lfs is not None and self.store.has_blob(file.lfs.sha256)
+
+    def _download(
+        self,
+        repo: str,
+        commit: str,
+        files: list[RepoFile],
+        staged: Path,
+        cancel: threading.Event | None,
+    ) -> None:
+        disable_progress_bars()  # ours covers the whole fetch, not one file at a time
+        total = sum(f.size for f in files)
+        progress = Progress(f"fetch {repo}", total)
+        progress.start_at(sum(_staged_bytes(staged, f.path) for f in files))
+        with _watch_progress(progress, staged, files):
+            for file in files:
+                self._download_file(repo, commit, file, staged, cancel)
+        progress.finish()
+        logger.info(
+            "fetched %s@%s: %d files, %d bytes in %.1f s (%.0f MiB/s)",
+            repo, commit[:10], len(files), total, progress.elapsed_s, progress.rate / (1 << 20),
+        )  # fmt: skip
+
+    def _download_file(
+        self, repo: str, commit: str, file: RepoFile, staged: Path, cancel: threading.Event | None
+    ) -> None:
+        final = staged / file.path
+        if final.is_file() and final.stat().st_size == file.size:
+            return  # finished by an earlier, interrupted fetch
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if file.lfs is not None and self.store.has_blob(file.lfs.sha256):
+            os.link(self.store.blobs / file.lfs.sha256, final)  # same bytes as another version
+            return
+        part = final.with_name(final.name + ".part")
+        url = hf_hub_url(repo, file.path, revision=commit, endpoint=self.endpoint)
+        with part.open("ab") as out:
+            resume = out.tell()
+            if resume:
+                logger.info("resuming %s at byte %d of %d", file.path, resume, file.size)
+            headers = build_hf_headers(token=self._token)
+            sink = cast(BinaryIO, _CancellableFile(out, cancel))
+            http_get(url, sink, resume_size=resume, headers=headers, expected_size=file.size)
+            out.flush()
+            os.fsync(out.fileno())
+        part.rename(final)
+
+
+class _CancellableFile:
+    """The download's file, refusing the next chunk once `cancel` is set."""
+
+    def __init__(self, file: BinaryIO, cancel: threading.Event | None) -> None:
+        self._file, self._cancel = file, cancel
+
+    def write(self, data: bytes) -> int:
+        if self._cancel is not None and self._cancel.is_set():
+            raise CancelledError("the fetch was cancelled; the next fetch resumes it")
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
+
+
+def _expected(files: list[RepoFile]) -> dict[str, Expected]:
+    return {
+        f.path: Expected(f.size, sha256=f.lfs.sha256)
+        if f.lfs is not None
+        else Expected(f.size, git_sha1=f.blob_id)
+        for f in files
+    }
+
+
+def _staged_bytes(staged: Path, path: str) -> int:
+    for candidate in (staged / path, staged / f"{path}.part"):
+        with contextlib.suppress(FileNotFoundError):
+            return candidate.stat().st_size
+    return 0
+
+
+@contextlib.contextmanager
+def _watch_progress(progress: Progress, staged: Path, files: list[RepoFile]) -> Iterator[None]:
+    """Report progress from the sizes of the staged files, every half second."""
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(0.5):
+            progress.update(sum(_staged_bytes(staged, f.path) for f in files))
+
+    watcher = threading.Thread(target=watch, name="fetch-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+@contextlib.contextmanager
+def _hub_errors(target: HubTarget) -> Iterator[None]:
+    """huggingface_hub's errors and transport failures, said in edgeagent's terms."""
+    try:
+        yield
+    except GatedRepoError:
+        raise AccessDeniedError(
+            f"{target.repo} is gated: accept its terms on the hub and set a token with access "
+            f"(hub_token in $CREDENTIALS_DIRECTORY, or EDGEAGENT_HUB_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise NotFoundError(
+            f"{target.repo}: no such repo on the hub, or it is private and the token has "
+            f"no access to it"
+        ) from None
+    except RevisionNotFoundError:
+        raise NotFoundError(f"{target.repo} has no revision {target.revision!r}") from None
+    except EntryNotFoundError as error:
+        raise NotFoundError(f"{target}: a file is missing on the hub ({error})") from None
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise AccessDeniedError(f"{target}: the hub refused access ({status})") from None
+        raise HubUnreachableError(f"{target}: the hub answered {status}: {error}") from None
+    except (httpx2.TransportError, OfflineModeIsEnabled) as error:
+        raise HubUnreachableError(
+            f"cannot reach the hub for {target} ({error}); check the network or HF_ENDPOINT, "
+            f"or run with offline mode to use what the store has"
+        ) from None
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise InsufficientDiskError(
+                f"the disk filled up while fetching {target}; the current version is unchanged"
+            ) from None
+        raise

@@ -1,0 +1,385 @@
+"""The model store: verified, content-addressed versions, with `current` and `previous`.
+
+Layout under the root (huggingface_hub's blobs/snapshots, named by sha256 like Ollama's blobs):
+
+    blobs/sha256/<hex>              each file's bytes once, read-only
+    versions/<id>/manifest.json     what the version is (see manifest.py)
+    versions/<id>/model/<path>      relative symlinks into blobs: the directory vLLM loads
+    staging/<name>/                 work in progress (downloads, builds); never loaded
+    refs.json                       {"current": id, "previous": id}, replaced atomically
+    .lock                           flock held while the store changes
+
+A version appears only by renaming a complete, fsync'd directory into versions/, after every
+file was hashed and checked; refs.json names only such versions. A process killed at any point
+leaves either the old state or the new one, plus debris in staging/ or unreferenced blobs that
+`gc` removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from pydantic import BaseModel, ValidationError
+
+from edgeagent.artifacts.durable import fsync_dir, fsync_file, write_durably
+from edgeagent.artifacts.manifest import (
+    FileEntry,
+    Manifest,
+    Source,
+    git_blob_sha1,
+    new_manifest,
+    sha256_of,
+)
+from edgeagent.errors import (
+    CorruptArtifactError,
+    InsufficientDiskError,
+    NotFoundError,
+    UnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+IGNORED_IN_STAGING = {".cache", ".gitattributes"}
+
+
+class Expected(NamedTuple):
+    """What the source says a file is: its size and the digest(s) it published."""
+
+    size: int
+    sha256: str | None = None
+    git_sha1: str | None = None
+
+
+class Refs(BaseModel):
+    current: str | None = None
+    previous: str | None = None
+
+
+@dataclass
+class GcReport:
+    removed_versions: list[str] = field(default_factory=list)
+    removed_blobs: int = 0
+    removed_staging: int = 0
+    freed_bytes: int = 0
+
+
+class ModelStore:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.min_free_bytes = min_free_bytes
+        self.blobs = root / "blobs" / "sha256"
+        self.versions = root / "versions"
+        self.staging_root = root / "staging"
+        for directory in (self.blobs, self.versions, self.staging_root):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def refs(self) -> Refs:
+        try:
+            return Refs.model_validate_json((self.root / "refs.json").read_bytes())
+        except FileNotFoundError:
+            return Refs()
+
+    def manifests(self) -> list[Manifest]:
+        """Every committed version, oldest first."""
+        manifests = []
+        for directory in self.versions.iterdir():
+            with contextlib.suppress(CorruptArtifactError):
+                manifests.append(self._read_manifest(directory.name))
+        return sorted(manifests, key=lambda m: m.created)
+
+    def manifest(self, version: str) -> Manifest:
+        """A version by id or unique id prefix; `current` and `previous` name the refs."""
+        return self._read_manifest(self.resolve(version))
+
+    def resolve(self, version: str) -> str:
+        if version in ("current", "previous"):
+            resolved = getattr(self.refs(), version)
+            if resolved is None:
+                raise NotFoundError(f"the store has no {version} version")
+            return str(resolved)
+        matches = [d.name for d in self.versions.iterdir() if d.name.startswith(version)]
+        if len(matches) != 1:
+            problem = "no version" if not matches else f"{len(matches)} versions"
+            raise NotFoundError(f"{problem} in the store match {version!r}")
+        return matches[0]
+
+    def model_dir(self, version: str) -> Path:
+        return self.versions / self.resolve(version) / "model"
+
+    def find_hub_version(self, repo: str, revision: str) -> Manifest | None:
+        """The newest stored version fetched from repo at revision (a ref name or a commit)."""
+        for manifest in reversed(self.manifests()):
+            source = manifest.source
+            if source.kind != "hub" or source.repo != repo:
+                continue
+            if revision in (source.revision, source.commit) or (
+                len(revision) >= 7 and source.commit.startswith(revision)
+            ):
+                return manifest
+        return None
+
+    def has_blob(self, sha256: str) -> bool:
+        return (self.blobs / sha256).is_file()
+
+    def _read_manifest(self, version: str) -> Manifest:
+        path = self.versions / version / "manifest.json"
+        try:
+            return Manifest.model_validate_json(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFoundError(f"no version {version} in the store") from None
+        except ValidationError as error:
+            raise CorruptArtifactError(f"{path}: unreadable manifest ({error})") from None
+
+    # -- verification ------------------------------------------------------------------------
+
+    def verify(self, version: str, *, full: bool = True) -> Manifest:
+        """Check every file's size (and sha256 when full); a corrupt blob is moved aside.
+
+        Moving it aside means a later fetch or import of the same bytes heals the version.
+        """
+        manifest = self.manifest(version)
+        model = self.model_dir(manifest.version)
+        problems = []
+        for entry in manifest.files:
+            problem = self._check_file(model / entry.path, entry, full)
+            if problem:
+                problems.append(f"{entry.path}: {problem}")
+                self._quarantine(entry.sha256)
+        if problems:
+            raise CorruptArtifactError(
+                f"version {manifest.version} failed verification: " + "; ".join(problems)
+            )
+        return manifest
+
+    def _check_file(self, path: Path, entry: FileEntry, full: bool) -> str | None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        if size != entry.size:
+            return f"{size} bytes, expected {entry.size}"
+        if full and (actual := sha256_of(path)) != entry.sha256:
+            return f"sha256 {actual[:12]}…, expected {entry.sha256[:12]}…"
+        return None
+
+    def _quarantine(self, sha256: str) -> None:
+        blob = self.blobs / sha256
+        with contextlib.suppress(FileNotFoundError):
+            blob.rename(blob.with_name(f"{sha256}.corrupt"))
+            logger.error("moved corrupt blob %s aside", blob)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with (self.root / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    @contextlib.contextmanager
+    def staging(self, key: str | None = None) -> Iterator[Path]:
+        """A private work directory inside the store's filesystem.
+
+        Keyed staging (a download) is kept when the work fails, so the next attempt resumes;
+        unkeyed staging is removed. Either is removed after a successful commit.
+        """
+        name = key or f"tmp-{secrets.token_hex(6)}"
+        path = self.staging_root / name
+        with (self.staging_root / f"{name}.lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UnavailableError(f"another process is already working on {name}") from None
+            path.mkdir(exist_ok=True)
+            try:
+                yield path
+            except BaseException:
+                if key is None:
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            (self.staging_root / f"{name}.lock").unlink(missing_ok=True)
+
+    def ensure_free(self, needed_bytes: int, what: str) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - needed_bytes < self.min_free_bytes:
+            raise InsufficientDiskError(
+                f"{what} needs {_gib(needed_bytes)} and {_gib(self.min_free_bytes)} must stay "
+                f"free, but {self.root} has {_gib(free)} free; free some space "
+                f"(`edgeagent models gc` removes old versions) and retry"
+            )
+
+    def commit(
+        self, staged: Path, source: Source, expected: Mapping[str, Expected] | None = None
+    ) -> Manifest:
+        """Hash and check every staged file, then make it a version; returns its manifest."""
+        files = self._hash_staged(staged, expected)
+        manifest = new_manifest(staged, files, source)
+        with self.locked():
+            final = self.versions / manifest.version
+            for entry in files:
+                self._link_blob(staged / entry.path, entry.sha256)
+            fsync_dir(self.blobs)
+            if final.is_dir():
+                logger.info("version %s is already in the store", manifest.version)
+                return self._read_manifest(manifest.version)
+            self._write_version(manifest)
+        logger.info(
+            "committed version %s (%s, %d files, %s)",
+            manifest.version,
+            manifest.source_label,
+            len(files),
+            _gib(manifest.total_bytes),
+        )
+        return manifest
+
+    def import_directory(self, directory: Path, source: Source) -> Manifest:
+        """Copy a model directory in (symlinks followed), then commit it like any other."""
+        files = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+        if not (directory / "config.json").is_file():
+            raise CorruptArtifactError(f"{directory}: no config.json; not a model directory")
+        self.ensure_free(sum(p.stat().st_size for p in files), f"importing {directory}")
+        with self.staging() as staged:
+            for path in files:
+                target = staged / path.relative_to(directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+            return self.commit(staged, source)
+
+    def _hash_staged(
+        self, staged: Path, expected: Mapping[str, Expected] | None
+    ) -> list[FileEntry]:
+        found = {
+            path.relative_to(staged).as_posix(): path
+            for path in sorted(staged.rglob("*"))
+            if path.is_file() and not IGNORED_IN_STAGING & set(path.relative_to(staged).parts)
+        }
+        if expected is not None and (missing := sorted(set(expected) - set(found))):
+            raise CorruptArtifactError(f"files missing from the download: {', '.join(missing)}")
+        entries = []
+        for relative, path in found.items():
+            entry = FileEntry(path=relative, sha256=sha256_of(path), size=path.stat().st_size)
+            if expected is not None and relative in expected:
+                _check_expected(path, entry, expected[relative])
+            entries.append(entry)
+        if not entries:
+            raise CorruptArtifactError(f"{staged}: nothing to commit")
+        return entries
+
+    def _link_blob(self, path: Path, sha256: str) -> None:
+        blob = self.blobs / sha256
+        if blob.exists():
+            return
+        fsync_file(path)
+        os.chmod(path, 0o444)
+        os.link(path, blob)
+
+    def _write_version(self, manifest: Manifest) -> None:
+        building = self.staging_root / f".version-{manifest.version}-{secrets.token_hex(4)}"
+        model = building / "model"
+        model.mkdir(parents=True)
+        for entry in manifest.files:
+            link = model / entry.path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(self.blobs / entry.sha256, link.parent))
+        write_durably(building / "manifest.json", manifest.model_dump_json(indent=2).encode())
+        for directory in sorted({(model / e.path).parent for e in manifest.files}, reverse=True):
+            fsync_dir(directory)
+        fsync_dir(building)
+        building.rename(self.versions / manifest.version)
+        fsync_dir(self.versions)
+
+    def activate(self, version: str) -> Refs:
+        """Make a version current; the old current becomes previous."""
+        with self.locked():
+            resolved = self.resolve(version)
+            refs = self.refs()
+            if refs.current == resolved:
+                return refs
+            return self._write_refs(Refs(current=resolved, previous=refs.current))
+
+    def rollback(self) -> Refs:
+        """Swap current and previous."""
+        with self.locked():
+            refs = self.refs()
+            if refs.previous is None:
+                raise NotFoundError("no previous version to roll back to")
+            return self._write_refs(Refs(current=refs.previous, previous=refs.current))
+
+    def _write_refs(self, refs: Refs) -> Refs:
+        write_durably(self.root / "refs.json", refs.model_dump_json().encode())
+        logger.info("current version %s (previous %s)", refs.current, refs.previous)
+        return refs
+
+    def gc(self, keep: int) -> GcReport:
+        """Keep the newest `keep` versions plus current and previous; drop everything else."""
+        report = GcReport()
+        with self.locked():
+            refs = self.refs()
+            newest = [m.version for m in reversed(self.manifests())][:keep]
+            for directory in list(self.versions.iterdir()):
+                if directory.name not in {*newest, refs.current, refs.previous}:
+                    trash = self.staging_root / f".trash-{directory.name}"
+                    directory.rename(trash)
+                    report.removed_versions.append(directory.name)
+            self._remove_unreferenced_blobs(report)
+            self._remove_abandoned_staging(report)
+        return report
+
+    def _remove_unreferenced_blobs(self, report: GcReport) -> None:
+        referenced = {entry.sha256 for m in self.manifests() for entry in m.files}
+        for blob in self.blobs.iterdir():
+            if blob.name not in referenced:
+                report.freed_bytes += blob.stat().st_size
+                report.removed_blobs += 1
+                blob.unlink()
+
+    def _remove_abandoned_staging(self, report: GcReport) -> None:
+        """Staging that no process holds: interrupted downloads and builds, trash."""
+        names = {p.name.removesuffix(".lock") for p in self.staging_root.iterdir()}
+        for name in names:
+            path, lock_path = self.staging_root / name, self.staging_root / f"{name}.lock"
+            with lock_path.open("a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use by a running fetch or build
+                if path.exists():
+                    report.freed_bytes += _tree_size(path)
+                    report.removed_staging += 1
+                    shutil.rmtree(path, ignore_errors=True)
+                lock_path.unlink()
+
+
+def _check_expected(path: Path, entry: FileEntry, expected: Expected) -> None:
+    problem = None
+    if entry.size != expected.size:
+        problem = f"{entry.size} bytes, the source says {expected.size}"
+    elif expected.sha256 and entry.sha256 != expected.sha256:
+        problem = f"sha256 {entry.sha256[:12]}…, the source says {expected.sha256[:12]}…"
+    elif expected.git_sha1 and (actual := git_blob_sha1(path)) != expected.git_sha1:
+        problem = f"git blob id {actual[:12]}…, the source says {expected.git_sha1[:12]}…"
+    if problem:
+        path.unlink()  # so that a retry downloads it again
+        raise CorruptArtifactError(f"{entry.path}: {problem}; refused")
+
+
+def _tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB" if size >= 1 << 28 else f"{size / (1 << 20):.1f} MiB"
