@@ -29,7 +29,9 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 
-from edgeagent.artifacts.tiny import build_tiny_model  # noqa: E402
+from edgeagent.artifacts.build import build_embedded  # noqa: E402
+from edgeagent.artifacts.manifest import ImportSource  # noqa: E402
+from edgeagent.artifacts.store import ModelStore  # noqa: E402
 from edgeagent.client import Client, Parameters, build_request  # noqa: E402
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -102,14 +104,24 @@ async def trial(run_one: RunOne, streams: int, max_tokens: int, round_: int) -> 
     return Trial(list(samples), time.perf_counter() - started)
 
 
-def start_daemon(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def prepare_store(workdir: Path, model: Path | None) -> Path:
+    """The daemon's store with the model as current (default: the embedded 4-bit build)."""
+    store = ModelStore(workdir / "state" / "models")
+    if model is None:
+        manifest = build_embedded(store)
+    else:
+        manifest = store.import_directory(model, ImportSource(origin=str(model)))
+    store.activate(manifest.version)
+    return store.model_dir(manifest.version)
+
+
+def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
         "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
         "EDGEAGENT_STATE_DIR": str(workdir / "state"),
         "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),
         "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
-        "EDGEAGENT_MODEL__PATH": str(model),
         "EDGEAGENT_MODEL__KV_CACHE_GIB": str(KV_CACHE_GIB),
         "EDGEAGENT_MODEL__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
         "EDGEAGENT_LOG_LEVEL": "WARNING",
@@ -165,8 +177,8 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
-    model = args.model or build_tiny_model(workdir / "tiny")
-    daemon, target = start_daemon(model, workdir)
+    model = prepare_store(workdir, args.model)
+    daemon, target = start_daemon(workdir)
     llm = start_raw(model)
     results: dict[int, tuple[list[Trial], list[Trial]]] = {n: ([], []) for n in args.streams}
     try:

@@ -17,6 +17,9 @@ import pytest
 from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgeagent.artifacts.manifest import ImportSource, Manifest
+from edgeagent.artifacts.store import ModelStore
+from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
 from edgeagent.client import Client, Parameters, build_request
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -51,16 +54,22 @@ class RunningDaemon:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
 
 
-def _start_daemon(tmp_path: Path, model: Path, grace_s: float) -> RunningDaemon:
+def _start_daemon(
+    tmp_path: Path, grace_s: float, served: Path | None = None, **extra_env: str
+) -> RunningDaemon:
+    """A daemon whose store holds `served` as current; with None, an empty store."""
+    if served is not None:
+        store = ModelStore(tmp_path / "state" / "models")
+        store.activate(store.import_directory(served, ImportSource(origin=str(served))).version)
     env = {
         **os.environ,
         "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
         "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
         "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),  # shares the tests' compile cache
         "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_MODEL__PATH": str(model),
         "EDGEAGENT_MODEL__KV_CACHE_GIB": "0.25",
         "EDGEAGENT_SERVER__DRAIN_GRACE_S": str(grace_s),
+        **extra_env,
     }
     log = tmp_path / "daemon.log"
     with log.open("wb") as out:
@@ -73,7 +82,7 @@ def _start_daemon(tmp_path: Path, model: Path, grace_s: float) -> RunningDaemon:
     daemon = RunningDaemon(process, f"unix:{tmp_path / 'run' / 'edgeagent.sock'}", log)
     with Client(daemon.target) as client:
         try:
-            client.wait_until_serving(timeout=240, daemon=process)
+            client.wait_until_serving(timeout=480, daemon=process)
         except (RuntimeError, TimeoutError) as error:
             process.kill()
             raise AssertionError(f"{error}; log:\n{daemon.tail()}") from None
@@ -89,7 +98,7 @@ def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[DaemonFactory]:
     started: list[RunningDaemon] = []
 
     def start(grace_s: float) -> RunningDaemon:
-        started.append(_start_daemon(tmp_path, tiny_model, grace_s))
+        started.append(_start_daemon(tmp_path, grace_s, served=tiny_model))
         return started[-1]
 
     yield start
@@ -203,14 +212,14 @@ async def test_second_signal_forces_exit(daemon_factory: DaemonFactory) -> None:
         raise AssertionError(f"engine processes {engine_processes} outlived the daemon")
 
 
-def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
+def test_empty_store_and_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
         "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
         "EDGEAGENT_CACHE_DIR": str(tmp_path / "cache"),
         "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_MODEL__PATH": str(tmp_path / "no-such-model"),
+        "EDGEAGENT_HUB__ENDPOINT": "http://127.0.0.1:9",  # the discard port: refused
     }
     result = subprocess.run(
         [sys.executable, "-m", "edgeagent", "serve"],
@@ -220,8 +229,31 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
         timeout=120,
         check=False,
     )
-    assert result.returncode == 1
-    assert f"cannot serve: no model at {tmp_path / 'no-such-model'}" in result.stderr
+    assert result.returncode == 8
+    assert "the store is empty: fetching kaitchup/Phi-4-AutoRound-GPTQ-4bit@main" in result.stderr
+    assert "cannot serve: cannot reach the hub" in result.stderr
+
+
+async def test_empty_store_builds_the_embedded_model_and_serves_it(
+    tmp_path: Path, tiny_4bit: Manifest
+) -> None:
+    """The quick start's path: an empty store, source `embedded`. The daemon builds the tiny
+    model to 4-bit GPTQ with AutoRound, commits it, loads it and serves it; the build is
+    reproducible, so it is the very version the test session built."""
+    daemon = await asyncio.to_thread(
+        _start_daemon, tmp_path, 10.0, None, EDGEAGENT_MODEL__SOURCE="embedded"
+    )
+    try:
+        with Client(daemon.target) as client:
+            info = client.model_info()
+            answer = client.generate("Hello", Parameters(max_tokens=8, temperature=0))
+        assert (info.model_id, info.version) == (EMBEDDED_MODEL_ID, tiny_4bit.version)
+        assert "gptq" in info.quantization
+        assert answer.completion_tokens == 8
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    assert ModelStore(tmp_path / "state" / "models").refs().current == tiny_4bit.version
 
 
 async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonFactory) -> None:

@@ -152,7 +152,7 @@ def _run_worker(
 @contextlib.contextmanager
 def _worker(job_path: Path, env: dict[str, str], stderr: Any) -> Iterator[subprocess.Popen[str]]:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent.artifacts.build_worker", str(job_path)],
+        [sys.executable, "-m", "edgeagent.artifacts.build_worker", str(job_path), str(os.getpid())],
         stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
     )  # fmt: skip
     try:

@@ -1,4 +1,4 @@
-"""The AutoRound run itself, in its own process: `python -m edgeagent.artifacts.build_worker JOB`.
+"""The AutoRound run, in its own process: `python -m edgeagent.artifacts.build_worker JOB PPID`.
 
 A separate process because AutoRound may call `sys.exit`, holds the whole base model in memory
 and is stopped cleanly only by a signal. It reads a job file written by `build.py`, writes the
@@ -8,18 +8,22 @@ GPTQ export into the job's output directory, and reports on stdout one JSON obje
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+PR_SET_PDEATHSIG = 1
 BLOCK_DONE = re.compile(r"quantized \d+/\d+ layers in the block")
 
 
-def main(job_path: str) -> int:
+def main(job_path: str, parent_pid: int) -> int:
+    _die_with_parent(parent_pid)
     job: dict[str, Any] = json.loads(Path(job_path).read_text())
     os.environ["AR_WORK_SPACE"] = job["work_dir"]  # else AutoRound writes ./ar_work_space
     import torch
@@ -91,10 +95,18 @@ def _report_blocks(total: int) -> None:
     logging.getLogger("autoround").addHandler(BlockCounter())
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A killed edgeagent must not leave AutoRound running: ask Linux for SIGKILL on its death."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        raise SystemExit(1)
+
+
 def _emit(event: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(event) + "\n")
     sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

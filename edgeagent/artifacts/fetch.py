@@ -101,9 +101,12 @@ class HubFetcher:
                 logger.info("%s is commit %s, already stored as %s", target, commit, known.version)
                 return known
             files = self._model_files(target.repo, commit)
-            needed = sum(f.size for f in files if not self._in_store(f))
-            self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
             key = f"fetch-{target.repo.replace('/', '--')}-{commit}"
+            resumable = self.store.staging_root / key
+            needed = sum(
+                f.size - _staged_bytes(resumable, f.path) for f in files if not self._in_store(f)
+            )
+            self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
             with self.store.staging(key) as staged:
                 self._download(target.repo, commit, files, staged, cancel)
                 source = HubSource(

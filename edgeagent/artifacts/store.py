@@ -206,10 +206,13 @@ class ModelStore:
                 yield path
             except BaseException:
                 if key is None:
-                    shutil.rmtree(path, ignore_errors=True)
+                    self._discard_staging(name)
                 raise
-            shutil.rmtree(path, ignore_errors=True)
-            (self.staging_root / f"{name}.lock").unlink(missing_ok=True)
+            self._discard_staging(name)
+
+    def _discard_staging(self, name: str) -> None:
+        shutil.rmtree(self.staging_root / name, ignore_errors=True)
+        (self.staging_root / f"{name}.lock").unlink(missing_ok=True)
 
     def ensure_free(self, needed_bytes: int, what: str) -> None:
         free = shutil.disk_usage(self.root).free
@@ -357,7 +360,7 @@ class ModelStore:
                     continue  # in use by a running fetch or build
                 if path.exists():
                     report.freed_bytes += _tree_size(path)
-                    report.removed_staging += 1
+                    report.removed_staging += not name.startswith(".trash-")
                     shutil.rmtree(path, ignore_errors=True)
                 lock_path.unlink()
 

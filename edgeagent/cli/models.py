@@ -209,5 +209,7 @@ def _import(args: argparse.Namespace) -> int:
     from edgeagent.artifacts.manifest import ImportSource
 
     _, store = _context()
-    manifest = store.import_directory(args.directory, ImportSource(origin=str(args.directory.resolve())))
+    manifest = store.import_directory(
+        args.directory, ImportSource(origin=str(args.directory.resolve()))
+    )
     return _committed(store, manifest, args.activate)

@@ -1,0 +1,129 @@
+"""AutoRound builds: the embedded default's manifest, cancel and kill, bad calibration, disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from edgeagent.artifacts.build import build_embedded
+from edgeagent.artifacts.manifest import BuildSource, Manifest
+from edgeagent.artifacts.store import ModelStore
+from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
+
+
+def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
+    model_store: ModelStore, tiny_4bit: Manifest, tiny_fp16: Path
+) -> None:
+    source = tiny_4bit.source
+    assert isinstance(source, BuildSource)
+    assert source.base == EMBEDDED_MODEL_ID
+    assert source.tool.startswith("auto-round 0.16")
+    recipe = source.recipe
+    assert (recipe["bits"], recipe["group_size"], recipe["sym"], recipe["iters"]) == (
+        4,
+        128,
+        True,
+        50,
+    )
+    assert len(recipe["calibration"]["sha256"]) == 64
+    assert tiny_4bit.quantization_label == "gptq 4-bit g128 sym"
+    fp16_bytes = (tiny_fp16 / "model.safetensors").stat().st_size
+    assert tiny_4bit.architecture.weight_bytes < 0.7 * fp16_bytes  # embeddings stay 16-bit
+
+    tokenizer = AutoTokenizer.from_pretrained(model_store.model_dir(tiny_4bit.version))
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == "<|im_start|>user<|im_sep|>hi<|im_end|><|im_start|>assistant<|im_sep|>"
+    assert tokenizer.chat_template == PHI4_CHAT_TEMPLATE
+
+
+def test_the_same_base_and_recipe_build_once(model_store: ModelStore, tiny_4bit: Manifest) -> None:
+    started = time.perf_counter()
+    assert build_embedded(model_store) == tiny_4bit
+    assert time.perf_counter() - started < 10  # found in the store, AutoRound not run
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopped_build_leaves_no_version_and_no_quantizer(
+    sig: signal.Signals, tiny_fp16: Path, tmp_path: Path
+) -> None:
+    """1. A long build. 2. Its worker starts tuning. 3. The CLI gets SIGTERM (exit 130,
+    staging removed) or SIGKILL (the worker dies with it; gc removes the staging)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgeagent", "build", str(tiny_fp16), "--iters", "1000"],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = _wait_for_worker(process.pid)
+    time.sleep(3)
+    process.send_signal(sig)
+    code = process.wait(timeout=60)
+    assert code == (130 if sig == signal.SIGTERM else -9)
+    _wait_gone(worker)
+
+    store = ModelStore(tmp_path / "state" / "models")
+    assert store.manifests() == []
+    if sig == signal.SIGKILL:
+        store.gc(keep=1)
+    assert [p.name for p in store.staging_root.iterdir()] == []
+
+
+def test_too_little_calibration_text_is_a_clear_error(tiny_fp16: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to calibrate anything.")
+    result = _run(["build", str(tiny_fp16), "--calibration", str(short)], tmp_path)
+    assert result.returncode == 9
+    assert "calibration text has" in result.stderr
+
+
+def test_build_checks_the_disk_first(tiny_fp16: Path, tmp_path: Path) -> None:
+    result = _run(["build", str(tiny_fp16)], tmp_path, EDGEAGENT_STORE__MIN_FREE_GIB="1000000")
+    assert result.returncode == 6
+    assert "the build needs" in result.stderr
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        **extra,
+    }
+
+
+def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeagent", *args], env=_env(tmp_path, **env),
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+def _wait_for_worker(parent: int) -> int:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            children = (task / "children").read_text().split()
+            if children:
+                return int(children[0])
+        time.sleep(0.1)
+    raise AssertionError("the build worker never started")
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except FileNotFoundError:
+            return
+        if state == "Z":  # exited; only its entry is left for a parent that is gone
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"the AutoRound worker {pid} outlived its parent")
