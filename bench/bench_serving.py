@@ -3,7 +3,12 @@
 Prints a Markdown table of decode tokens/s per stream, aggregate tokens/s, time to first token,
 and the daemon/raw ratios, at 1 and 8 concurrent streams (more with --streams).
 
-    .venv/bin/python bench/bench_serving.py [--model DIR] [--rounds 5] [--streams 1 8]
+    .venv/bin/python bench/bench_serving.py [--model DIR | --state DIR] [--rounds 5] [--streams 1 8]
+        [--kv-cache-gib 0.5] [--max-num-seqs 16] [--max-model-len N] [--prompt-tokens N]
+
+Both engines get the same sizes. With --prompt-tokens N each request's prompt is N tokens long
+and starts with its own seed, so vLLM's prefix cache cannot serve it (time to first token then
+measures a real prefill).
 
 Not a test: nothing here asserts a time.
 """
@@ -38,9 +43,35 @@ from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-KV_CACHE_GIB = 0.5
-MAX_NUM_SEQS = 16
 PROMPT = "The river runs through the old town under seven stone bridges. Tell me more:"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    kv_cache_gib: float
+    max_num_seqs: int
+    max_model_len: int | None
+    max_num_batched_tokens: int
+
+
+class Prompts:
+    """The short prompt, or a long one made unique by its seed."""
+
+    def __init__(self, model: Path, tokens: int) -> None:
+        self.tokens = tokens
+        if tokens:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(model)
+            filler = (PROMPT + " ") * (tokens // 4 + 8)
+            self._ids = self._tokenizer(filler, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, seed: int) -> str:
+        if not self.tokens:
+            return PROMPT
+        head = f"{seed}: "
+        room = self.tokens - len(self._tokenizer(head, add_special_tokens=False)["input_ids"])
+        return head + str(self._tokenizer.decode(self._ids[:room]))
 
 
 @dataclass
@@ -64,7 +95,7 @@ class Trial:
         return sum(s.tokens for s in self.samples) / self.wall_s
 
 
-async def raw_stream(llm: AsyncLLM, max_tokens: int, seed: int) -> Sample:
+async def raw_stream(llm: AsyncLLM, prompt: str, max_tokens: int, seed: int) -> Sample:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -73,16 +104,18 @@ async def raw_stream(llm: AsyncLLM, max_tokens: int, seed: int) -> Sample:
     )
     started = time.perf_counter()
     first, tokens = 0.0, 0
-    async for output in llm.generate({"prompt": PROMPT}, params, uuid.uuid4().hex):
+    async for output in llm.generate({"prompt": prompt}, params, uuid.uuid4().hex):
         if tokens == 0:
             first = time.perf_counter() - started
         tokens += len(output.outputs[0].token_ids)
     return Sample(first, tokens, time.perf_counter() - started)
 
 
-async def daemon_stream(stub: pb_grpc.GenerationServiceStub, max_tokens: int, seed: int) -> Sample:
+async def daemon_stream(
+    stub: pb_grpc.GenerationServiceStub, prompt: str, max_tokens: int, seed: int
+) -> Sample:
     request = build_request(
-        PROMPT, params=Parameters(max_tokens=max_tokens, temperature=0.8, seed=seed)
+        prompt, params=Parameters(max_tokens=max_tokens, temperature=0.8, seed=seed)
     )
     started = time.perf_counter()
     first, tokens = 0.0, 0
@@ -104,9 +137,11 @@ async def trial(run_one: RunOne, streams: int, max_tokens: int, round_: int) -> 
     return Trial(list(samples), time.perf_counter() - started)
 
 
-def prepare_store(workdir: Path, model: Path | None) -> Path:
+def prepare_store(state_dir: Path, model: Path | None, reuse: bool) -> Path:
     """The daemon's store with the model as current (default: the embedded 4-bit build)."""
-    store = ModelStore(workdir / "state" / "models")
+    store = ModelStore(state_dir / "models")
+    if reuse:
+        return store.model_dir("current")
     if model is None:
         manifest = build_embedded(store)
     else:
@@ -115,17 +150,22 @@ def prepare_store(workdir: Path, model: Path | None) -> Path:
     return store.model_dir(manifest.version)
 
 
-def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_daemon(
+    workdir: Path, state_dir: Path, cache_dir: Path, sizes: Sizes
+) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
         "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(workdir / "state"),
-        "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),
+        "EDGEAGENT_STATE_DIR": str(state_dir),
+        "EDGEAGENT_CACHE_DIR": str(cache_dir),
         "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
-        "EDGEAGENT_MODEL__KV_CACHE_GIB": str(KV_CACHE_GIB),
-        "EDGEAGENT_MODEL__MAX_NUM_SEQS": str(MAX_NUM_SEQS),
+        "EDGEAGENT_MODEL__KV_CACHE_GIB": str(sizes.kv_cache_gib),
+        "EDGEAGENT_MODEL__MAX_NUM_SEQS": str(sizes.max_num_seqs),
+        "EDGEAGENT_MODEL__MAX_NUM_BATCHED_TOKENS": str(sizes.max_num_batched_tokens),
         "EDGEAGENT_LOG_LEVEL": "WARNING",
     }
+    if sizes.max_model_len is not None:
+        env["EDGEAGENT_MODEL__MAX_MODEL_LEN"] = str(sizes.max_model_len)
     log = (workdir / "daemon.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -139,16 +179,19 @@ def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     return process, target
 
 
-def start_raw(model: Path) -> AsyncLLM:
+def start_raw(model: Path, sizes: Sizes) -> AsyncLLM:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
     args = AsyncEngineArgs(
         model=str(model),
-        kv_cache_memory_bytes=int(KV_CACHE_GIB * (1 << 30)),
-        max_num_seqs=MAX_NUM_SEQS,
+        kv_cache_memory_bytes=int(sizes.kv_cache_gib * (1 << 30)),
+        max_num_seqs=sizes.max_num_seqs,
+        max_num_batched_tokens=sizes.max_num_batched_tokens,
         disable_log_stats=True,
     )
+    if sizes.max_model_len is not None:
+        args.max_model_len = sizes.max_model_len
     return AsyncLLM.from_engine_args(args)
 
 
@@ -172,19 +215,34 @@ def row(label: str, raw: list[Trial], daemon: list[Trial]) -> str:
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
+    parser.add_argument("--state", type=Path, help="serve this state dir's current version")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache", help="EDGEAGENT_CACHE_DIR")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=0)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = parser.parse_args()
+    sizes = Sizes(
+        args.kv_cache_gib, args.max_num_seqs, args.max_model_len, args.max_num_batched_tokens
+    )
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
-    model = prepare_store(workdir, args.model)
-    daemon, target = start_daemon(workdir)
-    llm = start_raw(model)
+    state_dir = args.state or workdir / "state"
+    model = prepare_store(state_dir, args.model, reuse=args.state is not None)
+    prompts = Prompts(model, args.prompt_tokens)
+    daemon, target = start_daemon(workdir, state_dir, args.cache, sizes)
+    llm = start_raw(model, sizes)
     results: dict[int, tuple[list[Trial], list[Trial]]] = {n: ([], []) for n in args.streams}
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
-            runners = (lambda m, s: raw_stream(llm, m, s), lambda m, s: daemon_stream(stub, m, s))
+            runners = (
+                lambda m, s: raw_stream(llm, prompts(s), m, s),
+                lambda m, s: daemon_stream(stub, prompts(s), m, s),
+            )
             for warm in runners:
                 await trial(warm, max(args.streams), args.max_tokens, 0)
             for round_ in range(1, args.rounds + 1):
@@ -197,7 +255,10 @@ async def main() -> None:
         llm.shutdown()
         daemon.terminate()
         daemon.wait(timeout=60)
-    print(f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, model {model}")
+    print(
+        f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, "
+        f"{args.prompt_tokens or 'short'} prompt tokens, {sizes}, model {model}"
+    )
     print(
         "| streams | raw decode tok/s/stream | daemon | ratio | raw aggregate tok/s | daemon | "
         "ratio | raw TTFT ms | daemon TTFT ms | overhead ms |"

@@ -20,9 +20,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.prepare import model_to_serve, open_store
 from edgeagent.engine import Engine, EngineConfig, VllmEngine
 from edgeagent.errors import CancelledError, EngineDeadError
+from edgeagent.fit import FitRequest, Plan, plan
+from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.server.app import ApiServer
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
@@ -40,10 +43,14 @@ EXIT_OK, EXIT_ENGINE_DIED, EXIT_FORCED = 0, 1, 130
 
 class Daemon:
     def __init__(
-        self, settings: Settings, engine_factory: EngineFactory = VllmEngine.start
+        self,
+        settings: Settings,
+        engine_factory: EngineFactory = VllmEngine.start,
+        probe: MemoryProbe | None = None,
     ) -> None:
         self.settings = settings
         self._engine_factory = engine_factory
+        self._probe = probe or default_probe()
         self._inflight = InflightRequests()
         self._engine: Engine | None = None
         self._api: ApiServer | None = None
@@ -69,9 +76,9 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
-        served, model_path = await self._prepare_model()
+        served, model_path, fit = await self._prepare_model()
         started = time.perf_counter()
-        self._engine = self._engine_factory(self._engine_config(model_path))
+        self._engine = self._engine_factory(self._engine_config(model_path, fit))
         service = GenerationService(self._engine, served, settings.limits, self._inflight)
         self._api = ApiServer(service, settings.server, settings.socket_path)
         await self._api.start()
@@ -83,18 +90,33 @@ class Daemon:
             time.perf_counter() - started,
         )
 
-    async def _prepare_model(self) -> tuple[ServedModel, Path]:
-        """The verified version to serve; fetched or built first when the store is empty."""
+    async def _prepare_model(self) -> tuple[ServedModel, Path, Plan]:
+        """The verified version that fits; fetched or built first when the store is empty."""
         store = open_store(self.settings)
-        manifest = await self._off_loop(lambda: model_to_serve(self.settings, store, self._cancel))
-        logger.info(
-            "model %s version %s (%s, %s)",
-            manifest.model_id,
-            manifest.version,
-            manifest.source_label,
-            manifest.quantization_label,
+        plans: dict[str, Plan] = {}
+
+        def refuse(manifest: Manifest) -> str | None:
+            fit = plan(
+                manifest.architecture, self._probe.read(), FitRequest.from_settings(self.settings)
+            )
+            plans[manifest.version] = fit
+            return None if fit.fits else "does not fit: " + "; ".join(fit.problems)
+
+        manifest = await self._off_loop(
+            lambda: model_to_serve(self.settings, store, self._cancel, refuse)
         )
-        return ServedModel(manifest.model_id, manifest.version), store.model_dir(manifest.version)
+        fit = plans[manifest.version]
+        logger.info(
+            "model %s version %s (%s, %s); fit on %s: weights %.2f GiB + overhead %.2f GiB + "
+            "KV cache %.2f GiB = %.2f GiB predicted, context %d tokens, %d sequences at full "
+            "context%s",
+            manifest.model_id, manifest.version, manifest.source_label,
+            manifest.quantization_label, fit.device.name, fit.weight_bytes / GiB,
+            fit.overhead_bytes / GiB, fit.kv_cache_bytes / GiB, fit.predicted_bytes / GiB,
+            fit.max_model_len, fit.max_concurrency, "".join(f"; {n}" for n in fit.notes),
+        )  # fmt: skip
+        served = ServedModel(manifest.model_id, manifest.version)
+        return served, store.model_dir(manifest.version), fit
 
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """Run blocking work (a fetch, a build) on a thread while signals are still noticed.
@@ -123,13 +145,14 @@ class Daemon:
             await asyncio.wait({done}, timeout=TICK_S)
         return done.result()
 
-    def _engine_config(self, model_path: Path) -> EngineConfig:
+    def _engine_config(self, model_path: Path, fit: Plan) -> EngineConfig:
         model = self.settings.model
         return EngineConfig(
             model_path=model_path,
-            kv_cache_bytes=int(model.kv_cache_gib * GiB),
+            kv_cache_bytes=fit.kv_cache_bytes,
             max_num_seqs=model.max_num_seqs,
-            max_model_len=model.max_model_len,
+            max_model_len=fit.max_model_len,
+            max_num_batched_tokens=model.max_num_batched_tokens,
             dtype=model.dtype,
             enforce_eager=model.enforce_eager,
         )

@@ -25,6 +25,7 @@ class EngineConfig:
     kv_cache_bytes: int
     max_num_seqs: int
     max_model_len: int | None = None
+    max_num_batched_tokens: int | None = None
     dtype: str = "auto"
     enforce_eager: bool = False
 
@@ -116,6 +117,8 @@ class VllmEngine:
         )
         if config.max_model_len is not None:
             args.max_model_len = config.max_model_len
+        if config.max_num_batched_tokens is not None:
+            args.max_num_batched_tokens = config.max_num_batched_tokens
         started = time.perf_counter()
         llm = AsyncLLM.from_engine_args(args)
         model_config = llm.model_config

@@ -33,6 +33,12 @@ class CorruptArtifactError(EdgeAgentError):
     exit_code = 5
 
 
+class NoServableVersionError(EdgeAgentError):
+    """Neither current nor previous can be loaded: corrupt, missing, or too big for the device."""
+
+    exit_code = 10
+
+
 class InsufficientDiskError(EdgeAgentError, OSError):
     """Not enough free disk for a fetch or build; nothing was changed."""
 

@@ -75,8 +75,13 @@ class ModelSettings(BaseModel):
         "embedded tiny model built with AutoRound",
     )
     max_model_len: int | None = Field(default=None, ge=16, description="default: the model's")
-    kv_cache_gib: float = Field(default=1.0, gt=0)
+    kv_cache_gib: float | None = Field(
+        default=None, gt=0, description="default: derived by the fit check from free memory"
+    )
     max_num_seqs: int = Field(default=16, ge=1)
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=64, description="tokens in one engine step: prefill chunk size"
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
 
@@ -88,6 +93,15 @@ class HubSettings(BaseModel):
     revision: str = Field(default="main", min_length=1, description="branch, tag or commit")
     endpoint: str | None = Field(default=None, description="a mirror; default: HF_ENDPOINT")
     offline: bool = Field(default=False, description="never contact the hub; use the store")
+
+
+class MemorySettings(BaseModel):
+    """How much of the device (GPU memory, or RAM for the CPU build) edgeagent may use."""
+
+    budget_gib: float | None = Field(
+        default=None, gt=0, description="at most this much; default: all that is free"
+    )
+    reserve_gib: float = Field(default=0.5, ge=0, description="left free for other processes")
 
 
 class StoreSettings(BaseModel):
@@ -143,6 +157,7 @@ class Settings(BaseSettings):
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
     hub: HubSettings = HubSettings()
+    memory: MemorySettings = MemorySettings()
     store: StoreSettings = StoreSettings()
     build: BuildSettings = BuildSettings()
     limits: LimitSettings = LimitSettings()

@@ -18,6 +18,7 @@ from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     CorruptArtifactError,
     InsufficientDiskError,
+    NoServableVersionError,
     NotFoundError,
     UnavailableError,
 )
@@ -180,7 +181,7 @@ def test_startup_serves_previous_when_current_is_corrupt(
     _flip_byte((store.model_dir(b) / "model.safetensors").resolve())
     assert model_to_serve(settings, store).version == a
     _flip_byte((store.model_dir(a) / "config.json").resolve())
-    with pytest.raises(CorruptArtifactError, match="no servable version"):
+    with pytest.raises(NoServableVersionError, match="no servable version"):
         model_to_serve(settings, store)
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from edgeagent.artifacts.build import build_embedded
 from edgeagent.artifacts.fetch import HubFetcher, HubTarget
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.errors import CorruptArtifactError, NotFoundError
+from edgeagent.errors import CorruptArtifactError, NoServableVersionError, NotFoundError
 from edgeagent.settings import GiB, Settings
 
 logger = logging.getLogger(__name__)
@@ -32,9 +33,15 @@ def hub_fetcher(settings: Settings, store: ModelStore) -> HubFetcher:
 
 
 def model_to_serve(
-    settings: Settings, store: ModelStore, cancel: threading.Event | None = None
+    settings: Settings,
+    store: ModelStore,
+    cancel: threading.Event | None = None,
+    refuse: Callable[[Manifest], str | None] = lambda manifest: None,
 ) -> Manifest:
-    """The verified version to load; acquires and activates one if the store has none."""
+    """The verified version to load; acquires and activates one if the store has none.
+
+    `refuse` is the caller's own test (the daemon's fit check): a reason not to load it.
+    """
     if store.refs().current is None:
         manifest = acquire_default(settings, store, cancel)
         store.activate(manifest.version)
@@ -42,13 +49,18 @@ def model_to_serve(
     failures = []
     for ref in ("current", "previous"):
         try:
-            return store.verify(ref, full=full)
+            manifest = store.verify(ref, full=full)
         except (CorruptArtifactError, NotFoundError) as error:
             failures.append(str(error))
             logger.error("cannot serve the %s version: %s", ref, error)
-    raise CorruptArtifactError(
-        "no servable version: " + "; ".join(failures) + ". Fetch or build it again "
-        "(`edgeagent fetch`), then `edgeagent models verify`"
+            continue
+        if (reason := refuse(manifest)) is None:
+            return manifest
+        failures.append(f"version {manifest.version}: {reason}")
+        logger.error("cannot serve the %s version %s: %s", ref, manifest.version, reason)
+    raise NoServableVersionError(
+        "no servable version: " + "; ".join(failures) + ". Fetch or build one that fits "
+        "(`edgeagent fetch`, `edgeagent fit`), then `edgeagent models verify`"
     )
 
 

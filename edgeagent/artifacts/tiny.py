@@ -67,7 +67,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, shape: TinyShape = TinyShape(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        token_ids = _write_tokenizer(staging, shape.vocab_size)
+        token_ids = write_tokenizer(staging, shape.vocab_size)
         _write_config(staging, shape, token_ids)
         _write_weights(staging, shape, seed)
         fsync_tree(staging)
@@ -83,7 +83,8 @@ def _corpus_lines() -> list[str]:
     return [line for line in text.splitlines(keepends=True) if line.strip()]
 
 
-def _write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
+def write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
+    """Phi-4's special tokens and chat template on a small BPE, padded with dummies to the size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())

@@ -1,0 +1,89 @@
+"""The daemon on a GPU: the fit check's predicted memory against NVML's, and a refusal.
+
+Starts `edgeagent serve` on STATE_DIR's current version with the given settings, measures the
+GPU memory it takes (NVML's used memory after it serves, less before it started), reads the
+fit check's prediction from its log, then asks `edgeagent fit` about a budget too small while
+the daemon serves, and checks that the daemon still answers. Prints one JSON object.
+
+    python bench/gpu_memory.py STATE_DIR CACHE_DIR [KEY=VALUE ...]   # EDGEAGENT_* settings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pynvml
+
+from edgeagent.client import Client, Parameters
+
+GiB = 1 << 30
+
+
+def used_bytes() -> int:
+    pynvml.nvmlInit()
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def main(state_dir: str, cache_dir: str, settings: list[str]) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="edgeagent-gpu-"))
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": state_dir,
+        "EDGEAGENT_CACHE_DIR": cache_dir,
+        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
+        **dict(item.split("=", 1) for item in settings),
+    }
+    before = used_bytes()
+    log_path = workdir / "daemon.log"
+    started = time.perf_counter()
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=log
+        )
+    result: dict[str, object] = {"settings": settings}
+    try:
+        with Client(f"unix:{workdir / 'run' / 'edgeagent.sock'}", timeout=60) as client:
+            client.wait_until_serving(timeout=540, daemon=daemon)
+            result["start_to_serving_s"] = round(time.perf_counter() - started, 1)
+            client.generate("warm up", Parameters(max_tokens=8))
+            time.sleep(2)
+            measured = used_bytes() - before
+            text = log_path.read_text()
+            predicted = float(re.findall(r"= ([\d.]+) GiB predicted", text)[-1]) * GiB
+            result |= {
+                "measured_gib": round(measured / GiB, 3),
+                "predicted_gib": round(predicted / GiB, 3),
+                "error_pct": round(100 * (predicted - measured) / measured, 2),
+                "fit_line": re.findall(r"fit on .*", text)[-1],
+            }
+            refusal = subprocess.run(
+                [sys.executable, "-m", "edgeagent", "fit", "--budget-gib", "9", "--json"],
+                env=env, capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            result["refusal_exit_code"] = refusal.returncode
+            result["refusal_problems"] = json.loads(refusal.stdout)["problems"]
+            answer = client.generate("still there?", Parameters(max_tokens=16))
+            result["still_serving_tokens"] = answer.completion_tokens
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        result["exit_code"] = daemon.wait(timeout=120)
+        (Path(os.environ.get("OUT", workdir)) / f"daemon-{int(started)}.log").write_text(
+            log_path.read_text()
+        )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
