@@ -22,7 +22,7 @@ from edgeagent.artifacts.tiny import write_tokenizer
 
 def main(checkpoint: Path, state_dir: Path) -> None:
     vocab = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
-    write_tokenizer(checkpoint, vocab)
+    write_tokenizer(checkpoint, vocab, special_fillers=False)
     store = ModelStore(state_dir / "models")
     started = time.perf_counter()
     manifest = store.import_directory(checkpoint, ImportSource(origin=str(checkpoint)))

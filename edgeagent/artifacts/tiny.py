@@ -83,8 +83,12 @@ def _corpus_lines() -> list[str]:
     return [line for line in text.splitlines(keepends=True) if line.strip()]
 
 
-def write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
-    """Phi-4's special tokens and chat template on a small BPE, padded with dummies to the size."""
+def write_tokenizer(out: Path, vocab_size: int, special_fillers: bool = True) -> dict[str, int]:
+    """Phi-4's special tokens and chat template on a small BPE, padded with dummies to the size.
+
+    Phi-4's dummies are special tokens (skipped when decoding); `special_fillers=False` makes
+    them plain tokens, so a random-weight model's output decodes to text, as a real model's does.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -100,7 +104,11 @@ def write_tokenizer(out: Path, vocab_size: int) -> dict[str, int]:
     # Like Phi-4, fill the vocabulary up with dummy tokens so every id the model can emit decodes.
     fillers = vocab_size - len(SPECIAL_TOKENS) - tokenizer.get_vocab_size()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
-    tokenizer.add_special_tokens([f"<|dummy_{100 + i}|>" for i in range(fillers)])
+    dummies = [f"<|dummy_{100 + i}|>" for i in range(fillers)]
+    if special_fillers:
+        tokenizer.add_special_tokens(dummies)
+    else:
+        tokenizer.add_tokens(dummies)
     if tokenizer.get_vocab_size() != vocab_size:
         raise AssertionError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
     tokenizer.save(str(out / "tokenizer.json"))

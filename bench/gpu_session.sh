@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md, on a host with the offline bundle installed in
+# /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT.
+#   bash bench/gpu_session.sh prepare   # stubs, Phi-4-shaped checkpoint, store, memory runs
+#   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
+set -euo pipefail
+export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STATE=/tmp/ea-state CACHE=/tmp/ea-cache
+SIZES=(EDGEAGENT_MODEL__MAX_NUM_SEQS=32 EDGEAGENT_MODEL__MAX_MODEL_LEN=4096)
+python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+    proto/edgeagent/v1/generation.proto
+case "$1" in
+prepare)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee "$OUT/prepare.txt"
+    export EDGEAGENT_STATE_DIR=$STATE EDGEAGENT_CONFIG=/nonexistent
+    for a in --json ""; do env "${SIZES[@]}" python3 -m edgeagent fit $a; done | tee "$OUT/fit.txt"
+    # A: the baseline's sizes (KV 1.5 GiB asked for, 4k context, 32 sequences); cold compile cache
+    python3 bench/gpu_memory.py "$STATE" "$CACHE" "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 \
+        | tee "$OUT/memory-a.json"
+    # B: KV derived by the fit check inside a 16 GiB budget, the model's full 16k context
+    python3 bench/gpu_memory.py "$STATE" "$CACHE" EDGEAGENT_MODEL__MAX_NUM_SEQS=32 \
+        EDGEAGENT_MEMORY__BUDGET_GIB=16 | tee "$OUT/memory-b.json"
+    ;;
+bench)
+    common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32
+            --max-model-len 4096)
+    python3 bench/bench_serving.py "${common[@]}" --rounds 3 --streams 1 32 --max-tokens 256 \
+        2>&1 | tee "$OUT/bench-decode.txt" | grep -v "^INFO\|^(" || true
+    python3 bench/bench_serving.py "${common[@]}" --rounds 5 --streams 1 --max-tokens 8 \
+        --prompt-tokens 1024 2>&1 | tee "$OUT/bench-ttft.txt" | grep -v "^INFO\|^(" || true
+    ;;
+esac
