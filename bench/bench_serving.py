@@ -52,6 +52,7 @@ class Sizes:
     max_num_seqs: int
     max_model_len: int | None
     max_num_batched_tokens: int
+    gpu_memory_utilization: float | None = None
 
 
 class Prompts:
@@ -192,6 +193,8 @@ def start_raw(model: Path, sizes: Sizes) -> AsyncLLM:
     )
     if sizes.max_model_len is not None:
         args.max_model_len = sizes.max_model_len
+    if sizes.gpu_memory_utilization is not None:
+        args.gpu_memory_utilization = sizes.gpu_memory_utilization
     return AsyncLLM.from_engine_args(args)
 
 
@@ -225,18 +228,24 @@ async def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--gpu-memory-utilization", type=float, help="raw engine, GPU only")
     args = parser.parse_args()
     sizes = Sizes(
-        args.kv_cache_gib, args.max_num_seqs, args.max_model_len, args.max_num_batched_tokens
+        args.kv_cache_gib,
+        args.max_num_seqs,
+        args.max_model_len,
+        args.max_num_batched_tokens,
+        args.gpu_memory_utilization,
     )
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
     state_dir = args.state or workdir / "state"
     model = prepare_store(state_dir, args.model, reuse=args.state is not None)
     prompts = Prompts(model, args.prompt_tokens)
     daemon, target = start_daemon(workdir, state_dir, args.cache, sizes)
-    llm = start_raw(model, sizes)
     results: dict[int, tuple[list[Trial], list[Trial]]] = {n: ([], []) for n in args.streams}
+    llm = None
     try:
+        llm = start_raw(model, sizes)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
             runners = (
@@ -252,7 +261,8 @@ async def main() -> None:
                         result = await trial(runners[side], streams, args.max_tokens, round_)
                         results[streams][side].append(result)
     finally:
-        llm.shutdown()
+        if llm is not None:
+            llm.shutdown()
         daemon.terminate()
         daemon.wait(timeout=60)
     print(

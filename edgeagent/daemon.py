@@ -153,6 +153,7 @@ class Daemon:
             max_num_seqs=model.max_num_seqs,
             max_model_len=fit.max_model_len,
             max_num_batched_tokens=model.max_num_batched_tokens,
+            gpu_memory_utilization=fit.device_fraction if fit.device.kind == "gpu" else None,
             dtype=model.dtype,
             enforce_eager=model.enforce_eager,
         )

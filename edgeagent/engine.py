@@ -26,6 +26,7 @@ class EngineConfig:
     max_num_seqs: int
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
+    gpu_memory_utilization: float | None = None  # vLLM checks it against free memory at start
     dtype: str = "auto"
     enforce_eager: bool = False
 
@@ -119,6 +120,8 @@ class VllmEngine:
             args.max_model_len = config.max_model_len
         if config.max_num_batched_tokens is not None:
             args.max_num_batched_tokens = config.max_num_batched_tokens
+        if config.gpu_memory_utilization is not None:
+            args.gpu_memory_utilization = config.gpu_memory_utilization
         started = time.perf_counter()
         llm = AsyncLLM.from_engine_args(args)
         model_config = llm.model_config

@@ -27,6 +27,7 @@ MiB, GiB = 1 << 20, 1 << 30
 KV_DTYPE_BYTES = 2
 BLOCK_TOKENS = 16  # vLLM's KV block: contexts are whole blocks
 MIN_CONTEXT = 256
+FRACTION_MARGIN = 256 * MiB
 # Calibrated on an H100 80GB with vLLM 0.26 (docs/benchmarks.md): CUDA context, cuBLAS and
 # Marlin workspaces, CUDA graphs for up to max_num_seqs, allocator slack.
 GPU_FIXED_OVERHEAD = 900 * MiB
@@ -77,6 +78,12 @@ class Plan:
     @property
     def predicted_bytes(self) -> int:
         return self.weight_bytes + self.overhead_bytes + self.kv_cache_bytes
+
+    @property
+    def device_fraction(self) -> float:
+        """The share of the device this plan uses, with a margin: vLLM's start-up check wants
+        at least this fraction free (its default, 0.92, fails beside any other GPU user)."""
+        return min(1.0, (self.predicted_bytes + FRACTION_MARGIN) / self.device.total_bytes)
 
 
 def kv_bytes_per_token(arch: Architecture) -> int:

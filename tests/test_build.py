@@ -127,3 +127,15 @@ def _wait_gone(pid: int) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"the AutoRound worker {pid} outlived its parent")
+
+
+def test_builtin_calibration_text_is_the_same_in_every_process() -> None:
+    """A process's imports must not change the text, or the same recipe would build twice."""
+    from edgeagent.artifacts.calibration import load_calibration
+
+    fresh = subprocess.run(
+        [sys.executable, "-I", "-c", "from edgeagent.artifacts.calibration import "
+         "load_calibration as f; print(f(None).sha256)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert fresh.stdout.strip() == load_calibration(None).sha256

@@ -1,22 +1,21 @@
 """Calibration text for AutoRound, which cannot reach its default data set (on the hub) offline.
 
-The built-in set is generated, not shipped: the documentation and then the source code of a
-fixed list of Python standard-library modules (PSF licence), which mixes English prose with
-code. It is the same text for a given Python version; the manifest records its sha256. Users
-point at their own text (`.txt`, or `.jsonl` with a "text" field per line) for a better match
-with their workload.
+The built-in set is generated, not shipped: the source files of a fixed list of Python
+standard-library modules (PSF licence), whose docstrings and comments mix English prose with
+code. Only the files are read, never the live modules, so the text is the same in every process
+for a given Python version (a process's imports can change a module's attributes); the manifest
+records its sha256. Users point at their own text (`.txt`, or `.jsonl` with a "text" field per
+line) for a better match with their workload.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from edgeagent.errors import ConfigError
 
@@ -64,33 +63,12 @@ def load_calibration(path: Path | None) -> Calibration:
 
 
 def builtin_text() -> str:
-    modules = [_import(name) for name in MODULES]
-    docs = [doc for module in modules if module for doc in _docstrings(module)]
-    sources = [_source(module) for module in modules if module]
-    return "\n\n".join(dict.fromkeys(docs)) + "\n\n" + "\n\n".join(s for s in sources if s)
+    sources = (_source(name) for name in MODULES)
+    return "\n\n".join(source for source in sources if source)
 
 
-def _import(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except ImportError:  # e.g. a Python built without sqlite3 or ssl
-        return None
-
-
-def _docstrings(module: ModuleType) -> list[str]:
-    objects: list[object] = [module]
-    for name, value in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(value, "__module__", None) != module.__name__:
-            continue
-        objects.append(value)
-        if inspect.isclass(value):
-            objects += [v for n, v in sorted(vars(value).items()) if not n.startswith("_")]
-    docs = (inspect.getdoc(obj) for obj in objects)
-    return [doc for doc in docs if doc and len(doc) > 200]
-
-
-def _source(module: ModuleType) -> str:
-    try:
-        return inspect.getsource(module)
-    except (OSError, TypeError):
-        return ""
+def _source(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+        return ""  # e.g. a Python built without sqlite3 or ssl
+    return Path(spec.origin).read_text(encoding="utf-8")
