@@ -25,6 +25,9 @@ prepare)
     # B: KV derived by the fit check inside a 16 GiB budget, the model's full 16k context
     python3 bench/gpu_memory.py "$STATE" "$CACHE" EDGEAGENT_MODEL__MAX_NUM_SEQS=32 \
         EDGEAGENT_MEMORY__BUDGET_GIB=16 | tee "$OUT/memory-b.json"
+    # C: A again, with the compile cache warm: a restart
+    python3 bench/gpu_memory.py "$STATE" "$CACHE" "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 \
+        | tee "$OUT/memory-c.json"
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32
