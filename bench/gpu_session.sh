@@ -12,13 +12,13 @@ python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_ou
     proto/edgeagent/v1/generation.proto
 case "$1" in
 prepare)
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/setup.txt"
     python3 -m compileall -q -j 16 /tmp/site > /dev/null || true  # as pip would have
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE" "$CACHE"
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee "$OUT/prepare.txt"
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export EDGEAGENT_STATE_DIR=$STATE EDGEAGENT_CONFIG=/nonexistent
-    for a in --json ""; do env "${SIZES[@]}" python3 -m edgeagent fit $a; done | tee "$OUT/fit.txt"
+    for a in --json ""; do env "${SIZES[@]}" python3 -m edgeagent fit $a; done | tee -a "$OUT/setup.txt"
     # A: the baseline's sizes (KV 1.5 GiB asked for, 4k context, 32 sequences); cold compile cache
     python3 bench/gpu_memory.py "$STATE" "$CACHE" "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 \
         | tee "$OUT/memory-a.json"
