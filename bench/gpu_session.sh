@@ -3,6 +3,7 @@
 # /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT.
 #   bash bench/gpu_session.sh prepare   # stubs, Phi-4-shaped checkpoint, store, memory runs
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
+#   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +29,15 @@ prepare)
     # C: A again, with the compile cache warm: a restart
     python3 bench/gpu_memory.py "$STATE" "$CACHE" "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 \
         | tee "$OUT/memory-c.json"
+    ;;
+ttft)
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE"
+    export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
+    python3 bench/bench_serving.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
+        --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 5 \
+        --streams 1 --max-tokens 8 --prompt-tokens 1024 2>&1 | tee "$OUT/bench-ttft.txt" \
+        | grep -v "^INFO\|^(" || true
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32
