@@ -263,3 +263,24 @@ async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonF
     for pid in daemon.children():
         os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(daemon.wait, 30) == 1
+
+
+def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Path) -> None:
+    """A memory budget below what the fit check predicts: exit 10 before vLLM starts."""
+    store = ModelStore(tmp_path / "state" / "models")
+    store.activate(store.import_directory(tiny_model, ImportSource(origin="tiny")).version)
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
+        "EDGEAGENT_MEMORY__BUDGET_GIB": "0.5",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "edgeagent", "serve"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 10
+    assert "does not fit: the model needs" in result.stderr
+    assert "a budget of 0.50 GiB" in result.stderr
+    assert "Initializing a V1 LLM engine" not in result.stderr
