@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,3 +285,45 @@ def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Pat
     assert "does not fit: the model needs" in result.stderr
     assert "a budget of 0.50 GiB" in result.stderr
     assert "Initializing a V1 LLM engine" not in result.stderr
+
+
+def test_sigterm_while_building_stops_the_build_and_exits_cleanly(tmp_path: Path) -> None:
+    """An empty store, source `embedded`: SIGTERM arrives while AutoRound runs. The daemon
+    stops the quantizer, exits 0, and leaves the store without a version."""
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
+        "EDGEAGENT_MODEL__SOURCE": "embedded",
+    }
+    log = tmp_path / "daemon.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=out, stderr=out
+        )
+    quantizer = _wait_for_grandchild(process.pid)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert not os.path.exists(f"/proc/{quantizer}") or _is_zombie(quantizer)
+    store = ModelStore(tmp_path / "state" / "models")
+    assert store.manifests() == []
+    assert "stopped while preparing the model" in log.read_text()
+
+
+def _wait_for_grandchild(pid: int) -> int:
+    """The build worker: a child of the daemon running edgeagent.artifacts.build_worker."""
+    for _ in range(600):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if b"build_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return int(child)
+        time.sleep(0.1)
+    raise AssertionError("the daemon never started a build worker")
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
