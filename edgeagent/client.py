@@ -14,6 +14,7 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from edgeagent.v1 import admin_pb2, admin_pb2_grpc
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
@@ -64,6 +65,7 @@ class Client:
         self._channel = grpc.insecure_channel(self.target)
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> Client:
         return self
@@ -101,6 +103,25 @@ class Client:
     def model_info(self) -> pb.ModelInfo:
         info: pb.ModelInfo = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
         return info
+
+    def status(self) -> admin_pb2.Status:
+        status: admin_pb2.Status = self._admin.GetStatus(
+            admin_pb2.GetStatusRequest(), timeout=self.timeout
+        )
+        return status
+
+    def update(self, version: str) -> admin_pb2.UpdateOutcome:
+        """Ask the daemon to serve `version` from its store; waits for the outcome."""
+        outcome: admin_pb2.UpdateOutcome = self._admin.Update(
+            admin_pb2.UpdateRequest(version=version), timeout=self.timeout
+        )
+        return outcome
+
+    def rollback(self) -> admin_pb2.UpdateOutcome:
+        outcome: admin_pb2.UpdateOutcome = self._admin.Rollback(
+            admin_pb2.RollbackRequest(), timeout=self.timeout
+        )
+        return outcome
 
     def is_serving(self) -> bool:
         try:

@@ -26,10 +26,12 @@ from edgeagent.engine import Engine, EngineConfig, VllmEngine
 from edgeagent.errors import CancelledError, EngineDeadError
 from edgeagent.fit import FitRequest, Plan, plan
 from edgeagent.gpu import MemoryProbe, default_probe
+from edgeagent.server.admin import AdminService
 from edgeagent.server.app import ApiServer
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
 from edgeagent.settings import GiB, Settings
+from edgeagent.updates.pipeline import Updater
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +78,20 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
-        served, model_path, fit = await self._prepare_model()
+        manifest, model_path, fit = await self._prepare_model()
+        served = ServedModel(manifest.model_id, manifest.version)
         started = time.perf_counter()
         self._engine = self._engine_factory(self._engine_config(model_path, fit))
         service = GenerationService(self._engine, served, settings.limits, self._inflight)
-        self._api = ApiServer(service, settings.server, settings.socket_path)
+
+        def promoted(version: Manifest) -> None:
+            service.served = ServedModel(version.model_id, version.version)
+
+        updater = Updater(
+            open_store(settings), self._engine, self._inflight, manifest, on_promoted=promoted
+        )
+        admin = AdminService(updater)
+        self._api = ApiServer(service, settings.server, settings.socket_path, admin=admin)
         await self._api.start()
         await self._api.set_serving(True)
         logger.info(
@@ -90,7 +101,7 @@ class Daemon:
             time.perf_counter() - started,
         )
 
-    async def _prepare_model(self) -> tuple[ServedModel, Path, Plan]:
+    async def _prepare_model(self) -> tuple[Manifest, Path, Plan]:
         """The verified version that fits; fetched or built first when the store is empty."""
         store = open_store(self.settings)
         plans: dict[str, Plan] = {}
@@ -115,8 +126,7 @@ class Daemon:
             fit.overhead_bytes / GiB, fit.kv_cache_bytes / GiB, fit.predicted_bytes / GiB,
             fit.max_model_len, fit.max_concurrency, "".join(f"; {n}" for n in fit.notes),
         )  # fmt: skip
-        served = ServedModel(manifest.model_id, manifest.version)
-        return served, store.model_dir(manifest.version), fit
+        return manifest, store.model_dir(manifest.version), fit
 
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """Run blocking work (a fetch, a build) on a thread while signals are still noticed.

@@ -39,6 +39,12 @@ class NoServableVersionError(EdgeAgentError):
     exit_code = 10
 
 
+class UpdateRefusedError(EdgeAgentError):
+    """An update was not applied (corrupt, another layout, marked bad); the old version serves."""
+
+    exit_code = 11
+
+
 class InsufficientDiskError(EdgeAgentError, OSError):
     """Not enough free disk for a fetch or build; nothing was changed."""
 

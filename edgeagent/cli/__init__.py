@@ -3,7 +3,7 @@
 Exit codes: 0 success; 1 failure; 2 bad usage or configuration; 3 an RPC failed; 4 not found;
 5 failed verification; 6 not enough disk; 7 access denied by the hub; 8 hub unreachable (or
 offline with nothing stored); 9 the quantizer failed; 10 nothing servable (corrupt, or does not
-fit the device); 130 interrupted.
+fit the device); 11 an update was not applied; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edgeagent.cli import fit, models, serving
+from edgeagent.cli import admin, fit, models, serving
 from edgeagent.errors import EdgeAgentError
 
 EXIT_INTERRUPTED = 130
@@ -42,4 +42,5 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_commands(commands)
     models.add_commands(commands)
     fit.add_commands(commands)
+    admin.add_commands(commands)
     return parser

@@ -12,6 +12,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgeagent.errors import ConfigError
+from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
+from edgeagent.server.admin import AdminService
+from edgeagent.server.admin import add_to_server as add_admin_to_server
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import ServerSettings
 from edgeagent.v1 import generation_pb2 as pb
@@ -27,7 +30,11 @@ class ApiServer:
     """The listening gRPC server and its health status."""
 
     def __init__(
-        self, service: GenerationService, settings: ServerSettings, socket_path: Path
+        self,
+        service: GenerationService,
+        settings: ServerSettings,
+        socket_path: Path,
+        admin: AdminService | None = None,
     ) -> None:
         self._settings = settings
         self.socket_path = socket_path
@@ -43,9 +50,11 @@ class ApiServer:
             service, self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if admin is not None:
+            add_admin_to_server(admin, self._server)
+            names.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(names, self._server)
         self.tcp_port: int | None = None
 
     async def start(self) -> None:

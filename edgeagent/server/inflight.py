@@ -1,11 +1,12 @@
-"""Requests under way, so a shutdown can refuse new ones, wait for these, then cancel the rest."""
+"""Requests under way: a shutdown refuses new ones, waits for these, then cancels the rest; an
+update holds new ones back while those under way finish."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 from edgeagent.errors import UnavailableError
 
@@ -16,6 +17,8 @@ class InflightRequests:
         self._idle = asyncio.Event()
         self._idle.set()
         self._draining_reason: str | None = None
+        self._admitting = asyncio.Event()
+        self._admitting.set()
 
     def __len__(self) -> int:
         return len(self._cancel_reasons)
@@ -34,6 +37,24 @@ class InflightRequests:
             del self._cancel_reasons[request_id]
             if not self._cancel_reasons:
                 self._idle.set()
+
+    async def admitted(self) -> None:
+        """Return once new requests are let in (at once, unless an update holds them)."""
+        while not self._admitting.is_set():  # re-checked: another hold may start meanwhile
+            await self._admitting.wait()
+
+    @contextlib.asynccontextmanager
+    async def held(self, within_s: float) -> AsyncIterator[None]:
+        """New requests wait at `admitted`; those under way get `within_s` seconds to finish."""
+        self._admitting.clear()
+        try:
+            if not await self.wait_idle(within_s):
+                raise UnavailableError(
+                    f"{len(self)} request(s) still running after {within_s:g} s; try again"
+                )
+            yield
+        finally:
+            self._admitting.set()
 
     def cancel_reason(self, request_id: str) -> str | None:
         """Why the server cancelled `request_id`, or None if it did not."""

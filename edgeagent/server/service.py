@@ -83,6 +83,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     message = pb.GenerateStreamResponse(text=delta.text)
                     yield self._fill(message, request, prepared, delta)
 
+    @property
+    def served(self) -> ServedModel:
+        return self._served
+
+    @served.setter
+    def served(self, served: ServedModel) -> None:
+        """Replies name the new version from the next message on (set by an update)."""
+        self._served = served
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         facts = self._engine.facts
         return pb.ModelInfo(
@@ -96,6 +105,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _deltas(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
         """The engine's deltas; a request the server cancelled ends with the server's reason."""
+        await self._inflight.admitted()
         with self._inflight.track() as request_id:
             stream = self._engine.stream(prepared.prompt_token_ids, prepared.options, request_id)
             async with contextlib.aclosing(stream):

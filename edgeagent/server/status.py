@@ -11,8 +11,10 @@ from edgeagent.errors import (
     EdgeAgentError,
     EngineDeadError,
     InvalidRequestError,
+    NotFoundError,
     RequestCancelledError,
     UnavailableError,
+    UpdateRefusedError,
 )
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,8 @@ _CODES: tuple[tuple[type[EdgeAgentError], grpc.StatusCode], ...] = (
     (RequestCancelledError, grpc.StatusCode.UNAVAILABLE),
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (UpdateRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
 )
 
 

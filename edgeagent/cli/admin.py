@@ -1,0 +1,78 @@
+"""Commands that manage the running daemon's model: status, update, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import grpc
+
+from edgeagent.client import Client
+from edgeagent.v1 import admin_pb2 as pb
+
+EXIT_RPC_FAILED, EXIT_NOT_PROMOTED = 3, 11
+
+
+def add_commands(commands: Any) -> None:
+    status = commands.add_parser("status", help="the serving version and the update history")
+    status.add_argument("--target")
+    status.set_defaults(handler=_status)
+
+    update = commands.add_parser("update", help="hot-swap the daemon to a stored version")
+    update.add_argument("version", help="a version id or prefix (`edgeagent models list`)")
+    update.add_argument("--target")
+    update.set_defaults(handler=_update)
+
+    rollback = commands.add_parser("rollback", help="hot-swap the daemon back to previous")
+    rollback.add_argument("--target")
+    rollback.set_defaults(handler=_rollback)
+
+
+def _status(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        status = _call(client.status)
+    if status is None:
+        return EXIT_RPC_FAILED
+    print(f"serving   {status.model_id} {status.version}")
+    print(f"previous  {status.previous_version or '-'}")
+    for outcome in status.history:
+        _print_outcome(outcome)
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        return _report(_call(lambda: client.update(args.version)))
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        return _report(_call(client.rollback))
+
+
+def _call(rpc: Any) -> Any:
+    try:
+        return rpc()
+    except grpc.RpcError as error:
+        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+        return None
+
+
+def _report(outcome: pb.UpdateOutcome | None) -> int:
+    if outcome is None:
+        return EXIT_RPC_FAILED
+    _print_outcome(outcome)
+    return 0 if outcome.result == pb.UPDATE_RESULT_PROMOTED else EXIT_NOT_PROMOTED
+
+
+def _print_outcome(outcome: pb.UpdateOutcome) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(outcome.finished_unix_ms / 1000))
+    result = pb.UpdateResult.Name(outcome.result).removeprefix("UPDATE_RESULT_").lower()
+    print(
+        f"{when}  {outcome.kind} {outcome.from_version} -> {outcome.version}: {result}"
+        f"{' (' + outcome.reason + ')' if outcome.reason else ''}; verify {outcome.verify_s:.2f} s,"
+        f" pause {outcome.pause_s:.2f} s (reload {outcome.reload_s:.2f} s, smoke test "
+        f"{outcome.smoke_s:.2f} s)"
+    )

@@ -1,0 +1,1 @@
+"""Model updates: taking a stored version into the running engine, and back."""
