@@ -27,7 +27,9 @@ from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.daemon
 StreamCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateStreamResponse]
-LONG_STREAM = Parameters(max_tokens=3000, temperature=0)
+# Long enough to outlive a 1 s grace, short enough to finish well inside a 60 s one (the 4-bit
+# tiny model decodes at ~65 tok/s on an AVX2 CPU).
+LONG_STREAM = Parameters(max_tokens=1000, temperature=0)
 
 
 @dataclass
@@ -155,6 +157,13 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory: DaemonFacto
     )
     assert cli.returncode == 0, cli.stderr
     assert "8 generated" in cli.stderr or "FINISH_REASON_EOS_TOKEN" in cli.stderr, cli.stderr
+    status = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "edgeagent", "status", "--target", daemon.target],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.startswith("serving   ")
 
     async with grpc.aio.insecure_channel(daemon.target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
