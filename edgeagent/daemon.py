@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.prepare import model_to_serve, open_store
+from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import Engine, EngineConfig, VllmEngine
 from edgeagent.errors import CancelledError, EngineDeadError
 from edgeagent.fit import FitRequest, Plan, plan
@@ -32,6 +33,7 @@ from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
 from edgeagent.settings import GiB, Settings
 from edgeagent.updates.pipeline import Updater
+from edgeagent.updates.sources import DropDirectory, take_drop
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Daemon:
         self._engine: Engine | None = None
         self._api: ApiServer | None = None
         self._cancel = threading.Event()
+        self._drops: DropDirectory | None = None
         self.should_exit = False
 
     async def serve(self) -> int:
@@ -87,9 +90,10 @@ class Daemon:
         def promoted(version: Manifest) -> None:
             service.served = ServedModel(version.model_id, version.version)
 
-        updater = Updater(
-            open_store(settings), self._engine, self._inflight, manifest, on_promoted=promoted
-        )
+        store = open_store(settings)
+        updater = Updater(store, self._engine, self._inflight, manifest, on_promoted=promoted)
+        if settings.updates.watch_drop_dir:
+            self._watch_drops(store, updater)
         admin = AdminService(updater)
         self._api = ApiServer(service, settings.server, settings.socket_path, admin=admin)
         await self._api.start()
@@ -155,6 +159,16 @@ class Daemon:
             await asyncio.wait({done}, timeout=TICK_S)
         return done.result()
 
+    def _watch_drops(self, store: ModelStore, updater: Updater) -> None:
+        drop = self.settings.drop_dir
+
+        async def ready(candidate: Path) -> None:
+            await take_drop(candidate, drop, store, updater)
+
+        self._drops = DropDirectory(drop, ready, asyncio.get_running_loop())
+        self._drops.start()
+        logger.info("watching %s for model updates (a directory with a READY file)", drop)
+
     def _engine_config(self, model_path: Path, fit: Plan) -> EngineConfig:
         model = self.settings.model
         return EngineConfig(
@@ -199,6 +213,8 @@ class Daemon:
                 f"the server shut down; the request was still running "
                 f"after the {grace:g} s drain grace period"
             )
+        if self._drops is not None:
+            self._drops.stop()
         if self._api is not None:
             await self._api.stop(grace=1.0)
         if self._engine is not None:

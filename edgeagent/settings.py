@@ -134,6 +134,15 @@ class BuildSettings(BaseModel):
     )
 
 
+class UpdateSettings(BaseModel):
+    """Where updates come from besides `edgeagent update`."""
+
+    drop_dir: Path | None = Field(
+        default=None, description="watched for model dirs with a READY file; default STATE_DIR/drop"
+    )
+    watch_drop_dir: bool = True
+
+
 class LimitSettings(BaseModel):
     """Per-request limits, checked before a request reaches the engine."""
 
@@ -160,6 +169,7 @@ class Settings(BaseSettings):
     memory: MemorySettings = MemorySettings()
     store: StoreSettings = StoreSettings()
     build: BuildSettings = BuildSettings()
+    updates: UpdateSettings = UpdateSettings()
     limits: LimitSettings = LimitSettings()
 
     @property
@@ -169,6 +179,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
+
+    @property
+    def drop_dir(self) -> Path:
+        return self.updates.drop_dir or self.state_dir / "drop"
 
     @classmethod
     def settings_customise_sources(

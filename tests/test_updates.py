@@ -27,6 +27,7 @@ from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
 from edgeagent.settings import ServerSettings
 from edgeagent.updates.pipeline import Updater
+from edgeagent.updates.sources import DropDirectory, take_drop
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -183,3 +184,41 @@ async def _greedy_all(engine: VllmEngine) -> list[str]:
             pieces.append(delta.text)
         outputs.append("".join(pieces))
     return outputs
+
+
+async def test_a_drop_is_taken_only_once_it_is_ready(
+    admin_target: tuple[str, Updater], model_store: ModelStore, tiny_model_b: Path,
+    tiny_4bit: Manifest, tiny_4bit_b: Manifest, tmp_path: Path,
+) -> None:  # fmt: skip
+    """1. Files of version B are copied into the drop directory: nothing happens.
+    2. READY appears: B is imported, updated to, and the drop filed under done/."""
+    _, updater = admin_target
+    drop = tmp_path / "drop"
+    await asyncio.to_thread(drop.mkdir)
+
+    async def ready(candidate: Path) -> None:
+        await take_drop(candidate, drop, model_store, updater)
+
+    watcher = DropDirectory(drop, ready, asyncio.get_running_loop())
+    watcher.start()
+    try:
+        incoming = drop / "release-b"
+        await asyncio.to_thread(incoming.mkdir)
+        for path in await asyncio.to_thread(lambda: sorted(tiny_model_b.iterdir())):
+            await asyncio.to_thread(shutil.copyfile, path, incoming / path.name)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
+        assert updater.serving.version == tiny_4bit.version
+        assert list(updater.history) == []
+
+        await asyncio.to_thread((incoming / "READY").touch)
+        for _ in range(300):
+            if await asyncio.to_thread((drop / "done" / "release-b").is_dir):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        watcher.stop()
+    assert updater.serving.version == tiny_4bit_b.version
+    assert updater.history[0].result == "promoted"
+    assert not (drop / "done" / "release-b" / "READY").exists()
+    assert list((drop / "failed").iterdir()) == []
