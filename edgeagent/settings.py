@@ -181,6 +181,11 @@ class Settings(BaseSettings):
         return self.state_dir / "models"
 
     @property
+    def hub_token_value(self) -> str | None:
+        """The hub token in clear, for huggingface_hub calls only (never log it)."""
+        return self.hub_token.get_secret_value() if self.hub_token else None
+
+    @property
     def drop_dir(self) -> Path:
         return self.updates.drop_dir or self.state_dir / "drop"
 

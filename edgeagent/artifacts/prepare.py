@@ -26,9 +26,11 @@ def open_store(settings: Settings) -> ModelStore:
 
 
 def hub_fetcher(settings: Settings, store: ModelStore) -> HubFetcher:
-    token = settings.hub_token.get_secret_value() if settings.hub_token else None
     return HubFetcher(
-        store, endpoint=settings.hub.endpoint, token=token, offline=settings.hub.offline
+        store,
+        endpoint=settings.hub.endpoint,
+        token=settings.hub_token_value,
+        offline=settings.hub.offline,
     )
 
 

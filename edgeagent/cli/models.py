@@ -122,13 +122,12 @@ def _base_model(settings: Settings, base: str) -> tuple[Path, str]:
     from edgeagent.artifacts.fetch import MODEL_FILE_PATTERNS, HubTarget
 
     target = HubTarget.parse(base)
-    token = settings.hub_token.get_secret_value() if settings.hub_token else None
     path = snapshot_download(
         target.repo,
         revision=target.revision,
         allow_patterns=list(MODEL_FILE_PATTERNS),
         cache_dir=settings.cache_dir / "hub",
-        token=token,
+        token=settings.hub_token_value,
         endpoint=settings.hub.endpoint,
     )
     return Path(path), str(target)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from edgeagent.server.service import Context, _errors_as_status
+from edgeagent.server.status import Context, errors_as_status
 from edgeagent.updates.pipeline import UpdateOutcome, Updater
 from edgeagent.v1 import admin_pb2 as pb
 from edgeagent.v1 import admin_pb2_grpc as pb_grpc
@@ -31,12 +31,12 @@ class AdminService(pb_grpc.AdminServiceServicer):
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Context) -> pb.UpdateOutcome:
-        async with _errors_as_status(context):
+        async with errors_as_status(context):
             return _outcome(await self._updater.update(request.version))
         raise AssertionError("unreachable: errors end the RPC")
 
     async def Rollback(self, request: pb.RollbackRequest, context: Context) -> pb.UpdateOutcome:
-        async with _errors_as_status(context):
+        async with errors_as_status(context):
             return _outcome(await self._updater.rollback())
         raise AssertionError("unreachable: errors end the RPC")
 

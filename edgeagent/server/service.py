@@ -7,18 +7,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-import grpc
-
 from edgeagent.engine import Delta, Engine, FinishReason
 from edgeagent.errors import RequestCancelledError
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.requests import PreparedRequest, prepare_request
-from edgeagent.server.status import abort_with
+from edgeagent.server.status import Context, errors_as_status
 from edgeagent.settings import LimitSettings
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
-Context = grpc.aio.ServicerContext[object, object]
 _Reply = TypeVar("_Reply", pb.GenerateResponse, pb.GenerateStreamResponse)
 
 _FINISH_REASONS = {
@@ -39,16 +36,6 @@ class ServedModel:
     version: str
 
 
-@contextlib.asynccontextmanager
-async def _errors_as_status(context: Context) -> AsyncIterator[None]:
-    try:
-        yield
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:
-        await abort_with(context, exc)
-
-
 class GenerationService(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
@@ -63,7 +50,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self._inflight = inflight
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        async with _errors_as_status(context):
+        async with errors_as_status(context):
             prepared = prepare_request(request, self._engine, self._limits)
             texts: list[str] = []
             last = Delta("", 0)
@@ -76,7 +63,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with _errors_as_status(context):
+        async with errors_as_status(context):
             prepared = prepare_request(request, self._engine, self._limits)
             async for delta in self._deltas(prepared):
                 if delta.text or delta.finish_reason is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -39,6 +41,20 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INTERNAL, str(exc)
     logger.error("unexpected error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error; see the server log"
+
+
+Context = grpc.aio.ServicerContext[object, object]
+
+
+@contextlib.asynccontextmanager
+async def errors_as_status(context: Context) -> AsyncIterator[None]:
+    """End the RPC with the status for any error raised inside (aborts pass through)."""
+    try:
+        yield
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:
+        await abort_with(context, exc)
 
 
 async def abort_with(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> None:

@@ -91,8 +91,9 @@ class Updater:
         try:
             started = time.perf_counter()
             candidate = await asyncio.to_thread(self._store.verify, version)
-            outcome = replace(outcome, version=candidate.version)
-            outcome = replace(outcome, verify_s=time.perf_counter() - started)
+            outcome = replace(
+                outcome, version=candidate.version, verify_s=time.perf_counter() - started
+            )
             self._check_candidate(candidate, current)
             outcome = await self._swap(candidate, outcome)
         except (UpdateRefusedError, CorruptArtifactError) as error:
