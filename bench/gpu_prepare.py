@@ -5,7 +5,9 @@ This adds edgeagent's small BPE tokenizer, padded with dummy tokens to the model
 (so every id the model emits decodes), with Phi-4's special tokens and chat template, then
 imports the directory into the store under STATE_DIR and makes it current.
 
-    python bench/gpu_prepare.py CHECKPOINT_DIR STATE_DIR
+    python bench/gpu_prepare.py CHECKPOINT_DIR STATE_DIR [--keep-current]
+
+With --keep-current the version is stored but not made current (an update's candidate).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import write_tokenizer
 
 
-def main(checkpoint: Path, state_dir: Path) -> None:
+def main(checkpoint: Path, state_dir: Path, activate: bool) -> None:
     vocab = int(json.loads((checkpoint / "config.json").read_text())["vocab_size"])
     write_tokenizer(checkpoint, vocab, special_fillers=False)
     store = ModelStore(state_dir / "models")
     started = time.perf_counter()
     manifest = store.import_directory(checkpoint, ImportSource(origin=str(checkpoint)))
-    store.activate(manifest.version)
+    if activate:
+        store.activate(manifest.version)
     print(
         f"imported {manifest.version}: {manifest.total_bytes / (1 << 30):.2f} GiB, "
         f"{manifest.quantization_label}, weights {manifest.architecture.weight_bytes} bytes, "
@@ -35,4 +38,4 @@ def main(checkpoint: Path, state_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), activate="--keep-current" not in sys.argv[3:])

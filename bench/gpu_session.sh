@@ -4,13 +4,14 @@
 #   bash bench/gpu_session.sh prepare   # stubs, Phi-4-shaped checkpoint, store, memory runs
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
+#   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STATE=/tmp/ea-state CACHE=/tmp/ea-cache
 SIZES=(EDGEAGENT_MODEL__MAX_NUM_SEQS=32 EDGEAGENT_MODEL__MAX_MODEL_LEN=4096)
 python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
-    proto/edgeagent/v1/generation.proto
+    proto/edgeagent/v1/generation.proto proto/edgeagent/v1/admin.proto
 case "$1" in
 prepare)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/setup.txt"
@@ -38,6 +39,16 @@ ttft)
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 5 \
         --streams 1 --max-tokens 8 --prompt-tokens 1024 2>&1 | tee "$OUT/bench-ttft.txt" \
         | grep -v "^INFO\|^(" || true
+    ;;
+update)
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d /tmp/phi4b ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4b 1
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    B=$(python3 bench/gpu_prepare.py /tmp/phi4b "$STATE" --keep-current | tee -a "$OUT/setup.txt" \
+        | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
+    python3 bench/bench_update.py "$STATE" "$CACHE" "$B" "${SIZES[@]}" \
+        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 --updates 4 --every-s 8 \
+        2>&1 | tee "$OUT/bench-update.txt" | grep -v "^INFO\|^(" || true
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32

@@ -18,6 +18,8 @@ from edgeagent.errors import EngineDeadError, EngineError
 
 logger = logging.getLogger(__name__)
 
+WORKER_EXTENSION = "edgeagent.engine_worker.WorkerExtension"
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -39,6 +41,7 @@ class SamplingOptions:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: bool = False  # the sampled tokens' log-probabilities in each delta
 
 
 class FinishReason(enum.Enum):
@@ -57,6 +60,7 @@ class Delta:
     completion_tokens: int
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
+    logprobs: tuple[float, ...] = ()  # of this delta's tokens, when asked for
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class VllmEngine:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             disable_log_stats=True,
+            worker_extension_cls=WORKER_EXTENSION,
         )
         if config.max_model_len is not None:
             args.max_model_len = config.max_model_len
@@ -161,6 +166,7 @@ class VllmEngine:
             top_k=options.top_k,
             seed=options.seed,
             stop=list(options.stop) or None,
+            logprobs=0 if options.logprobs else None,  # 0: only the sampled token's
             output_kind=RequestOutputKind.DELTA,
         )
         completion_tokens = 0
@@ -174,7 +180,8 @@ class VllmEngine:
                     total = len(prompt_token_ids) + completion_tokens
                     finish = self._finish_reason(completion, total)
                 stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
-                yield Delta(completion.text, completion_tokens, finish, stop)
+                logprobs = _sampled_logprobs(completion) if options.logprobs else ()
+                yield Delta(completion.text, completion_tokens, finish, stop, logprobs)
         except VllmEngineDeadError as exc:
             raise EngineDeadError(f"the engine died: {exc}") from exc
 
@@ -203,11 +210,36 @@ class VllmEngine:
         return count
 
     async def reload_weights(self, weights_path: Path) -> None:
-        """Swap in the weights at `weights_path` (same architecture and layout) in place."""
+        """Swap in the weights at `weights_path` (same architecture and layout) in place.
+
+        Call with no request running. Nothing computed by the old weights survives: the prefix
+        cache is dropped and the KV cache zeroed; the allocator's cache of the old weights goes
+        back to the device.
+        """
         started = time.perf_counter()
         await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
-        elapsed = time.perf_counter() - started
-        logger.info("weights reloaded from %s in %.2f s", weights_path, elapsed)
+        loaded = time.perf_counter()
+        if not await self._llm.reset_prefix_cache():
+            raise EngineError("could not drop the prefix cache: requests are still running")
+        await self._llm.collective_rpc("clear_kv_cache")
+        cleared = time.perf_counter()
+        reserved = await self._llm.collective_rpc("release_cached_memory")
+        released = time.perf_counter()
+        logger.info(
+            "weights reloaded from %s in %.2f s (load %.2f s, caches cleared %.3f s, allocator "
+            "released %.3f s); %.2f GiB reserved by the allocator",
+            weights_path, released - started, loaded - started, cleared - loaded,
+            released - cleared, sum(reserved) / (1 << 30),
+        )  # fmt: skip
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _sampled_logprobs(completion: Any) -> tuple[float, ...]:
+    """The log-probability vLLM gave each sampled token of this delta."""
+    entries = completion.logprobs or []
+    return tuple(
+        float(entry[token].logprob)
+        for token, entry in zip(completion.token_ids, entries, strict=False)
+    )

@@ -115,6 +115,13 @@ class HubFetcher:
                 )  # fmt: skip
                 return self.store.commit(staged, source, _expected(files))
 
+    def resolve(self, target: HubTarget) -> str:
+        """The commit `target.revision` names on the hub now (one small API call)."""
+        if self.offline:
+            raise HubUnreachableError(f"offline mode: cannot ask the hub about {target}")
+        with _hub_errors(target):
+            return self._resolve(target)
+
     def _from_store(self, target: HubTarget) -> Manifest:
         manifest = self.store.find_hub_version(target.repo, target.revision)
         if manifest is None:

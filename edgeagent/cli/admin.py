@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from edgeagent.client import Client
+from edgeagent.client import Client, default_admin_target
 from edgeagent.v1 import admin_pb2 as pb
 
 EXIT_RPC_FAILED, EXIT_NOT_PROMOTED = 3, 11
@@ -31,24 +31,30 @@ def add_commands(commands: Any) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with Client(args.target or default_admin_target()) as client:
         status = _call(client.status)
     if status is None:
         return EXIT_RPC_FAILED
     print(f"serving   {status.model_id} {status.version}")
     print(f"previous  {status.previous_version or '-'}")
+    if status.candidate_version:
+        print(f"updating  to {status.candidate_version}")
+    if status.probation_left_s > 0:
+        print(f"probation {status.probation_left_s:.0f} s left (engine death rolls back)")
+    for version, reason in sorted(status.bad_versions.items()):
+        print(f"bad       {version}: {reason}")
     for outcome in status.history:
         _print_outcome(outcome)
     return 0
 
 
 def _update(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with Client(args.target or default_admin_target()) as client:
         return _report(_call(lambda: client.update(args.version)))
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    with Client(args.target) as client:
+    with Client(args.target or default_admin_target()) as client:
         return _report(_call(client.rollback))
 
 
@@ -73,6 +79,6 @@ def _print_outcome(outcome: pb.UpdateOutcome) -> None:
     print(
         f"{when}  {outcome.kind} {outcome.from_version} -> {outcome.version}: {result}"
         f"{' (' + outcome.reason + ')' if outcome.reason else ''}; verify {outcome.verify_s:.2f} s,"
-        f" pause {outcome.pause_s:.2f} s (reload {outcome.reload_s:.2f} s, smoke test "
-        f"{outcome.smoke_s:.2f} s)"
+        f" pause {outcome.pause_s:.2f} s ({outcome.method or 'load'} {outcome.reload_s:.2f} s,"
+        f" smoke test {outcome.smoke_s:.2f} s)"
     )

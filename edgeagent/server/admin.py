@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 
 from edgeagent.server.status import Context, errors_as_status
-from edgeagent.updates.pipeline import UpdateOutcome, Updater
+from edgeagent.updates.journal import UpdateOutcome
+from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as pb
 from edgeagent.v1 import admin_pb2_grpc as pb_grpc
 
@@ -22,12 +25,17 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self._updater = updater
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.Status:
-        serving = self._updater.serving
+        updater = self._updater
+        probation = updater.probation
+        left_s = max(0.0, probation.until - time.monotonic()) if probation else 0.0
         return pb.Status(
-            model_id=serving.model_id,
-            version=serving.version,
-            previous_version=self._updater.previous_version or "",
-            history=[_outcome(o) for o in self._updater.history],
+            model_id=updater.serving.model_id,
+            version=updater.serving.version,
+            previous_version=updater.previous_version or "",
+            history=[_outcome(o) for o in updater.journal.history],
+            candidate_version=updater.candidate or "",
+            probation_left_s=left_s,
+            bad_versions=updater.journal.bad,
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Context) -> pb.UpdateOutcome:
@@ -44,6 +52,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
 def _outcome(outcome: UpdateOutcome) -> pb.UpdateOutcome:
     return pb.UpdateOutcome(
         kind=outcome.kind,
+        method=outcome.method,
         version=outcome.version,
         from_version=outcome.from_version,
         result=_RESULTS[outcome.result],

@@ -51,7 +51,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         async with errors_as_status(context):
-            prepared = prepare_request(request, self._engine, self._limits)
+            prepared = await self._admit(request)
             texts: list[str] = []
             last = Delta("", 0)
             async for last in self._deltas(prepared):
@@ -64,7 +64,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         async with errors_as_status(context):
-            prepared = prepare_request(request, self._engine, self._limits)
+            prepared = await self._admit(request)
             async for delta in self._deltas(prepared):
                 if delta.text or delta.finish_reason is not None:
                     message = pb.GenerateStreamResponse(text=delta.text)
@@ -74,10 +74,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def served(self) -> ServedModel:
         return self._served
 
-    @served.setter
-    def served(self, served: ServedModel) -> None:
-        """Replies name the new version from the next message on (set by an update)."""
-        self._served = served
+    def use(self, engine: Engine, served: ServedModel) -> None:
+        """Serve from `engine` as `served` from the next request or message on (an update)."""
+        self._engine, self._served = engine, served
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         facts = self._engine.facts
@@ -90,10 +89,15 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             quantization=facts.quantization,
         )
 
+    async def _admit(self, request: pb.GenerateRequest) -> PreparedRequest:
+        """Wait while an update holds new requests, then check and tokenize for the engine
+        that will run it (an update may have brought another engine)."""
+        await self._inflight.admitted()
+        return prepare_request(request, self._engine, self._limits)
+
     async def _deltas(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
         """The engine's deltas; a request the server cancelled ends with the server's reason."""
-        await self._inflight.admitted()
-        with self._inflight.track() as request_id:
+        with self._inflight.track() as request_id:  # nothing awaited since `_admit`: no hold began
             stream = self._engine.stream(prepared.prompt_token_ids, prepared.options, request_id)
             async with contextlib.aclosing(stream):
                 async for delta in stream:

@@ -1,0 +1,184 @@
+"""Hot swaps under load, against a real daemon: the pause clients see, failed requests, memory.
+
+Starts `edgeagent serve` on STATE_DIR's current version (A), streams from N clients over gRPC
+the whole time, and updates through the admin API A → B → A → ... (`--updates` swaps, one every
+`--every-s` seconds). For each swap it prints the daemon's outcome (pause, reload, smoke test),
+the longest gap in token delivery any client saw around it, and the device's used memory (NVML on
+a GPU) before and after, with the allocator's cache released. Not a test: numbers only.
+
+    python bench/bench_update.py STATE_DIR CACHE_DIR VERSION_B [--streams 8] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from edgeagent.client import Client, Parameters, build_request
+from edgeagent.v1 import admin_pb2 as admin_pb
+from edgeagent.v1 import admin_pb2_grpc as admin_grpc
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+GiB = 1 << 30
+
+
+@dataclass
+class Load:
+    arrivals: dict[int, list[float]] = field(default_factory=dict)  # per client, in order
+    completed: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def device_used_bytes() -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA GPU: the CPU build
+        return None
+    try:
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    finally:
+        pynvml.nvmlShutdown()
+
+
+async def stream_until(target: str, stop: asyncio.Event, load: Load, client: int, tokens: int):
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        while not stop.is_set():
+            request = build_request(
+                f"Client {client} asks about bridges",
+                params=Parameters(max_tokens=tokens, temperature=0.8, seed=client),
+            )
+            arrivals = load.arrivals.setdefault(client, [])
+            try:
+                async for _ in stub.GenerateStream(request):
+                    arrivals.append(time.perf_counter())
+                load.completed += 1
+            except grpc.aio.AioRpcError as error:
+                load.failures.append(f"{error.code().name}: {error.details()}")
+
+
+def longest_gap(arrivals: dict[int, list[float]], start: float, end: float) -> float:
+    """The longest wait between one client's consecutive messages (across its requests) that
+    ends within [start, end]."""
+    return max(
+        (b - a for times in arrivals.values() for a, b in itertools.pairwise(times)
+         if start <= b <= end),
+        default=0.0,
+    )  # fmt: skip
+
+
+def steady_gap(arrivals: dict[int, list[float]], windows: list[tuple[float, float]]) -> float:
+    """The longest gap ending outside every swap window: what clients see without updates."""
+    return max(
+        (b - a for times in arrivals.values() for a, b in itertools.pairwise(times)
+         if not any(start <= b <= end for start, end in windows)),
+        default=0.0,
+    )  # fmt: skip
+
+
+async def run(
+    args: argparse.Namespace, target: str, admin_target: str, version_a: str
+) -> dict[str, object]:
+    load, stop = Load(), asyncio.Event()
+    clients = [
+        asyncio.create_task(stream_until(target, stop, load, i, args.max_tokens))
+        for i in range(args.streams)
+    ]
+    swaps, swaps_at = [], []
+    async with grpc.aio.insecure_channel(admin_target) as channel:
+        admin = admin_grpc.AdminServiceStub(channel)
+        await asyncio.sleep(args.every_s)
+        for i in range(args.updates):
+            version = args.version_b if i % 2 == 0 else version_a
+            before = device_used_bytes()
+            asked = time.perf_counter()
+            outcome = await admin.Update(admin_pb.UpdateRequest(version=version))
+            answered = time.perf_counter()
+            swaps_at.append((asked - 1, answered + 1))
+            await asyncio.sleep(args.every_s)
+            swaps.append({
+                "to": version[:12],
+                "result": admin_pb.UpdateResult.Name(outcome.result),
+                "reason": outcome.reason,
+                "pause_s": round(outcome.pause_s, 3),
+                "reload_s": round(outcome.reload_s, 3),
+                "smoke_s": round(outcome.smoke_s, 3),
+                "update_rpc_s": round(answered - asked, 3),
+                "longest_gap_s": round(longest_gap(load.arrivals, asked - 1, answered + 1), 3),
+                "used_gib_before": None if before is None else round(before / GiB, 3),
+                "used_gib_after": None if (a := device_used_bytes()) is None else round(a / GiB, 3),
+            })  # fmt: skip
+            print(json.dumps(swaps[-1]), flush=True)
+    stop.set()
+    await asyncio.gather(*clients)
+    return {
+        "streams": args.streams,
+        "completed": load.completed,
+        "failed": len(load.failures),
+        "failures": load.failures[:5],
+        "messages": sum(len(times) for times in load.arrivals.values()),
+        "longest_gap_outside_swaps_s": round(steady_gap(load.arrivals, swaps_at), 3),
+        "swaps": swaps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("state_dir")
+    parser.add_argument("cache_dir")
+    parser.add_argument("version_b")
+    parser.add_argument("settings", nargs="*", help="EDGEAGENT_*=VALUE for the daemon")
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--updates", type=int, default=4)
+    parser.add_argument("--every-s", type=float, default=5.0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="edgeagent-update-"))
+    env = {
+        **os.environ,
+        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
+        "EDGEAGENT_STATE_DIR": args.state_dir,
+        "EDGEAGENT_CACHE_DIR": args.cache_dir,
+        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
+        "EDGEAGENT_UPDATES__WATCH_DROP_DIR": "false",
+        "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
+        **dict(item.split("=", 1) for item in args.settings),
+    }
+    log_path = workdir / "daemon.log"
+    with log_path.open("wb") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=log
+        )
+    target = f"unix:{workdir / 'run' / 'edgeagent.sock'}"
+    admin_target = f"unix:{workdir / 'run' / 'admin.sock'}"
+    try:
+        with Client(target, timeout=600) as client:
+            client.wait_until_serving(timeout=540, daemon=daemon)
+            client.generate("warm up", Parameters(max_tokens=8))
+        with Client(admin_target, timeout=60) as admin:
+            version_a = admin.status().version
+        result = asyncio.run(run(args, target, admin_target, version_a))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        exit_code = daemon.wait(timeout=120)
+        out = Path(os.environ.get("OUT", workdir))
+        (out / "daemon-update.log").write_text(log_path.read_text())
+    print(json.dumps(result | {"exit_code": exit_code}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
