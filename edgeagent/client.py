@@ -1,14 +1,18 @@
 """A small client for apps: `Client().stream("Hello")`, `Client().chat([...])`.
 
-By default it connects to the daemon's Unix socket from the same settings the daemon reads.
+By default it connects to the daemon's Unix socket from the same settings the daemon reads
+(the admin calls: to the admin socket, `Client(default_admin_target())`). Over TCP it sends a
+bearer token (`token=`, or `$EDGEAGENT_CLIENT_TOKEN`) and speaks TLS when given `Tls(...)`.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -58,11 +62,44 @@ def default_target() -> str:
     return f"unix:{Settings().socket_path}"
 
 
+def default_admin_target() -> str:
+    from edgeagent.settings import Settings
+
+    return f"unix:{Settings().admin_socket_path}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """PEM files: the CA that signed the server's certificate; for mutual TLS, ours too."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+
+
 class Client:
-    def __init__(self, target: str | None = None, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        target: str | None = None,
+        timeout: float | None = None,
+        token: str | None = None,
+        tls: Tls | None = None,
+    ) -> None:
         self.target = target or default_target()
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.target)
+        token = token or os.environ.get("EDGEAGENT_CLIENT_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        if tls is None:
+            self._channel = grpc.insecure_channel(self.target)
+        else:
+            self._channel = grpc.secure_channel(self.target, tls.credentials())
         self._stub = pb_grpc.GenerationServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -90,36 +127,40 @@ class Client:
 
     def stream_request(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateStreamResponse]:
         responses: Iterator[pb.GenerateStreamResponse] = self._stub.GenerateStream(
-            request, timeout=self.timeout
+            request, timeout=self.timeout, metadata=self._metadata
         )
         return responses
 
     def generate(self, prompt: str, params: Parameters = Parameters()) -> pb.GenerateResponse:
         response: pb.GenerateResponse = self._stub.Generate(
-            build_request(prompt=prompt, params=params), timeout=self.timeout
+            build_request(prompt=prompt, params=params),
+            timeout=self.timeout,
+            metadata=self._metadata,
         )
         return response
 
     def model_info(self) -> pb.ModelInfo:
-        info: pb.ModelInfo = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout)
+        info: pb.ModelInfo = self._stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
+        )
         return info
 
     def status(self) -> admin_pb2.Status:
         status: admin_pb2.Status = self._admin.GetStatus(
-            admin_pb2.GetStatusRequest(), timeout=self.timeout
+            admin_pb2.GetStatusRequest(), timeout=self.timeout, metadata=self._metadata
         )
         return status
 
     def update(self, version: str) -> admin_pb2.UpdateOutcome:
         """Ask the daemon to serve `version` from its store; waits for the outcome."""
         outcome: admin_pb2.UpdateOutcome = self._admin.Update(
-            admin_pb2.UpdateRequest(version=version), timeout=self.timeout
+            admin_pb2.UpdateRequest(version=version), timeout=self.timeout, metadata=self._metadata
         )
         return outcome
 
     def rollback(self) -> admin_pb2.UpdateOutcome:
         outcome: admin_pb2.UpdateOutcome = self._admin.Rollback(
-            admin_pb2.RollbackRequest(), timeout=self.timeout
+            admin_pb2.RollbackRequest(), timeout=self.timeout, metadata=self._metadata
         )
         return outcome
 

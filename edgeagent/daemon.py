@@ -20,27 +20,37 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import SecretStr
+
+from edgeagent.artifacts.fetch import HubTarget
 from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.prepare import model_to_serve, open_store
+from edgeagent.artifacts.prepare import hub_fetcher, model_to_serve, open_store
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.engine import Engine, EngineConfig, VllmEngine
+from edgeagent.engine import Engine, VllmEngine
+from edgeagent.engine_host import EngineFactory, EngineHost
 from edgeagent.errors import CancelledError, EngineDeadError
-from edgeagent.fit import FitRequest, Plan, plan
+from edgeagent.fit import Plan
 from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.server.admin import AdminService
-from edgeagent.server.app import ApiServer
+from edgeagent.server.app import ApiServer, Tokens
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
-from edgeagent.settings import GiB, Settings
+from edgeagent.settings import Settings
+from edgeagent.systemd import Notifier
+from edgeagent.updates.hub_poll import HubPoller
+from edgeagent.updates.journal import UpdateJournal
 from edgeagent.updates.pipeline import Updater
 from edgeagent.updates.sources import DropDirectory, take_drop
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[EngineConfig], Engine]
 T = TypeVar("T")
 TICK_S = 0.1
 CANCEL_WAIT_S = 35.0  # a cancelled build's AutoRound process gets 30 s to stop
+# While the model is prepared and the engine starts, systemd's start timeout is pushed out by
+# EXTEND_BY_S every EXTEND_EVERY_S from the main loop (a stuck loop stops it), for at most
+# STARTUP_LIMIT_S: fetches and builds report progress, and an engine that takes longer is hung.
+EXTEND_EVERY_S, EXTEND_BY_S, STARTUP_LIMIT_S = 10.0, 30.0, 4 * 3600.0
 HEALTH_CHECK_EVERY_S = 5.0
 EXIT_OK, EXIT_ENGINE_DIED, EXIT_FORCED = 0, 1, 130
 
@@ -56,10 +66,16 @@ class Daemon:
         self._engine_factory = engine_factory
         self._probe = probe or default_probe()
         self._inflight = InflightRequests()
-        self._engine: Engine | None = None
+        self._host: EngineHost | None = None
+        self._updater: Updater | None = None
         self._api: ApiServer | None = None
         self._cancel = threading.Event()
         self._drops: DropDirectory | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._notifier = Notifier()
+        self._started_at = time.monotonic()
+        self._next_extend = 0.0
+        self._announced: str | None = None
         self.should_exit = False
 
     async def serve(self) -> int:
@@ -82,22 +98,32 @@ class Daemon:
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
         store = open_store(settings)
-        manifest, model_path, fit = await self._prepare_model(store)
-        served = ServedModel(manifest.model_id, manifest.version)
+        host = self._host = EngineHost(settings, store, self._engine_factory, self._probe)
+        self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
+        manifest, fit = await self._prepare_model(store)
         started = time.perf_counter()
-        self._engine = self._engine_factory(self._engine_config(model_path, fit))
-        service = GenerationService(self._engine, served, settings.limits, self._inflight)
+        self._notifier.status(f"starting the engine on {manifest.version}")
+        engine = await self._off_loop(lambda: host.start(manifest, fit), cancellable=False)
+        served = ServedModel(manifest.model_id, manifest.version)
+        service = GenerationService(engine, served, settings.limits, self._inflight)
 
-        def promoted(version: Manifest) -> None:
-            service.served = ServedModel(version.model_id, version.version)
+        def promoted(engine: Engine, version: Manifest) -> None:
+            service.use(engine, ServedModel(version.model_id, version.version))
 
-        updater = Updater(store, self._engine, self._inflight, manifest, on_promoted=promoted)
-        if settings.updates.watch_drop_dir:
-            self._watch_drops(store, updater)
-        admin = AdminService(updater)
-        self._api = ApiServer(service, settings.server, settings.socket_path, admin=admin)
+        self._updater = Updater(
+            store, self._host, self._inflight, manifest, on_promoted=promoted,
+            journal=UpdateJournal(settings.state_dir / "updates.json"),
+            hold_s=settings.updates.hold_s, probation_s=settings.updates.probation_s,
+        )  # fmt: skip
+        self._start_update_sources(store, self._updater)
+        admin = AdminService(self._updater)
+        self._api = ApiServer(
+            service, settings.server, settings.socket_path, admin, settings.admin_socket_path,
+            Tokens(_secret(settings.api_token), _secret(settings.admin_token)),
+        )  # fmt: skip
         await self._api.start()
         await self._api.set_serving(True)
+        self._notifier.ready(self._serving_status())
         logger.info(
             "serving %s (%s) after %.1f s",
             served.model_id,
@@ -105,15 +131,13 @@ class Daemon:
             time.perf_counter() - started,
         )
 
-    async def _prepare_model(self, store: ModelStore) -> tuple[Manifest, Path, Plan]:
+    async def _prepare_model(self, store: ModelStore) -> tuple[Manifest, Plan]:
         """The verified version that fits; fetched or built first when the store is empty."""
-        plans: dict[str, Plan] = {}
+        assert self._host is not None
+        host, plans = self._host, dict[str, Plan]()
 
         def refuse(manifest: Manifest) -> str | None:
-            fit = plan(
-                manifest.architecture, self._probe.read(), FitRequest.from_settings(self.settings)
-            )
-            plans[manifest.version] = fit
+            fit = plans[manifest.version] = host.plan(manifest)
             return None if fit.fits else "does not fit: " + "; ".join(fit.problems)
 
         manifest = await self._off_loop(
@@ -121,21 +145,20 @@ class Daemon:
         )
         fit = plans[manifest.version]
         logger.info(
-            "model %s version %s (%s, %s); fit on %s: weights %.2f GiB + overhead %.2f GiB + "
-            "KV cache %.2f GiB = %.2f GiB predicted, context %d tokens, %d sequences at full "
-            "context%s",
+            "model %s version %s (%s, %s), context %d tokens, %d sequences at full context%s",
             manifest.model_id, manifest.version, manifest.source_label,
-            manifest.quantization_label, fit.device.name, fit.weight_bytes / GiB,
-            fit.overhead_bytes / GiB, fit.kv_cache_bytes / GiB, fit.predicted_bytes / GiB,
-            fit.max_model_len, fit.max_concurrency, "".join(f"; {n}" for n in fit.notes),
+            manifest.quantization_label, fit.max_model_len, fit.max_concurrency,
+            "".join(f"; {n}" for n in fit.notes),
         )  # fmt: skip
-        return manifest, store.model_dir(manifest.version), fit
+        return manifest, fit
 
-    async def _off_loop(self, work: Callable[[], T]) -> T:
-        """Run blocking work (a fetch, a build) on a thread while signals are still noticed.
+    async def _off_loop(self, work: Callable[[], T], cancellable: bool = True) -> T:
+        """Run blocking work (a fetch, a build, an engine start) on a thread while signals are
+        noticed and systemd hears from the main loop.
 
-        On a signal the work is cancelled: a download stops within a chunk and resumes at
-        the next start; a build's AutoRound process is stopped.
+        On a signal cancellable work is cancelled: a download stops within a chunk and resumes
+        at the next start; a build's AutoRound process is stopped. Other work (an engine start)
+        is waited for, then shut down with the rest.
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Future[T] = loop.create_future()
@@ -153,38 +176,63 @@ class Daemon:
         while not done.done():
             if self.should_exit:
                 self._cancel.set()
-                await asyncio.to_thread(worker.join, CANCEL_WAIT_S)
+                await asyncio.to_thread(worker.join, CANCEL_WAIT_S if cancellable else None)
                 raise CancelledError("stopped while preparing the model")
+            self._still_starting()
             await asyncio.wait({done}, timeout=TICK_S)
         return done.result()
 
-    def _watch_drops(self, store: ModelStore, updater: Updater) -> None:
-        drop = self.settings.drop_dir
+    def _still_starting(self) -> None:
+        self._notifier.heartbeat()
+        now = time.monotonic()
+        if now >= self._next_extend and now - self._started_at < STARTUP_LIMIT_S:
+            self._next_extend = now + EXTEND_EVERY_S
+            self._notifier.extend_timeout(EXTEND_BY_S)
 
-        async def ready(candidate: Path) -> None:
-            await take_drop(candidate, drop, store, updater)
+    def _serving_status(self) -> str:
+        assert self._updater is not None
+        serving = self._updater.serving
+        if self._updater.candidate:
+            return f"updating to {self._updater.candidate}; serving {serving.version}"
+        return f"serving {serving.model_id} {serving.version}"
 
-        self._drops = DropDirectory(drop, ready, asyncio.get_running_loop())
-        self._drops.start()
-        logger.info("watching %s for model updates (a directory with a READY file)", drop)
+    def _announce(self) -> None:
+        """Tell systemd what is going on when it changed (an update began or ended)."""
+        status = self._serving_status()
+        if status != self._announced:
+            self._announced = status
+            self._notifier.status(status)
 
-    def _engine_config(self, model_path: Path, fit: Plan) -> EngineConfig:
-        model = self.settings.model
-        return EngineConfig(
-            model_path=model_path,
-            kv_cache_bytes=fit.kv_cache_bytes,
-            max_num_seqs=model.max_num_seqs,
-            max_model_len=fit.max_model_len,
-            max_num_batched_tokens=model.max_num_batched_tokens,
-            gpu_memory_utilization=fit.device_fraction if fit.device.kind == "gpu" else None,
-            dtype=model.dtype,
-            enforce_eager=model.enforce_eager,
-        )
+    def _start_update_sources(self, store: ModelStore, updater: Updater) -> None:
+        settings = self.settings
+        if settings.updates.watch_drop_dir:
+            drop = settings.drop_dir
+
+            async def ready(candidate: Path) -> None:
+                await take_drop(candidate, drop, store, updater)
+
+            self._drops = DropDirectory(drop, ready, asyncio.get_running_loop())
+            self._drops.start()
+            logger.info("watching %s for model updates (a directory with a READY file)", drop)
+        if settings.polls_hub:
+            updates = settings.updates
+            poller = HubPoller(
+                hub_fetcher(settings, store), HubTarget(settings.hub.repo, settings.hub.revision),
+                updater, interval_s=updates.hub_poll_interval_s, jitter=updates.hub_poll_jitter,
+                max_backoff_s=updates.hub_poll_max_backoff_s,
+            )  # fmt: skip
+            self._poller = asyncio.create_task(poller.run(), name="hub-poll")
+            logger.info(
+                "polling the hub for new commits of %s every %g s",
+                poller.target, updates.hub_poll_interval_s,
+            )  # fmt: skip
 
     async def run(self) -> int:
         next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
         while not self.should_exit:
             await asyncio.sleep(TICK_S)
+            self._notifier.heartbeat()
+            self._announce()
             if time.monotonic() >= next_health_check:
                 next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
                 if not await self._engine_healthy():
@@ -192,16 +240,24 @@ class Daemon:
         return EXIT_OK
 
     async def _engine_healthy(self) -> bool:
-        assert self._engine is not None
+        """True while the engine answers, or once an update in probation has been rolled back."""
+        assert self._host is not None
+        assert self._updater is not None
         try:
-            await self._engine.check_health()
-        except EngineDeadError:
+            await self._host.engine.check_health()
+        except EngineDeadError as died:
+            try:
+                if await self._updater.engine_died(str(died)) is not None:
+                    return True
+            except EngineDeadError:
+                logger.exception("the automatic rollback failed")
             logger.exception("the engine died; stopping so the service manager can restart us")
             return False
         return True
 
     async def shutdown(self) -> None:
         grace = self.settings.server.drain_grace_s
+        self._notifier.stopping(f"stopping: draining {len(self._inflight)} request(s)")
         if self._api is not None:
             await self._api.enter_graceful_shutdown()
         self._inflight.begin_drain("the server is shutting down; retry on another instance")
@@ -214,18 +270,22 @@ class Daemon:
             )
         if self._drops is not None:
             self._drops.stop()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         if self._api is not None:
             await self._api.stop(grace=1.0)
-        if self._engine is not None:
-            self._engine.shutdown()
+        if self._host is not None:
+            self._host.shutdown()
+        self._notifier.close()
         logger.info("stopped")
 
     async def _cancel_inflight(self, reason: str) -> None:
-        assert self._engine is not None
+        assert self._host is not None
         request_ids = self._inflight.mark_cancelled(reason)
         logger.warning("cancelling %d request(s): %s", len(request_ids), reason)
         for request_id in request_ids:
-            await self._engine.abort(request_id)
+            await self._host.engine.abort(request_id)
         await self._inflight.wait_idle(within_s=5.0)
 
     def _install_signal_handlers(self) -> None:
@@ -241,6 +301,10 @@ class Daemon:
             os._exit(EXIT_FORCED)
         logger.info("%s received: shutting down", sig.name)
         self.should_exit = True
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:

@@ -61,7 +61,21 @@ class ServerSettings(BaseModel):
         default=None, description="Unix socket for local apps; default RUNTIME_DIR/edgeagent.sock"
     )
     socket_mode: int = Field(default=0o660, ge=0, le=0o777)
-    tcp_address: str | None = Field(default=None, description="also listen on HOST:PORT")
+    socket_group: str | None = Field(
+        default=None, description="group of the app socket: the client apps' group"
+    )
+    admin_socket_path: Path | None = Field(
+        default=None, description="admin API socket; default RUNTIME_DIR/admin.sock"
+    )
+    admin_socket_mode: int = Field(default=0o600, ge=0, le=0o777)
+    tcp_address: str | None = Field(
+        default=None, description="also listen on HOST:PORT; needs TLS or an api_token"
+    )
+    tls_cert_file: Path | None = Field(default=None, description="PEM chain for TCP")
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = Field(
+        default=None, description="require client certificates signed by this CA (mTLS)"
+    )
     max_message_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     drain_grace_s: float = Field(default=10.0, ge=0, description="in-flight time on shutdown")
 
@@ -135,12 +149,23 @@ class BuildSettings(BaseModel):
 
 
 class UpdateSettings(BaseModel):
-    """Where updates come from besides `edgeagent update`."""
+    """Where updates come from besides `edgeagent update`, and how they are applied."""
 
     drop_dir: Path | None = Field(
         default=None, description="watched for model dirs with a READY file; default STATE_DIR/drop"
     )
     watch_drop_dir: bool = True
+    hub_poll_interval_s: float = Field(
+        default=3600.0, ge=0, description="ask the hub for a new commit of hub.revision; 0: never"
+    )
+    hub_poll_jitter: float = Field(default=0.1, ge=0, lt=1, description="± this share")
+    hub_poll_max_backoff_s: float = Field(default=6 * 3600.0, gt=0)
+    hold_s: float = Field(
+        default=30.0, gt=0, description="how long requests under way may take to finish first"
+    )
+    probation_s: float = Field(
+        default=300.0, ge=0, description="engine death this soon after an update rolls back"
+    )
 
 
 class LimitSettings(BaseModel):
@@ -163,6 +188,10 @@ class Settings(BaseSettings):
     runtime_dir: Path = Field(default_factory=_default_runtime_dir)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     hub_token: SecretStr | None = None
+    api_token: SecretStr | None = Field(default=None, description="bearer token for TCP callers")
+    admin_token: SecretStr | None = Field(
+        default=None, description="bearer token for the admin API over TCP (else not served)"
+    )
     server: ServerSettings = ServerSettings()
     model: ModelSettings = ModelSettings()
     hub: HubSettings = HubSettings()
@@ -177,6 +206,10 @@ class Settings(BaseSettings):
         return self.server.socket_path or self.runtime_dir / "edgeagent.sock"
 
     @property
+    def admin_socket_path(self) -> Path:
+        return self.server.admin_socket_path or self.runtime_dir / "admin.sock"
+
+    @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
 
@@ -188,6 +221,15 @@ class Settings(BaseSettings):
     @property
     def drop_dir(self) -> Path:
         return self.updates.drop_dir or self.state_dir / "drop"
+
+    @property
+    def polls_hub(self) -> bool:
+        """Hub polling applies to a hub-sourced model when online and an interval is set."""
+        return (
+            self.model.source == "hub"
+            and not self.hub.offline
+            and self.updates.hub_poll_interval_s > 0
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -211,4 +253,5 @@ class Settings(BaseSettings):
         """The effective configuration as plain data, secrets masked (SecretStr dumps as ***)."""
         data: dict[str, Any] = json.loads(self.model_dump_json())
         data["server"]["socket_path"] = str(self.socket_path)
+        data["server"]["admin_socket_path"] = str(self.admin_socket_path)
         return data

@@ -17,6 +17,7 @@ import grpc
 import pytest
 from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_systemd import listening
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -37,6 +38,10 @@ class RunningDaemon:
     process: subprocess.Popen[bytes]
     target: str
     log: Path
+
+    @property
+    def admin_target(self) -> str:
+        return self.target.replace("edgeagent.sock", "admin.sock")
 
     def children(self) -> list[int]:
         found: list[int] = []
@@ -157,13 +162,18 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory: DaemonFacto
     )
     assert cli.returncode == 0, cli.stderr
     assert "8 generated" in cli.stderr or "FINISH_REASON_EOS_TOKEN" in cli.stderr, cli.stderr
-    status = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "edgeagent", "status", "--target", daemon.target],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    status, on_app_socket = [
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgeagent", "status", "--target", target],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+        for target in (daemon.admin_target, daemon.target)
+    ]  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("serving   ")
+    assert on_app_socket.returncode == 3  # the admin API is not on the apps' socket
+    assert "UNIMPLEMENTED" in on_app_socket.stderr
 
     async with grpc.aio.insecure_channel(daemon.target) as channel:
         stub = pb_grpc.GenerationServiceStub(channel)
@@ -249,21 +259,37 @@ async def test_empty_store_builds_the_embedded_model_and_serves_it(
 ) -> None:
     """The quick start's path: an empty store, source `embedded`. The daemon builds the tiny
     model to 4-bit GPTQ with AutoRound, commits it, loads it and serves it; the build is
-    reproducible, so it is the very version the test session built."""
-    daemon = await asyncio.to_thread(
-        _start_daemon, tmp_path, 10.0, None, EDGEAGENT_MODEL__SOURCE="embedded"
-    )
-    try:
-        with Client(daemon.target) as client:
-            info = client.model_info()
-            answer = client.generate("Hello", Parameters(max_tokens=8, temperature=0))
-        assert (info.model_id, info.version) == (EMBEDDED_MODEL_ID, tiny_4bit.version)
-        assert "gptq" in info.quantization
-        assert answer.completion_tokens == 8
-    finally:
-        daemon.process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    reproducible, so it is the very version the test session built. Under systemd's notify
+    protocol (a real socket): status lines and start-up extensions while it builds and loads,
+    READY=1 once it serves, a watchdog heartbeat throughout, STOPPING=1 on SIGTERM."""
+    notify = str(tmp_path / "notify.sock")
+    with listening(notify) as systemd:
+        daemon = await asyncio.to_thread(
+            _start_daemon, tmp_path, 10.0, None, EDGEAGENT_MODEL__SOURCE="embedded",
+            NOTIFY_SOCKET=notify, WATCHDOG_USEC="1000000",
+        )  # fmt: skip
+        try:
+            with Client(daemon.target) as client:
+                info = client.model_info()
+                answer = client.generate("Hello", Parameters(max_tokens=8, temperature=0))
+            assert (info.model_id, info.version) == (EMBEDDED_MODEL_ID, tiny_4bit.version)
+            assert "gptq" in info.quantization
+            assert answer.completion_tokens == 8
+            await asyncio.to_thread(systemd.wait_for, "READY=1")
+        finally:
+            daemon.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(daemon.wait, 60) == 0
     assert ModelStore(tmp_path / "state" / "models").refs().current == tiny_4bit.version
+    texts = systemd.texts()
+    ready = next(i for i, text in enumerate(texts) if text.startswith("READY=1"))
+    stopping = next(i for i, text in enumerate(texts) if text.startswith("STOPPING=1"))
+    assert texts[0].startswith("STATUS=preparing the model")
+    assert f"STATUS=starting the engine on {tiny_4bit.version}" in texts[:ready]
+    assert "EXTEND_TIMEOUT_USEC=30000000" in texts[:ready]
+    assert texts[ready] == f"READY=1\nSTATUS=serving {EMBEDDED_MODEL_ID} {tiny_4bit.version}"
+    assert ready < stopping
+    assert texts[:ready].count("WATCHDOG=1") >= 10  # the build takes ~30 s: every 0.5 s
+    assert texts[ready:stopping].count("WATCHDOG=1") >= 1
 
 
 async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonFactory) -> None:

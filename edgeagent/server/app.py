@@ -1,11 +1,22 @@
-"""Assemble the gRPC server: the generation service, standard health, reflection, listeners."""
+"""Assemble the gRPC servers: generation, admin, standard health and reflection, on their
+listeners.
+
+- the app socket (Unix, mode 0660, owned by a group for client apps): generation and health
+- the admin socket (Unix, mode 0600: the service's user and root): the admin service
+- TCP, only when configured: generation (and admin with its own token) behind TLS and/or a
+  bearer token (`server/auth.py`); plaintext TCP without a token is refused at start
+"""
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +26,7 @@ from edgeagent.errors import ConfigError
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.admin import add_to_server as add_admin_to_server
+from edgeagent.server.auth import BearerTokenInterceptor, server_credentials
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import ServerSettings
 from edgeagent.v1 import generation_pb2 as pb
@@ -26,8 +38,23 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 _HEALTH_NAMES = ("", SERVICE_NAME)
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Bearer tokens for TCP callers (in clear: compare, never log)."""
+
+    api: str | None = None
+    admin: str | None = None
+
+
+@dataclass(frozen=True)
+class UnixListener:
+    path: Path
+    mode: int
+    group: str | None = None
+
+
 class ApiServer:
-    """The listening gRPC server and its health status."""
+    """The listening gRPC servers and their shared health status."""
 
     def __init__(
         self,
@@ -35,60 +62,98 @@ class ApiServer:
         settings: ServerSettings,
         socket_path: Path,
         admin: AdminService | None = None,
+        admin_socket_path: Path | None = None,
+        tokens: Tokens = Tokens(),
     ) -> None:
-        self._settings = settings
-        self.socket_path = socket_path
-        limit = settings.max_message_bytes
-        self._server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ]
-        )
+        self._settings, self._tokens = settings, tokens
+        self.socket_path, self.admin_socket_path = socket_path, admin_socket_path
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            service, self._server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        names = [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        if admin is not None:
-            add_admin_to_server(admin, self._server)
-            names.append(ADMIN_SERVICE_NAME)
-        reflection.enable_server_reflection(names, self._server)
+        self._service, self._admin = service, admin
+        self._servers: list[tuple[grpc.aio.Server, UnixListener | None]] = []
         self.tcp_port: int | None = None
 
     async def start(self) -> None:
-        """Listen on the Unix socket (and TCP if configured); health stays NOT_SERVING."""
+        """Listen on the sockets (and TCP if configured); health stays NOT_SERVING."""
         for name in _HEALTH_NAMES:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._bind_unix_socket()
-        if self._settings.tcp_address:
-            self.tcp_port = self._server.add_insecure_port(self._settings.tcp_address)
-            if self.tcp_port == 0:
-                raise ConfigError(f"cannot listen on {self._settings.tcp_address}")
-            logger.info("listening on tcp %s (port %d)", self._settings.tcp_address, self.tcp_port)
+        settings = self._settings
+        app = UnixListener(self.socket_path, settings.socket_mode, settings.socket_group)
+        await self._start_unix(self._new_server(generation=True, admin=False), app)
+        if self._admin is not None:
+            if self.admin_socket_path is None:
+                raise ConfigError("the admin service needs its own socket")
+            admin = UnixListener(self.admin_socket_path, settings.admin_socket_mode)
+            await self._start_unix(self._new_server(generation=False, admin=True), admin)
+        if settings.tcp_address:
+            await self._start_tcp(settings.tcp_address)
+
+    def _new_server(
+        self,
+        generation: bool,
+        admin: bool,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    ) -> grpc.aio.Server:
+        limit = self._settings.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=list(interceptors),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        if generation:
+            pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
+                self._service, server
+            )
+            names.append(SERVICE_NAME)
+        if admin and self._admin is not None:
+            add_admin_to_server(self._admin, server)
+            names.append(ADMIN_SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        return server
+
+    async def _start_unix(self, server: grpc.aio.Server, listener: UnixListener) -> None:
+        path = listener.path
+        _claim_socket_path(path)
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise ConfigError(f"cannot listen on unix socket {path}")
         # The socket file is created with the umask's mode: never wider than the configured one.
-        old_umask = os.umask(0o777 & ~self._settings.socket_mode)
+        old_umask = os.umask(0o777 & ~listener.mode)
         try:
-            await self._server.start()
+            await server.start()
         finally:
             os.umask(old_umask)
-        os.chmod(self.socket_path, self._settings.socket_mode)
-        logger.info(
-            "listening on unix socket %s (mode %o)", self.socket_path, self._settings.socket_mode
-        )
+        self._servers.append((server, listener))
+        if listener.group is not None:
+            os.chown(path, -1, _group_id(listener.group))
+        os.chmod(path, listener.mode)
+        logger.info("listening on unix socket %s (mode %o%s)", path, listener.mode,
+                    f", group {listener.group}" if listener.group else "")  # fmt: skip
 
-    def _bind_unix_socket(self) -> None:
-        path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_socket():
-            if _socket_accepts(path):
-                raise ConfigError(f"another server is listening on {path}")
-            path.unlink()  # left behind by a process that died
-        elif path.exists():
-            raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-        if self._server.add_insecure_port(f"unix:{path}") == 0:
-            raise ConfigError(f"cannot listen on unix socket {path}")
+    async def _start_tcp(self, address: str) -> None:
+        credentials = server_credentials(self._settings)
+        if credentials is None and self._tokens.api is None:
+            raise ConfigError(
+                f"server.tcp_address {address} needs TLS (server.tls_cert_file/tls_key_file) "
+                f"or an api_token credential: plaintext TCP without a token is refused"
+            )
+        interceptor = BearerTokenInterceptor(self._tokens.api, self._tokens.admin)
+        server = self._new_server(True, self._tokens.admin is not None, [interceptor])
+        if credentials is None:
+            self.tcp_port = server.add_insecure_port(address)
+        else:
+            self.tcp_port = server.add_secure_port(address, credentials)
+        if self.tcp_port == 0:
+            raise ConfigError(f"cannot listen on {address}")
+        await server.start()
+        self._servers.append((server, None))
+        logger.info(
+            "listening on tcp %s (port %d; %s; bearer token %s; admin %s)", address,
+            self.tcp_port, _tls_label(self._settings), "required" if self._tokens.api else "off",
+            "with its token" if self._tokens.admin else "not served",
+        )  # fmt: skip
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse
@@ -100,9 +165,33 @@ class ApiServer:
         await self._health.enter_graceful_shutdown()
 
     async def stop(self, grace: float | None) -> None:
-        await self._server.stop(grace)
-        if self.socket_path.is_socket():
-            self.socket_path.unlink()
+        for server, listener in self._servers:
+            await server.stop(grace)
+            if listener is not None and listener.path.is_socket():
+                listener.path.unlink()
+
+
+def _claim_socket_path(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        if _socket_accepts(path):
+            raise ConfigError(f"another server is listening on {path}")
+        path.unlink()  # left behind by a process that died
+    elif path.exists():
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"server.socket_group: no group named {name!r}") from None
+
+
+def _tls_label(settings: ServerSettings) -> str:
+    if settings.tls_cert_file is None:
+        return "no TLS"
+    return "mutual TLS" if settings.tls_client_ca_file else "TLS"
 
 
 def _socket_accepts(path: Path) -> bool:

@@ -1,0 +1,110 @@
+"""Who may call over TCP: TLS (optionally mutual) and bearer tokens checked by an interceptor.
+
+The Unix sockets need neither: the kernel refuses a connection from a process outside the
+socket's owner and group. Over TCP every call but the standard health check must carry
+`authorization: Bearer <token>` when a token is configured; the admin service has its own token
+and is not served over TCP without one. Tokens are compared in constant time and never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from edgeagent.errors import ConfigError
+from edgeagent.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+ADMIN_PREFIX = "/edgeagent.v1.AdminService/"
+DENIED = "missing or wrong bearer token (metadata `authorization: Bearer <token>`)"
+
+
+if TYPE_CHECKING:  # generic only in grpc's type stubs
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    Handler, Interceptor = grpc.RpcMethodHandler, grpc.aio.ServerInterceptor
+
+
+class BearerTokenInterceptor(Interceptor):
+    def __init__(self, api_token: str | None, admin_token: str | None) -> None:
+        self._api_token, self._admin_token = api_token, admin_token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(details)
+        method: str = details.method
+        if handler is None or method.startswith(HEALTH_PREFIX):
+            return handler
+        required = self._admin_token if method.startswith(ADMIN_PREFIX) else self._api_token
+        if required is None or _presented_matches(details, required):
+            return handler
+        logger.warning("refused %s: %s", method, "missing or wrong bearer token")
+        return _denying(handler)
+
+
+def _presented_matches(details: grpc.HandlerCallDetails, required: str) -> bool:
+    metadata = details.invocation_metadata or ()
+    values = [str(value) for key, value in metadata if key == "authorization"]
+    if len(values) != 1 or not values[0].startswith("Bearer "):
+        return False
+    return hmac.compare_digest(values[0].removeprefix("Bearer ").encode(), required.encode())
+
+
+def _denying(handler: Handler) -> Handler:
+    """A handler of the same shape that ends the call with UNAUTHENTICATED."""
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+
+    async def streaming(
+        request: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, DENIED)
+        yield  # pragma: no cover  # makes this an async generator
+
+    codecs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming, **codecs)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary, **codecs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary, **codecs)
+    return grpc.stream_stream_rpc_method_handler(streaming, **codecs)
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials for the TCP listener when a certificate is configured; mutual TLS (a
+    client certificate signed by `tls_client_ca_file` required) when that is set too."""
+    if settings.tls_cert_file is None:
+        if settings.tls_client_ca_file is not None:
+            raise ConfigError("server.tls_client_ca_file needs server.tls_cert_file/tls_key_file")
+        return None
+    if settings.tls_key_file is None:
+        raise ConfigError("server.tls_cert_file needs server.tls_key_file")
+    client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
