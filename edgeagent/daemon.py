@@ -31,6 +31,7 @@ from edgeagent.engine_host import EngineFactory, EngineHost
 from edgeagent.errors import CancelledError, EngineDeadError
 from edgeagent.fit import Plan
 from edgeagent.gpu import MemoryProbe, default_probe
+from edgeagent.metrics import Metrics, serve_metrics
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import ApiServer, Tokens
 from edgeagent.server.inflight import InflightRequests
@@ -72,6 +73,7 @@ class Daemon:
         self._cancel = threading.Event()
         self._drops: DropDirectory | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._stop_metrics: Callable[[], None] | None = None
         self._notifier = Notifier()
         self._started_at = time.monotonic()
         self._next_extend = 0.0
@@ -105,7 +107,8 @@ class Daemon:
         self._notifier.status(f"starting the engine on {manifest.version}")
         engine = await self._off_loop(lambda: host.start(manifest, fit), cancellable=False)
         served = ServedModel(manifest.model_id, manifest.version)
-        service = GenerationService(engine, served, settings.limits, self._inflight)
+        metrics = Metrics()
+        service = GenerationService(engine, served, settings.limits, self._inflight, metrics)
 
         def promoted(engine: Engine, version: Manifest) -> None:
             service.use(engine, ServedModel(version.model_id, version.version))
@@ -114,6 +117,7 @@ class Daemon:
             store, self._host, self._inflight, manifest, on_promoted=promoted,
             journal=UpdateJournal(settings.state_dir / "updates.json"),
             hold_s=settings.updates.hold_s, probation_s=settings.updates.probation_s,
+            on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
         )  # fmt: skip
         self._start_update_sources(store, self._updater)
         admin = AdminService(self._updater)
@@ -122,6 +126,9 @@ class Daemon:
             Tokens(_secret(settings.api_token), _secret(settings.admin_token)),
         )  # fmt: skip
         await self._api.start()
+        if settings.metrics.address:
+            metrics.watch_device(self._probe)
+            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
         await self._api.set_serving(True)
         self._notifier.ready(self._serving_status())
         logger.info(
@@ -275,6 +282,8 @@ class Daemon:
             await asyncio.gather(self._poller, return_exceptions=True)
         if self._api is not None:
             await self._api.stop(grace=1.0)
+        if self._stop_metrics is not None:
+            self._stop_metrics()
         if self._host is not None:
             self._host.shutdown()
         self._notifier.close()

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -168,6 +168,14 @@ class UpdateSettings(BaseModel):
     )
 
 
+class MetricsSettings(BaseModel):
+    """Prometheus metrics, off unless an address is set (loopback only)."""
+
+    address: str | None = Field(
+        default=None, description="serve /metrics on HOST:PORT, e.g. 127.0.0.1:9464"
+    )
+
+
 class LimitSettings(BaseModel):
     """Per-request limits, checked before a request reaches the engine."""
 
@@ -200,6 +208,15 @@ class Settings(BaseSettings):
     build: BuildSettings = BuildSettings()
     updates: UpdateSettings = UpdateSettings()
     limits: LimitSettings = LimitSettings()
+    metrics: MetricsSettings = MetricsSettings()
+
+    @field_validator("hub_token", "api_token", "admin_token", mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, value: Any) -> Any:
+        """An empty credential file (the install script's placeholder) means "not set"."""
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value.strip() if isinstance(value, str) else value
 
     @property
     def socket_path(self) -> Path:

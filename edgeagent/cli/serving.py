@@ -19,6 +19,7 @@ import grpc
 
 from edgeagent.client import Client, Parameters
 from edgeagent.errors import EdgeAgentError
+from edgeagent.logs import setup_logging
 from edgeagent.v1 import generation_pb2 as pb
 
 EXIT_RPC_FAILED = 3
@@ -42,6 +43,13 @@ def add_commands(commands: Any) -> None:
     generate.add_argument("--timeout", type=float, help="seconds before the request is cancelled")
     generate.set_defaults(handler=_generate)
 
+    health = commands.add_parser(
+        "health", help="exit 0 once the daemon serves (a probe for deploy scripts)"
+    )
+    health.add_argument("--target")
+    health.add_argument("--wait", type=float, default=0, help="seconds to wait for it to serve")
+    health.set_defaults(handler=_health)
+
     info = commands.add_parser("info", help="show the served model")
     info.add_argument("--target")
     info.set_defaults(handler=_info)
@@ -64,9 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     from edgeagent.settings import Settings
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.log_level)
     try:
         return asyncio.run(Daemon(settings).serve())
     except EdgeAgentError as error:
@@ -115,6 +121,17 @@ def _print_stream(responses: Iterator[pb.GenerateStreamResponse]) -> int:
         f"finish: {pb.FinishReason.Name(last.finish_reason)}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    with Client(args.target) as client:
+        try:
+            client.wait_until_serving(timeout=args.wait)
+        except TimeoutError as error:
+            print(f"not serving: {error}", file=sys.stderr)
+            return EXIT_RPC_FAILED
+    print(f"serving on {client.target}")
     return 0
 
 

@@ -19,6 +19,7 @@ class InflightRequests:
         self._draining_reason: str | None = None
         self._admitting = asyncio.Event()
         self._admitting.set()
+        self.waiting = 0  # requests held at `admitted` by an update
 
     def __len__(self) -> int:
         return len(self._cancel_reasons)
@@ -40,8 +41,14 @@ class InflightRequests:
 
     async def admitted(self) -> None:
         """Return once new requests are let in (at once, unless an update holds them)."""
-        while not self._admitting.is_set():  # re-checked: another hold may start meanwhile
-            await self._admitting.wait()
+        if self._admitting.is_set():
+            return
+        self.waiting += 1
+        try:
+            while not self._admitting.is_set():  # re-checked: another hold may start meanwhile
+                await self._admitting.wait()
+        finally:
+            self.waiting -= 1
 
     @contextlib.asynccontextmanager
     async def held(self, within_s: float) -> AsyncIterator[None]:

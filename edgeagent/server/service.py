@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 from edgeagent.engine import Delta, Engine, FinishReason
 from edgeagent.errors import RequestCancelledError
+from edgeagent.metrics import Metrics
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.requests import PreparedRequest, prepare_request
 from edgeagent.server.status import Context, errors_as_status
@@ -43,14 +45,19 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         served: ServedModel,
         limits: LimitSettings,
         inflight: InflightRequests,
+        metrics: Metrics | None = None,
     ) -> None:
         self._engine = engine
         self._served = served
         self._limits = limits
         self._inflight = inflight
+        self._metrics = metrics or Metrics()
+        self._metrics.running.set_function(lambda: len(inflight))
+        self._metrics.waiting.set_function(lambda: inflight.waiting)
+        self._metrics.set_serving(served.model_id, served.version)
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
-        async with errors_as_status(context):
+        async with errors_as_status(context, self._metrics.observer("Generate")):
             prepared = await self._admit(request)
             texts: list[str] = []
             last = Delta("", 0)
@@ -63,7 +70,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async with errors_as_status(context):
+        async with errors_as_status(context, self._metrics.observer("GenerateStream")):
             prepared = await self._admit(request)
             async for delta in self._deltas(prepared):
                 if delta.text or delta.finish_reason is not None:
@@ -77,6 +84,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     def use(self, engine: Engine, served: ServedModel) -> None:
         """Serve from `engine` as `served` from the next request or message on (an update)."""
         self._engine, self._served = engine, served
+        self._metrics.set_serving(served.model_id, served.version)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         facts = self._engine.facts
@@ -98,13 +106,21 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def _deltas(self, prepared: PreparedRequest) -> AsyncIterator[Delta]:
         """The engine's deltas; a request the server cancelled ends with the server's reason."""
         with self._inflight.track() as request_id:  # nothing awaited since `_admit`: no hold began
+            metrics, started, tokens = self._metrics, time.perf_counter(), 0
+            metrics.prompt_tokens.inc(prepared.prompt_tokens)
             stream = self._engine.stream(prepared.prompt_token_ids, prepared.options, request_id)
-            async with contextlib.aclosing(stream):
-                async for delta in stream:
-                    reason = self._inflight.cancel_reason(request_id)
-                    if delta.finish_reason is FinishReason.CANCELLED and reason:
-                        raise RequestCancelledError(reason)
-                    yield delta
+            try:
+                async with contextlib.aclosing(stream):
+                    async for delta in stream:
+                        if tokens == 0 and delta.completion_tokens:
+                            metrics.time_to_first_token.observe(time.perf_counter() - started)
+                        tokens = delta.completion_tokens
+                        reason = self._inflight.cancel_reason(request_id)
+                        if delta.finish_reason is FinishReason.CANCELLED and reason:
+                            raise RequestCancelledError(reason)
+                        yield delta
+            finally:
+                metrics.generated_tokens.inc(tokens)
 
     def _fill(
         self, message: _Reply, request: pb.GenerateRequest, prepared: PreparedRequest, delta: Delta

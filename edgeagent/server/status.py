@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -47,14 +47,25 @@ Context = grpc.aio.ServicerContext[object, object]
 
 
 @contextlib.asynccontextmanager
-async def errors_as_status(context: Context) -> AsyncIterator[None]:
-    """End the RPC with the status for any error raised inside (aborts pass through)."""
+async def errors_as_status(
+    context: Context, on_status: Callable[[grpc.StatusCode], None] | None = None
+) -> AsyncIterator[None]:
+    """End the RPC with the status for any error raised inside (aborts pass through);
+    `on_status` hears the final code (for metrics)."""
+    report = on_status or (lambda code: None)
     try:
         yield
     except grpc.aio.AbortError:
+        report(grpc.StatusCode.UNKNOWN)
         raise
     except Exception as exc:
+        report(status_for(exc)[0])
         await abort_with(context, exc)
+    except BaseException:  # the client went away: asyncio cancels the handler
+        report(grpc.StatusCode.CANCELLED)
+        raise
+    else:
+        report(grpc.StatusCode.OK)
 
 
 async def abort_with(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> None:

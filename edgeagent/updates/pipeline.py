@@ -64,12 +64,14 @@ class Updater:
         *,
         hold_s: float = 30.0,
         probation_s: float = 300.0,
+        on_outcome: Callable[[UpdateOutcome], None] = lambda outcome: None,
     ) -> None:
         self._store, self._host, self._gate = store, host, gate
         self.serving = serving
         self._on_promoted = on_promoted
         self.journal = journal or UpdateJournal(None)
         self._hold_s, self._probation_s = hold_s, probation_s
+        self._on_outcome = on_outcome
         self._lock = asyncio.Lock()
         self.candidate: str | None = None
         self.probation: Probation | None = None
@@ -141,6 +143,7 @@ class Updater:
     def _record(self, outcome: UpdateOutcome) -> UpdateOutcome:
         outcome = replace(outcome, finished_at=time.time())
         self.journal.record(outcome)
+        self._on_outcome(outcome)
         logger.info(
             "%s to %s: %s%s", outcome.kind, outcome.version, outcome.result,
             f" ({outcome.reason})" if outcome.reason else "",

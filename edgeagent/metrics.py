@@ -1,0 +1,136 @@
+"""Prometheus metrics, served on an opt-in loopback port (`metrics.address`).
+
+Requests by method and status code, prompt and generated tokens, time to first token, request
+duration, requests running and waiting, the serving version, update outcomes, and the device's
+memory as the fit check's probe reads it. One registry per daemon (vLLM registers its own
+metrics in the global one; they are not mixed in).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edgeagent.errors import ConfigError
+from edgeagent.gpu import MemoryProbe
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "edgeagent_requests", "Generation RPCs by method and final status code",
+            ["method", "code"], registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("edgeagent_prompt_tokens", "Prompt tokens", registry=r)
+        self.generated_tokens = Counter(
+            "edgeagent_generated_tokens", "Tokens generated", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "edgeagent_time_to_first_token_seconds", "From admission to the first token",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "edgeagent_request_duration_seconds", "Generation RPCs, start to end",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.running = Gauge("edgeagent_requests_running", "Requests in the engine", registry=r)
+        self.waiting = Gauge(
+            "edgeagent_requests_waiting", "Requests held while an update swaps the model",
+            registry=r,
+        )  # fmt: skip
+        self.serving = Gauge(
+            "edgeagent_serving_info", "The served model version (value 1)",
+            ["model_id", "version"], registry=r,
+        )  # fmt: skip
+        self.updates = Counter(
+            "edgeagent_updates", "Model updates by kind and result", ["kind", "result"],
+            registry=r,
+        )  # fmt: skip
+
+    def observer(self, method: str) -> Callable[[grpc.StatusCode], None]:
+        """What the RPC's final status code is reported to (see `errors_as_status`)."""
+        started = time.perf_counter()
+
+        def finished(code: grpc.StatusCode) -> None:
+            self.requests.labels(method, code.name).inc()
+            self.request_duration.observe(time.perf_counter() - started)
+
+        return finished
+
+    def set_serving(self, model_id: str, version: str) -> None:
+        self.serving.clear()
+        self.serving.labels(model_id, version).set(1)
+
+    def watch_device(self, probe: MemoryProbe) -> None:
+        self.registry.register(_DeviceMemory(probe))
+
+
+class _DeviceMemory(Collector):
+    """Read at scrape time, as the fit check reads it."""
+
+    def __init__(self, probe: MemoryProbe) -> None:
+        self._probe = probe
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        reading = self._probe.read()
+        labels = ["kind", "name"]
+        for metric, help_text, value in (
+            ("edgeagent_device_memory_total_bytes", "Device memory", reading.total_bytes),
+            ("edgeagent_device_memory_used_bytes", "Device memory in use (all processes)",
+             reading.used_bytes),
+        ):  # fmt: skip
+            family = GaugeMetricFamily(metric, help_text, labels=labels)
+            family.add_metric([reading.kind, reading.name], value)
+            yield family
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    port: int
+    stop: Callable[[], None]
+
+
+def serve_metrics(metrics: Metrics, address: str) -> MetricsServer:
+    """Serve /metrics on a loopback HOST:PORT (port 0: any free one)."""
+    host, port = _loopback(address)
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+    return MetricsServer(server.server_port, stop)
+
+
+def _loopback(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"metrics.address {address!r}: expected HOST:PORT") from None
+    if not loopback:
+        raise ConfigError(
+            f"metrics.address {address!r}: metrics are served on loopback only "
+            f"(127.0.0.1 or ::1); scrape them through a local agent"
+        )
+    return host, number
