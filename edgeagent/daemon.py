@@ -37,7 +37,7 @@ from edgeagent.server.app import ApiServer, Tokens
 from edgeagent.server.inflight import InflightRequests
 from edgeagent.server.service import GenerationService, ServedModel
 from edgeagent.settings import Settings
-from edgeagent.systemd import Notifier
+from edgeagent.systemd import Notifier, StatusHandler
 from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.journal import UpdateJournal
 from edgeagent.updates.pipeline import Updater
@@ -102,7 +102,12 @@ class Daemon:
         store = open_store(settings)
         host = self._host = EngineHost(settings, store, self._engine_factory, self._probe)
         self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
-        manifest, fit = await self._prepare_model(store)
+        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
+        progress.addHandler(forward)
+        try:
+            manifest, fit = await self._prepare_model(store)
+        finally:
+            progress.removeHandler(forward)
         started = time.perf_counter()
         self._notifier.status(f"starting the engine on {manifest.version}")
         engine = await self._off_loop(lambda: host.start(manifest, fit), cancellable=False)
@@ -184,6 +189,7 @@ class Daemon:
             if self.should_exit:
                 self._cancel.set()
                 await asyncio.to_thread(worker.join, CANCEL_WAIT_S if cancellable else None)
+                done.add_done_callback(_consume)  # the work's own CancelledError is expected
                 raise CancelledError("stopped while preparing the model")
             self._still_starting()
             await asyncio.wait({done}, timeout=TICK_S)
@@ -314,6 +320,11 @@ class Daemon:
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
+
+
+def _consume(future: asyncio.Future[T]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:

@@ -67,6 +67,18 @@ class Notifier:
             logger.warning("could not notify systemd (%s): %s", message.split("=")[0], error)
 
 
+class StatusHandler(logging.Handler):
+    """Forwards log records as STATUS= lines: the fetch and build progress (`edgeagent.progress`)
+    shows in `systemctl status edgeagent` while the daemon prepares its model."""
+
+    def __init__(self, notifier: Notifier) -> None:
+        super().__init__(logging.INFO)
+        self._notifier = notifier
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._notifier.status(record.getMessage())
+
+
 def _address(value: str) -> str | bytes | None:
     if not value:
         return None

@@ -284,6 +284,7 @@ async def test_empty_store_builds_the_embedded_model_and_serves_it(
     ready = next(i for i, text in enumerate(texts) if text.startswith("READY=1"))
     stopping = next(i for i, text in enumerate(texts) if text.startswith("STOPPING=1"))
     assert texts[0].startswith("STATUS=preparing the model")
+    assert any(t.startswith("STATUS=job='build ") and "state=done" in t for t in texts[:ready])
     assert f"STATUS=starting the engine on {tiny_4bit.version}" in texts[:ready]
     assert "EXTEND_TIMEOUT_USEC=30000000" in texts[:ready]
     assert texts[ready] == f"READY=1\nSTATUS=serving {EMBEDDED_MODEL_ID} {tiny_4bit.version}"
