@@ -71,6 +71,15 @@ ensure_venv() {
     did "virtualenv $VENV with $SOURCE${EXTRA:+[$EXTRA]}"
 }
 
+ensure_command() {  # `edgeagent` on root's and the apps' PATH
+    local link
+    link=$(at /usr/local/bin/edgeagent)
+    [ "$(readlink "$link" 2>/dev/null)" = "$EXEC" ] && return
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$EXEC" "$link"
+    did "/usr/local/bin/edgeagent -> $EXEC"
+}
+
 ensure_unit() {
     local rendered target
     rendered=$(sed "s|^ExecStart=.*|ExecStart=$EXEC serve|" "$REPO/systemd/$UNIT")
@@ -113,6 +122,7 @@ for credential in hub_token api_token admin_token; do  # empty: not set; fill in
 done
 chmod 0700 "$(at /etc/edgeagent/credentials)"
 ensure_venv
+ensure_command
 ensure_unit
 ensure_enabled
 if [ -z "$ROOT" ] && [ "$START" -eq 1 ]; then

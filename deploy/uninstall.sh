@@ -30,6 +30,9 @@ if [ -f "$(at /etc/systemd/system/$UNIT)" ]; then
     rm -f "$(at /etc/systemd/system/$UNIT)" && gone "/etc/systemd/system/$UNIT"
     [ -n "$ROOT" ] || systemctl daemon-reload
 fi
+if [ -L "$(at /usr/local/bin/edgeagent)" ]; then
+    rm -f "$(at /usr/local/bin/edgeagent)" && gone /usr/local/bin/edgeagent
+fi
 if [ -d "$(at "$VENV")" ]; then
     rm -rf "$(at "$VENV")" && gone "$VENV"
 fi

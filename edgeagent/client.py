@@ -56,16 +56,25 @@ def build_request(
     return request
 
 
+SYSTEM_RUNTIME_DIR = Path("/run/edgeagent")  # the systemd unit's RuntimeDirectory
+
+
 def default_target() -> str:
+    """This user's daemon socket if one is there, else the system service's."""
     from edgeagent.settings import Settings
 
-    return f"unix:{Settings().socket_path}"
+    return _first_socket(Settings().socket_path, SYSTEM_RUNTIME_DIR / "edgeagent.sock")
 
 
 def default_admin_target() -> str:
     from edgeagent.settings import Settings
 
-    return f"unix:{Settings().admin_socket_path}"
+    return _first_socket(Settings().admin_socket_path, SYSTEM_RUNTIME_DIR / "admin.sock")
+
+
+def _first_socket(*paths: Path) -> str:
+    found = next((path for path in paths if path.is_socket()), paths[0])
+    return f"unix:{found}"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -28,10 +27,11 @@ from edgeagent.artifacts.prepare import hub_fetcher, model_to_serve, open_store
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import Engine, VllmEngine
 from edgeagent.engine_host import EngineFactory, EngineHost
-from edgeagent.errors import CancelledError, EngineDeadError
+from edgeagent.errors import CancelledError, EdgeAgentError, EngineDeadError
 from edgeagent.fit import Plan
 from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.metrics import Metrics, serve_metrics
+from edgeagent.offloop import kill_descendants, run_off_loop
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import ApiServer, Tokens
 from edgeagent.server.inflight import InflightRequests
@@ -101,40 +101,16 @@ class Daemon:
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
         store = open_store(settings)
         host = self._host = EngineHost(settings, store, self._engine_factory, self._probe)
-        self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
-        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
-        progress.addHandler(forward)
-        try:
-            manifest, fit = await self._prepare_model(store)
-        finally:
-            progress.removeHandler(forward)
+        manifest, fit = await self._prepare_model(store)
         started = time.perf_counter()
         self._notifier.status(f"starting the engine on {manifest.version}")
         engine = await self._off_loop(lambda: host.start(manifest, fit), cancellable=False)
-        served = ServedModel(manifest.model_id, manifest.version)
         metrics = Metrics()
+        served = ServedModel(manifest.model_id, manifest.version)
         service = GenerationService(engine, served, settings.limits, self._inflight, metrics)
-
-        def promoted(engine: Engine, version: Manifest) -> None:
-            service.use(engine, ServedModel(version.model_id, version.version))
-
-        self._updater = Updater(
-            store, self._host, self._inflight, manifest, on_promoted=promoted,
-            journal=UpdateJournal(settings.state_dir / "updates.json"),
-            hold_s=settings.updates.hold_s, probation_s=settings.updates.probation_s,
-            on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
-        )  # fmt: skip
+        self._updater = self._new_updater(store, manifest, service, metrics)
         self._start_update_sources(store, self._updater)
-        admin = AdminService(self._updater)
-        self._api = ApiServer(
-            service, settings.server, settings.socket_path, admin, settings.admin_socket_path,
-            Tokens(_secret(settings.api_token), _secret(settings.admin_token)),
-        )  # fmt: skip
-        await self._api.start()
-        if settings.metrics.address:
-            metrics.watch_device(self._probe)
-            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
-        await self._api.set_serving(True)
+        await self._start_api(service, metrics)
         self._notifier.ready(self._serving_status())
         logger.info(
             "serving %s (%s) after %.1f s",
@@ -142,6 +118,36 @@ class Daemon:
             served.version,
             time.perf_counter() - started,
         )
+
+    def _new_updater(
+        self, store: ModelStore, serving: Manifest, service: GenerationService, metrics: Metrics
+    ) -> Updater:
+        assert self._host is not None
+        updates = self.settings.updates
+
+        def promoted(engine: Engine, version: Manifest) -> None:
+            service.use(engine, ServedModel(version.model_id, version.version))
+
+        return Updater(
+            store, self._host, self._inflight, serving, on_promoted=promoted,
+            journal=UpdateJournal(self.settings.state_dir / "updates.json"),
+            hold_s=updates.hold_s, probation_s=updates.probation_s,
+            on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
+        )  # fmt: skip
+
+    async def _start_api(self, service: GenerationService, metrics: Metrics) -> None:
+        assert self._updater is not None
+        settings = self.settings
+        self._api = ApiServer(
+            service, settings.server, settings.socket_path, AdminService(self._updater),
+            settings.admin_socket_path,
+            Tokens(_secret(settings.api_token), _secret(settings.admin_token)),
+        )  # fmt: skip
+        await self._api.start()
+        if settings.metrics.address:
+            metrics.watch_device(self._probe)
+            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
+        await self._api.set_serving(True)
 
     async def _prepare_model(self, store: ModelStore) -> tuple[Manifest, Plan]:
         """The verified version that fits; fetched or built first when the store is empty."""
@@ -152,9 +158,15 @@ class Daemon:
             fit = plans[manifest.version] = host.plan(manifest)
             return None if fit.fits else "does not fit: " + "; ".join(fit.problems)
 
-        manifest = await self._off_loop(
-            lambda: model_to_serve(self.settings, store, self._cancel, refuse)
-        )
+        self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
+        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
+        progress.addHandler(forward)  # fetch and build progress lines, as STATUS= to systemd
+        try:
+            manifest = await self._off_loop(
+                lambda: model_to_serve(self.settings, store, self._cancel, refuse)
+            )
+        finally:
+            progress.removeHandler(forward)
         fit = plans[manifest.version]
         logger.info(
             "model %s version %s (%s, %s), context %d tokens, %d sequences at full context%s",
@@ -172,28 +184,14 @@ class Daemon:
         at the next start; a build's AutoRound process is stopped. Other work (an engine start)
         is waited for, then shut down with the rest.
         """
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[T] = loop.create_future()
-
-        def run() -> None:
-            try:
-                result = work()
-            except BaseException as error:  # handed to the event loop, raised there
-                loop.call_soon_threadsafe(_settle, done, None, error)
-            else:
-                loop.call_soon_threadsafe(_settle, done, result, None)
-
-        worker = threading.Thread(target=run, name="prepare-model", daemon=True)
-        worker.start()
-        while not done.done():
-            if self.should_exit:
-                self._cancel.set()
-                await asyncio.to_thread(worker.join, CANCEL_WAIT_S if cancellable else None)
-                done.add_done_callback(_consume)  # the work's own CancelledError is expected
-                raise CancelledError("stopped while preparing the model")
-            self._still_starting()
-            await asyncio.wait({done}, timeout=TICK_S)
-        return done.result()
+        return await run_off_loop(
+            work,
+            stop_requested=lambda: self.should_exit,
+            cancel=self._cancel,
+            cancel_wait_s=CANCEL_WAIT_S if cancellable else None,
+            on_tick=self._still_starting,
+            tick_s=TICK_S,
+        )
 
     def _still_starting(self) -> None:
         self._notifier.heartbeat()
@@ -262,7 +260,7 @@ class Daemon:
             try:
                 if await self._updater.engine_died(str(died)) is not None:
                     return True
-            except EngineDeadError:
+            except EdgeAgentError:  # the fallback failed too, or requests never drained
                 logger.exception("the automatic rollback failed")
             logger.exception("the engine died; stopping so the service manager can restart us")
             return False
@@ -311,7 +309,7 @@ class Daemon:
     def _handle_exit(self, sig: signal.Signals) -> None:
         if self.should_exit:
             logger.warning("second %s: exiting now without draining", sig.name)
-            _kill_descendants()  # the engine's processes would otherwise outlive us
+            kill_descendants()  # the engine's processes would otherwise outlive us
             logging.shutdown()
             os._exit(EXIT_FORCED)
         logger.info("%s received: shutting down", sig.name)
@@ -320,32 +318,3 @@ class Daemon:
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
-
-
-def _consume(future: asyncio.Future[T]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
-
-
-def _kill_descendants() -> None:
-    """SIGKILL every process below this one (Linux /proc), deepest first."""
-    pending, found = [os.getpid()], []
-    while pending:
-        pid = pending.pop()
-        for children in Path(f"/proc/{pid}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                kids = [int(child) for child in children.read_text().split()]
-                found += kids
-                pending += kids
-    for pid in reversed(found):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
 from edgeagent.client import Client, Parameters, build_request
+from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
@@ -48,6 +50,13 @@ class RunningDaemon:
         for task in Path(f"/proc/{self.process.pid}/task").iterdir():
             found += [int(pid) for pid in (task / "children").read_text().split()]
         return found
+
+    def engine_core(self) -> int:
+        """The pid of vLLM's engine core process under the daemon."""
+        names = {pid: Path(f"/proc/{pid}/comm").read_text() for pid in self.children()}
+        cores = [pid for pid, name in names.items() if name.startswith("VLLM::EngineCor")]
+        assert len(cores) == 1, cores
+        return cores[0]
 
     def wait(self, within_s: float) -> int:
         try:
@@ -300,6 +309,54 @@ async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonF
     for pid in daemon.children():
         os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(daemon.wait, 30) == 1
+
+
+async def test_engine_death_in_probation_rolls_back_and_keeps_serving(
+    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, tiny_4bit: Manifest,
+    tiny_4bit_b: Manifest,
+) -> None:  # fmt: skip
+    """1. A daemon serves A; B (same layout) is in its store. 2. `edgeagent update B` over the
+    admin socket: promoted. 3. The engine core is killed inside the probation window: the
+    daemon's health check restarts the engine on A, marks B bad and keeps serving. 4. SIGTERM:
+    exit 0."""
+    store = ModelStore(tmp_path / "state" / "models")
+    store.import_directory(tiny_model_b, ImportSource(origin=str(tiny_model_b)))
+    daemon = await asyncio.to_thread(_start_daemon, tmp_path, 10.0, tiny_model)
+    try:
+        update = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgeagent", "update", tiny_4bit_b.version[:10],
+             "--target", daemon.admin_target],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert update.returncode == 0, update.stdout + update.stderr
+        os.kill(daemon.engine_core(), signal.SIGKILL)
+        status = await asyncio.to_thread(_wait_for_auto_rollback, daemon, within_s=180)
+        with Client(daemon.target, timeout=60) as client:
+            answer = await asyncio.to_thread(
+                client.generate, "Still here?", Parameters(max_tokens=4, temperature=0)
+            )
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    assert status.version == tiny_4bit.version
+    assert status.history[0].kind == "auto_rollback"
+    assert "engine died" in status.bad_versions[tiny_4bit_b.version]
+    assert answer.model_version == tiny_4bit.version
+    assert store.refs().current == tiny_4bit.version
+
+
+def _wait_for_auto_rollback(daemon: RunningDaemon, within_s: float) -> admin_pb.Status:
+    deadline = time.monotonic() + within_s
+    with Client(daemon.admin_target, timeout=10) as admin:
+        while time.monotonic() < deadline:
+            assert daemon.process.poll() is None, f"the daemon exited; log:\n{daemon.tail()}"
+            with contextlib.suppress(grpc.RpcError):
+                status = admin.status()
+                if status.history and status.history[0].kind == "auto_rollback":
+                    return status
+            time.sleep(0.5)
+    raise AssertionError(f"no automatic rollback within {within_s} s; log:\n{daemon.tail()}")
 
 
 def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Path) -> None:

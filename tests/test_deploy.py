@@ -105,6 +105,7 @@ def test_install_is_idempotent_and_uninstall_keeps_the_store(tmp_path: Path) -> 
     assert stat.S_IMODE(credentials.stat().st_mode) == 0o700
     assert stat.S_IMODE((credentials / "hub_token").stat().st_mode) == 0o600
     assert (root / "etc/systemd/system/multi-user.target.wants/edgeagent.service").is_symlink()
+    assert os.readlink(root / "usr/local/bin/edgeagent") == str(EXEC)
 
     (root / "etc/edgeagent/edgeagent.toml").write_text('[hub]\nrevision = "pinned"\n')
     store = root / "var/lib/edgeagent/models/versions/abc"
@@ -119,6 +120,7 @@ def test_install_is_idempotent_and_uninstall_keeps_the_store(tmp_path: Path) -> 
     assert kept.returncode == 0, kept.stderr
     assert not (root / UNIT).exists()
     assert not (root / "etc/systemd/system/multi-user.target.wants/edgeagent.service").exists()
+    assert not (root / "usr/local/bin/edgeagent").is_symlink()
     assert store.is_dir()
     assert (root / "etc/edgeagent/edgeagent.toml").is_file()
 
