@@ -33,6 +33,7 @@ import grpc
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # as the engine wrapper does
 
 from edgeagent.artifacts.build import build_embedded  # noqa: E402
 from edgeagent.artifacts.manifest import ImportSource  # noqa: E402

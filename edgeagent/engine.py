@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -109,6 +110,9 @@ class VllmEngine:
         """Start vLLM on `config.model_path` (blocks: tens of seconds; longer with a cold cache)."""
         if not (config.model_path / "config.json").is_file():
             raise EngineError(f"no model at {config.model_path} (config.json missing)")
+        # vLLM reports usage statistics to its authors' server unless told not to; an edge box
+        # sends nothing anywhere it was not configured to (an operator may still opt in).
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

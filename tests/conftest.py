@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 # vLLM's compile cache survives between runs on one machine; a cold one costs ~30 s more.
 COMPILE_CACHE = REPO / ".cache" / "vllm"
 os.environ.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE))
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no traffic leaves loopback
 
 TEST_CONTEXT = 1024
 TEST_LIMITS = LimitSettings(
