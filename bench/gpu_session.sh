@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
+#   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -49,6 +50,16 @@ update)
     python3 bench/bench_update.py "$STATE" "$CACHE" "$B" "${SIZES[@]}" \
         EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 --updates 4 --every-s 8 \
         2>&1 | tee "$OUT/bench-update.txt" | grep -v "^INFO\|^(" || true
+    ;;
+restart)
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d /tmp/phi4c ] || LAYERS=32 python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4c 2
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    C=$(python3 bench/gpu_prepare.py /tmp/phi4c "$STATE" --keep-current | tee -a "$OUT/setup.txt" \
+        | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
+    python3 bench/bench_update.py "$STATE" "$CACHE" "$C" "${SIZES[@]}" \
+        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 --updates 2 --every-s 5 \
+        2>&1 | tee "$OUT/bench-restart.txt" | grep -v "^INFO\|^(" || true
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32

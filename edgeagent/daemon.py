@@ -9,6 +9,7 @@ A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from edgeagent.artifacts.prepare import hub_fetcher, model_to_serve, open_store
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import Engine, VllmEngine
 from edgeagent.engine_host import EngineFactory, EngineHost
-from edgeagent.errors import CancelledError, EdgeAgentError, EngineDeadError
+from edgeagent.errors import CancelledError, EdgeAgentError, EngineError
 from edgeagent.fit import Plan
 from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.metrics import Metrics, serve_metrics
@@ -254,9 +255,11 @@ class Daemon:
         """True while the engine answers, or once an update in probation has been rolled back."""
         assert self._host is not None
         assert self._updater is not None
+        if self._updater.busy:  # an update is reloading or restarting the engine: it answers
+            return True  # for what happens to it, and there may be no engine for a while
         try:
             await self._host.engine.check_health()
-        except EngineDeadError as died:
+        except EngineError as died:  # dead, or none left by a failed update
             try:
                 if await self._updater.engine_died(str(died)) is not None:
                     return True
@@ -298,7 +301,8 @@ class Daemon:
         request_ids = self._inflight.mark_cancelled(reason)
         logger.warning("cancelling %d request(s): %s", len(request_ids), reason)
         for request_id in request_ids:
-            await self._host.engine.abort(request_id)
+            with contextlib.suppress(EngineError):  # no engine: an update is restarting it
+                await self._host.engine.abort(request_id)
         await self._inflight.wait_idle(within_s=5.0)
 
     def _install_signal_handlers(self) -> None:

@@ -34,6 +34,7 @@ class EngineHost:
         self._factory, self._probe = factory, probe
         self._engine: Engine | None = None
         self._plan: Plan | None = None
+        self._closed = False
 
     @property
     def engine(self) -> Engine:
@@ -51,20 +52,23 @@ class EngineHost:
 
     def start(self, manifest: Manifest, fit: Plan) -> Engine:
         """Start an engine on `manifest` with the sizes of `fit` (blocks for tens of seconds)."""
-        self._engine = self._factory(self._config(manifest, fit))
-        self._plan = fit
+        engine = self._factory(self._config(manifest, fit))
+        if self._closed:  # the daemon shut down while this engine started (an update's restart)
+            engine.shutdown()
+            raise EngineError(f"shut down while the engine on {manifest.version} started")
+        self._engine, self._plan = engine, fit
         logger.info(
             "engine on %s; fit on %s: weights %.2f GiB + overhead %.2f GiB + KV cache %.2f GiB "
             "= %.2f GiB predicted, context %d tokens",
             manifest.version, fit.device.name, fit.weight_bytes / GiB, fit.overhead_bytes / GiB,
             fit.kv_cache_bytes / GiB, fit.predicted_bytes / GiB, fit.max_model_len,
         )  # fmt: skip
-        return self._engine
+        return engine
 
     async def restart(self, manifest: Manifest) -> Engine:
         """Stop the running engine and start one on `manifest`; raises EngineError when that
         version does not fit or its engine fails to start (then no engine runs)."""
-        await asyncio.to_thread(self.shutdown)
+        await asyncio.to_thread(self.stop_engine)
         fit = self.plan(manifest)
         if not fit.fits:
             raise EngineError(f"{manifest.version} does not fit: " + "; ".join(fit.problems))
@@ -78,6 +82,11 @@ class EngineHost:
             ) from error
 
     def shutdown(self) -> None:
+        """Stop the engine (an engine still starting is stopped once it has started)."""
+        self._closed = True
+        self.stop_engine()
+
+    def stop_engine(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()

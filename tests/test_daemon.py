@@ -311,27 +311,31 @@ async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonF
     assert await asyncio.to_thread(daemon.wait, 30) == 1
 
 
-async def test_engine_death_in_probation_rolls_back_and_keeps_serving(
-    tmp_path: Path, tiny_model: Path, tiny_model_b: Path, tiny_4bit: Manifest,
-    tiny_4bit_b: Manifest,
-) -> None:  # fmt: skip
-    """1. A daemon serves A; B (same layout) is in its store. 2. `edgeagent update B` over the
-    admin socket: promoted. 3. The engine core is killed inside the probation window: the
-    daemon's health check restarts the engine on A, marks B bad and keeps serving. 4. SIGTERM:
-    exit 0."""
+async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_rolls_back(
+    tmp_path: Path, tiny_model: Path, tiny_fp16: Path, tiny_4bit: Manifest
+) -> None:
+    """1. A daemon serves A (4-bit); the fp16 model, another layout, is in its store.
+    2. `edgeagent update` over the admin socket: the engine is restarted on fp16 while the
+    daemon's health checks go on; promoted, and it answers. 3. The engine core is killed inside
+    the probation window: the health check restarts the engine on A, marks fp16 bad, and the
+    daemon keeps serving. 4. SIGTERM: exit 0."""
     store = ModelStore(tmp_path / "state" / "models")
-    store.import_directory(tiny_model_b, ImportSource(origin=str(tiny_model_b)))
+    other = store.import_directory(tiny_fp16, ImportSource(origin=str(tiny_fp16)))
     daemon = await asyncio.to_thread(_start_daemon, tmp_path, 10.0, tiny_model)
     try:
         update = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "edgeagent", "update", tiny_4bit_b.version[:10],
+            [sys.executable, "-m", "edgeagent", "update", other.version[:10],
              "--target", daemon.admin_target],
-            capture_output=True, text=True, timeout=120, check=False,
+            capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
-        assert update.returncode == 0, update.stdout + update.stderr
+        assert update.returncode == 0, update.stdout + update.stderr + daemon.tail()
+        with Client(daemon.target, timeout=60) as client:
+            on_other = await asyncio.to_thread(
+                client.generate, "Hello", Parameters(max_tokens=4, temperature=0)
+            )
         os.kill(daemon.engine_core(), signal.SIGKILL)
-        status = await asyncio.to_thread(_wait_for_auto_rollback, daemon, within_s=180)
+        status = await asyncio.to_thread(_wait_for_auto_rollback, daemon, within_s=300)
         with Client(daemon.target, timeout=60) as client:
             answer = await asyncio.to_thread(
                 client.generate, "Still here?", Parameters(max_tokens=4, temperature=0)
@@ -339,9 +343,11 @@ async def test_engine_death_in_probation_rolls_back_and_keeps_serving(
     finally:
         daemon.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait, 60) == 0
+    assert "restart" in update.stdout
+    assert on_other.model_version == other.version
     assert status.version == tiny_4bit.version
-    assert status.history[0].kind == "auto_rollback"
-    assert "engine died" in status.bad_versions[tiny_4bit_b.version]
+    assert [o.kind for o in status.history][:2] == ["auto_rollback", "update"]
+    assert "engine died" in status.bad_versions[other.version]
     assert answer.model_version == tiny_4bit.version
     assert store.refs().current == tiny_4bit.version
 

@@ -91,6 +91,11 @@ class Updater:
                 raise UpdateRefusedError("the store has no previous version to roll back to")
             return await self._apply(refs.previous, "rollback")
 
+    @property
+    def busy(self) -> bool:
+        """An update, rollback or automatic rollback is under way."""
+        return self._lock.locked()
+
     def in_probation(self) -> bool:
         return self.probation is not None and time.monotonic() < self.probation.until
 
