@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,23 +72,25 @@ async def stream_until(target: str, stop: asyncio.Event, load: Load, client: int
                 load.failures.append(f"{error.code().name}: {error.details()}")
 
 
+def gaps(arrivals: dict[int, list[float]]) -> Iterator[tuple[float, float]]:
+    """(when it ended, how long) for each wait between one client's consecutive messages,
+    across its requests."""
+    for times in arrivals.values():
+        for earlier, later in itertools.pairwise(times):
+            yield later, later - earlier
+
+
 def longest_gap(arrivals: dict[int, list[float]], start: float, end: float) -> float:
-    """The longest wait between one client's consecutive messages (across its requests) that
-    ends within [start, end]."""
-    return max(
-        (b - a for times in arrivals.values() for a, b in itertools.pairwise(times)
-         if start <= b <= end),
-        default=0.0,
-    )  # fmt: skip
+    """The longest wait that ends within [start, end]."""
+    return max((gap for at, gap in gaps(arrivals) if start <= at <= end), default=0.0)
 
 
 def steady_gap(arrivals: dict[int, list[float]], windows: list[tuple[float, float]]) -> float:
-    """The longest gap ending outside every swap window: what clients see without updates."""
+    """The longest wait ending outside every swap window: what clients see without updates."""
     return max(
-        (b - a for times in arrivals.values() for a, b in itertools.pairwise(times)
-         if not any(start <= b <= end for start, end in windows)),
+        (gap for at, gap in gaps(arrivals) if not any(s <= at <= e for s, e in windows)),
         default=0.0,
-    )  # fmt: skip
+    )
 
 
 async def run(

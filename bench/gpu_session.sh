@@ -13,6 +13,22 @@ STATE=/tmp/ea-state CACHE=/tmp/ea-cache
 SIZES=(EDGEAGENT_MODEL__MAX_NUM_SEQS=32 EDGEAGENT_MODEL__MAX_MODEL_LEN=4096)
 python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
     proto/edgeagent/v1/generation.proto proto/edgeagent/v1/admin.proto
+# Version A (/tmp/phi4) serves; CHECKPOINT (LAYERS layers, SEED) is stored beside it; clients
+# stream while bench_update.py swaps A -> it -> A ...; its report goes to $OUT/OUTFILE.
+swaps() {
+    local checkpoint=$1 layers=$2 seed=$3 outfile=$4 version
+    shift 4
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d "$checkpoint" ] || LAYERS=${layers:-40} python3 /tmp/gpu-tools/make_phi4_gptq.py \
+        "$checkpoint" "$seed"
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    version=$(python3 bench/gpu_prepare.py "$checkpoint" "$STATE" --keep-current \
+        | tee -a "$OUT/setup.txt" | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
+    python3 bench/bench_update.py "$STATE" "$CACHE" "$version" "${SIZES[@]}" \
+        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 "$@" \
+        2>&1 | tee "$OUT/$outfile" | grep -v "^INFO\|^(" || true
+}
+
 case "$1" in
 prepare)
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/setup.txt"
@@ -41,25 +57,11 @@ ttft)
         --streams 1 --max-tokens 8 --prompt-tokens 1024 2>&1 | tee "$OUT/bench-ttft.txt" \
         | grep -v "^INFO\|^(" || true
     ;;
-update)
-    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
-    [ -d /tmp/phi4b ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4b 1
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
-    B=$(python3 bench/gpu_prepare.py /tmp/phi4b "$STATE" --keep-current | tee -a "$OUT/setup.txt" \
-        | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
-    python3 bench/bench_update.py "$STATE" "$CACHE" "$B" "${SIZES[@]}" \
-        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 --updates 4 --every-s 8 \
-        2>&1 | tee "$OUT/bench-update.txt" | grep -v "^INFO\|^(" || true
+update)  # a second version of the same layout: in-place reloads
+    swaps /tmp/phi4b "" 1 bench-update.txt --updates 4 --every-s 8
     ;;
-restart)
-    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
-    [ -d /tmp/phi4c ] || LAYERS=32 python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4c 2
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
-    C=$(python3 bench/gpu_prepare.py /tmp/phi4c "$STATE" --keep-current | tee -a "$OUT/setup.txt" \
-        | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
-    python3 bench/bench_update.py "$STATE" "$CACHE" "$C" "${SIZES[@]}" \
-        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 --updates 2 --every-s 5 \
-        2>&1 | tee "$OUT/bench-restart.txt" | grep -v "^INFO\|^(" || true
+restart)  # 32 layers instead of 40: another architecture, so the engine restarts
+    swaps /tmp/phi4c 32 2 bench-restart.txt --updates 2 --every-s 5
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32

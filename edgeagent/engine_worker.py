@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -39,7 +40,7 @@ class WorkerExtension:
         return int(torch.cuda.memory_reserved())
 
 
-def _tensors(value: Any) -> Any:
+def _tensors(value: Any) -> Iterator[Any]:
     """The tensors in a KV cache structure (a tensor, or lists/tuples/dicts of them)."""
     if value is None:
         return

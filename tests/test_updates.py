@@ -284,12 +284,7 @@ async def test_a_drop_is_taken_only_once_it_is_ready(
     drop = tmp_path / "drop"
     await asyncio.to_thread(drop.mkdir)
 
-    async def ready(candidate: Path) -> None:
-        await take_drop(candidate, drop, model_store, updater)
-
-    watcher = DropDirectory(drop, ready, asyncio.get_running_loop())
-    watcher.start()
-    try:
+    async with _watching(drop, model_store, updater):
         incoming = drop / "release-b"
         await asyncio.to_thread(incoming.mkdir)
         for path in await asyncio.to_thread(lambda: sorted(tiny_model_b.iterdir())):
@@ -300,12 +295,7 @@ async def test_a_drop_is_taken_only_once_it_is_ready(
         assert list(updater.journal.history) == []
 
         await asyncio.to_thread((incoming / "READY").touch)
-        for _ in range(300):
-            if await asyncio.to_thread((drop / "done" / "release-b").is_dir):
-                break
-            await asyncio.sleep(0.1)
-    finally:
-        watcher.stop()
+        await _until_filed(drop / "done" / "release-b")
     assert updater.serving.version == tiny_4bit_b.version
     assert updater.journal.history[0].result == "promoted"
     assert not (drop / "done" / "release-b" / "READY").exists()
@@ -321,19 +311,31 @@ async def test_a_drop_left_while_the_daemon_was_down_is_taken_at_start(
     await asyncio.to_thread(shutil.copytree, tiny_model_b, drop / "while-down")
     await asyncio.to_thread((drop / "while-down" / "READY").touch)
 
+    async with _watching(drop, model_store, updater):
+        await _until_filed(drop / "done" / "while-down")
+    assert updater.serving.version == tiny_4bit_b.version
+
+
+@contextlib.asynccontextmanager
+async def _watching(drop: Path, store: ModelStore, updater: Updater) -> AsyncIterator[None]:
+    """The drop directory watched as the daemon watches it, handing drops to `take_drop`."""
+
     async def ready(candidate: Path) -> None:
-        await take_drop(candidate, drop, model_store, updater)
+        await take_drop(candidate, drop, store, updater)
 
     watcher = DropDirectory(drop, ready, asyncio.get_running_loop())
     watcher.start()
     try:
-        for _ in range(300):
-            if await asyncio.to_thread((drop / "done" / "while-down").is_dir):
-                break
-            await asyncio.sleep(0.1)
+        yield
     finally:
         watcher.stop()
-    assert updater.serving.version == tiny_4bit_b.version
+
+
+async def _until_filed(where: Path, within_s: float = 30.0) -> None:
+    for _ in range(int(within_s / 0.1)):
+        if await asyncio.to_thread(where.is_dir):
+            return
+        await asyncio.sleep(0.1)
 
 
 async def test_a_new_hub_commit_is_fetched_and_updated_to(
@@ -362,7 +364,7 @@ async def test_a_new_hub_commit_is_fetched_and_updated_to(
     assert len([path for path in asked if path.endswith("/revision/main")]) == 3  # one a poll
 
 
-async def test_hub_poll_failures_back_off_and_recover(
+async def test_hub_poll_failures_back_off_with_jitter(
     admin_target: Target, model_store: ModelStore
 ) -> None:
     updater = admin_target.updater

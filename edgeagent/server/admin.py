@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
 from edgeagent.server.status import Context, errors_as_status
@@ -12,7 +10,7 @@ from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as pb
 from edgeagent.v1 import admin_pb2_grpc as pb_grpc
 
-SERVICE_NAME = "edgeagent.v1.AdminService"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AdminService"].full_name
 _RESULTS = {
     "promoted": pb.UPDATE_RESULT_PROMOTED,
     "refused": pb.UPDATE_RESULT_REFUSED,
@@ -26,15 +24,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.Status:
         updater = self._updater
-        probation = updater.probation
-        left_s = max(0.0, probation.until - time.monotonic()) if probation else 0.0
         return pb.Status(
             model_id=updater.serving.model_id,
             version=updater.serving.version,
             previous_version=updater.previous_version or "",
             history=[_outcome(o) for o in updater.journal.history],
             candidate_version=updater.candidate or "",
-            probation_left_s=left_s,
+            probation_left_s=updater.probation_left_s,
             bad_versions=updater.journal.bad,
         )
 

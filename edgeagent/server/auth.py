@@ -15,14 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from grpc_health.v1 import health
 
 from edgeagent.errors import ConfigError
+from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
-ADMIN_PREFIX = "/edgeagent.v1.AdminService/"
+HEALTH_PREFIX = f"/{health.SERVICE_NAME}/"
+ADMIN_PREFIX = f"/{ADMIN_SERVICE_NAME}/"
 DENIED = "missing or wrong bearer token (metadata `authorization: Bearer <token>`)"
 
 

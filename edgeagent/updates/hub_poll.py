@@ -78,7 +78,8 @@ class HubPoller:
             return None
         stored = self._fetcher.store.find_hub_version(self.target.repo, commit)
         serving = self._updater.serving.version
-        if stored is not None and (stored.version == serving or stored.version in self._bad()):
+        bad = self._updater.journal.bad
+        if stored is not None and (stored.version == serving or stored.version in bad):
             self._handled_commit = commit
             return None
         logger.info("%s moved to commit %s: fetching it", self.target, commit)
@@ -88,6 +89,3 @@ class HubPoller:
         if manifest.version == serving:
             return None
         return await self._updater.update(manifest.version)
-
-    def _bad(self) -> dict[str, str]:
-        return self._updater.journal.bad

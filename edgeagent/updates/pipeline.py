@@ -96,8 +96,15 @@ class Updater:
         """An update, rollback or automatic rollback is under way."""
         return self._lock.locked()
 
+    @property
+    def probation_left_s(self) -> float:
+        """Seconds left in which an engine death rolls the last promotion back; 0 if none."""
+        if self.probation is None:
+            return 0.0
+        return max(0.0, self.probation.until - time.monotonic())
+
     def in_probation(self) -> bool:
-        return self.probation is not None and time.monotonic() < self.probation.until
+        return self.probation_left_s > 0
 
     async def engine_died(self, reason: str) -> UpdateOutcome | None:
         """The engine died: within a probation window, serve the fallback again (the new version
@@ -201,11 +208,9 @@ class Updater:
         self.probation = Probation(old, now, now + self._probation_s)
 
     async def _load(self, manifest: Manifest, method: Method) -> str | None:
+        """Load the candidate; why it failed, or None."""
         try:
-            if method == "reload":
-                await self._host.engine.reload_weights(self._store.model_dir(manifest.version))
-            else:
-                await self._host.restart(manifest)
+            await self._bring_in(manifest, method)
         except Exception as error:  # any failure inside vLLM: the old version goes back in
             logger.exception("loading %s (%s) failed", manifest.version, method)
             return f"{method} failed: {error}"
@@ -214,12 +219,15 @@ class Updater:
     async def _load_back(self, old: Manifest, method: Method) -> None:
         """Serve `old` again, as it was; if even that fails the engine is dead."""
         try:
-            if method == "reload":
-                await self._host.engine.reload_weights(self._store.model_dir(old.version))
-            else:
-                await self._host.restart(old)
+            await self._bring_in(old, method)
         except Exception as error:
             raise EngineDeadError(f"could not put {old.version} back: {error}") from error
+
+    async def _bring_in(self, manifest: Manifest, method: Method) -> None:
+        if method == "reload":
+            await self._host.engine.reload_weights(self._store.model_dir(manifest.version))
+        else:
+            await self._host.restart(manifest)
 
     async def _smoke_test(self) -> str | None:
         """A short greedy generation must produce tokens with finite log-probabilities."""
