@@ -1,15 +1,18 @@
-# The two commands of the quick start: `make demo` and `make test`. Both set up .venv first.
+# The quick start's commands: `make demo`, `make test-fast` (seconds, fake engines) and
+# `make test` (lint, then both tiers against the real engine). Each sets up .venv first.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PROTOS := $(wildcard proto/edgeagent/v1/*.proto)
+STUBS := edgeagent/v1/generation_pb2.py
 # The demo keeps its state, cache (vLLM's compile cache included) and socket inside the checkout.
 DEMO_ENV := EDGEAGENT_STATE_DIR=$(CURDIR)/.demo/state EDGEAGENT_CACHE_DIR=$(CURDIR)/.demo/cache \
             EDGEAGENT_RUNTIME_DIR=$(CURDIR)/.demo/run
 
-.PHONY: demo test lint bench venv clean
+.PHONY: demo test test-fast lint bench venv clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(STUBS)
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,18 +21,25 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The install generates the stubs too; this keeps them current when a .proto changes.
+$(STUBS): $(PROTOS) | $(STAMP)
+	$(BIN)/python proto/generate_stubs.py
+
+demo: venv
 	$(DEMO_ENV) $(BIN)/edgeagent demo
 
-lint: $(STAMP)
-	$(BIN)/ruff check edgeagent tests bench
-	$(BIN)/ruff format --check edgeagent tests bench
+lint: venv
+	$(BIN)/ruff check edgeagent tests bench proto
+	$(BIN)/ruff format --check edgeagent tests bench proto
 	$(BIN)/mypy
+
+test-fast: venv
+	$(BIN)/pytest -q tests/fast
 
 test: lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+bench: venv
 	$(BIN)/python bench/bench_serving.py
 
 clean:

@@ -56,6 +56,18 @@ def build_request(
     return request
 
 
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """One line for a failed call; a daemon that is not there says so, with where to look."""
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or ""
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details:
+        return (
+            f"no edgeagent daemon answers ({details}); is it running? "
+            f"(`systemctl status edgeagent`, or `edgeagent serve`)"
+        )
+    return f"{code.name}: {details}"
+
+
 SYSTEM_RUNTIME_DIR = Path("/run/edgeagent")  # the systemd unit's RuntimeDirectory
 
 

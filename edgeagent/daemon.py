@@ -1,9 +1,13 @@
-"""The composition root: wires settings, model, engine and gRPC server; startup / run / shutdown.
+"""The composition root: wires settings, store, engine, updates and the gRPC servers;
+startup / run / shutdown.
 
-Signal handlers only set flags; the main loop ticks every 0.1 s and notices them. Shutdown runs
-in order: health NOT_SERVING, new requests refused, in-flight requests drain for the grace period,
-the rest are cancelled in the engine with a reason, the server stops, the engine shuts down.
-A second signal exits at once.
+Signal handlers only set flags; the main loop ticks every 0.1 s and notices them. What is served
+lives in one place, the serving slot: startup loads a version into it through the same loader
+an update uses (fit check, load, smoke test), the updater swaps it, shutdown empties it.
+Shutdown runs in order: health NOT_SERVING, new requests refused, update sources stopped, a
+change under way finished, requests in flight drained for the grace period, the rest cancelled
+in the engine with a reason, the servers stopped, the engine shut down. A second signal exits at
+once.
 """
 
 from __future__ import annotations
@@ -16,33 +20,44 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import SecretStr
-
 from edgeagent.artifacts.fetch import HubTarget
 from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.prepare import hub_fetcher, model_to_serve, open_store
+from edgeagent.artifacts.prepare import acquire_default, hub_fetcher, open_store
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.engine import Engine, VllmEngine
-from edgeagent.engine_host import EngineFactory, EngineHost
-from edgeagent.errors import CancelledError, EdgeAgentError, EngineError
-from edgeagent.fit import Plan
+from edgeagent.engine.interface import EngineFactory
+from edgeagent.engine.loader import EngineLoader
+from edgeagent.engine.slot import Serving, ServingSlot
+from edgeagent.engine.vllm_engine import VllmEngine
+from edgeagent.errors import (
+    CorruptArtifactError,
+    EdgeAgentError,
+    EngineError,
+    LoadError,
+    NoServableVersionError,
+    NotFoundError,
+    StoppedError,
+)
 from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.metrics import Metrics, serve_metrics
 from edgeagent.offloop import kill_descendants, run_off_loop
+from edgeagent.preflight import check_settings
+from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
-from edgeagent.server.app import ApiServer, Tokens
-from edgeagent.server.inflight import InflightRequests
-from edgeagent.server.service import GenerationService, ServedModel
+from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
+from edgeagent.server.health import SlotHealth
+from edgeagent.server.service import GenerationService
 from edgeagent.settings import Settings
 from edgeagent.systemd import Notifier, StatusHandler
+from edgeagent.tasks import Supervisor
+from edgeagent.updates.drop_dir import DropDirectory, take_drop
 from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.journal import UpdateJournal
-from edgeagent.updates.pipeline import Updater
-from edgeagent.updates.sources import DropDirectory, take_drop
+from edgeagent.updates.pipeline import Probation, Updater
+from edgeagent.updates.recovery import ResumedProbation, settle_interrupted
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +65,9 @@ T = TypeVar("T")
 TICK_S = 0.1
 CANCEL_WAIT_S = 35.0  # a cancelled build's AutoRound process gets 30 s to stop
 # While the model is prepared and the engine starts, systemd's start timeout is pushed out by
-# EXTEND_BY_S every EXTEND_EVERY_S from the main loop (a stuck loop stops it), for at most
+# EXTEND_BY_S every EXTEND_EVERY_S from the event loop (a stuck loop stops it), for at most
 # STARTUP_LIMIT_S: fetches and builds report progress, and an engine that takes longer is hung.
 EXTEND_EVERY_S, EXTEND_BY_S, STARTUP_LIMIT_S = 10.0, 30.0, 4 * 3600.0
-HEALTH_CHECK_EVERY_S = 5.0
 EXIT_OK, EXIT_ENGINE_DIED, EXIT_FORCED = 0, 1, 130
 
 
@@ -65,29 +79,29 @@ class Daemon:
         probe: MemoryProbe | None = None,
     ) -> None:
         self.settings = settings
+        self.slot = ServingSlot()
         self._engine_factory = engine_factory
         self._probe = probe or default_probe()
-        self._inflight = InflightRequests()
-        self._host: EngineHost | None = None
-        self._updater: Updater | None = None
-        self._api: ApiServer | None = None
+        self._tasks = Supervisor()
+        self._loader: EngineLoader | None = None
+        self._journal: UpdateJournal | None = None
+        self.updater: Updater | None = None
+        self.api: ApiServer | None = None
         self._cancel = threading.Event()
-        self._drops: DropDirectory | None = None
-        self._poller: asyncio.Task[None] | None = None
         self._stop_metrics: Callable[[], None] | None = None
         self._notifier = Notifier()
         self._started_at = time.monotonic()
-        self._next_extend = 0.0
         self._announced: str | None = None
         self.should_exit = False
 
-    async def serve(self) -> int:
-        """Run until a signal or an engine failure; return the process exit code."""
-        self._install_signal_handlers()
+    async def serve(self, *, handle_signals: bool = True) -> int:
+        """Run until a signal (or `should_exit`) or an engine failure; the process exit code."""
+        if handle_signals:
+            self._install_signal_handlers()
         try:
             await self.startup()
             return await self.run()
-        except CancelledError as stopped:
+        except StoppedError as stopped:
             logger.info("%s", stopped)
             return EXIT_OK
         finally:
@@ -96,116 +110,150 @@ class Daemon:
     async def startup(self) -> None:
         settings = self.settings
         logger.info("effective configuration: %s", json.dumps(settings.redacted(), sort_keys=True))
-        for directory in (settings.state_dir, settings.cache_dir, settings.runtime_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        check_settings(settings)  # before anything slow: a bad setting costs a second
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
         os.environ["VLLM_CACHE_ROOT"] = str(settings.cache_dir / "vllm")
         store = open_store(settings)
-        host = self._host = EngineHost(settings, store, self._engine_factory, self._probe)
-        manifest, fit = await self._prepare_model(store)
-        started = time.perf_counter()
-        self._notifier.status(f"starting the engine on {manifest.version}")
-        engine = await self._off_loop(lambda: host.start(manifest, fit), cancellable=False)
+        journal = self._journal = UpdateJournal(settings.state_dir / "updates.json")
+        resumed = settle_interrupted(journal, store)
+        loader = self._loader = EngineLoader(settings, store, self._engine_factory, self._probe)
+        ticker = asyncio.create_task(self._tick_while_starting(), name="startup-ticker")
+        try:
+            serving = await self._serve_first_servable(store, loader, journal)
+        finally:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+        if self.should_exit:
+            raise StoppedError("stopped while starting the engine")
         metrics = Metrics()
-        served = ServedModel(manifest.model_id, manifest.version)
-        service = GenerationService(engine, served, settings.limits, self._inflight, metrics)
-        self._updater = self._new_updater(store, manifest, service, metrics)
-        self._start_update_sources(store, self._updater)
-        await self._start_api(service, metrics)
-        self._notifier.ready(self._serving_status())
-        logger.info(
-            "serving %s (%s) after %.1f s",
-            served.model_id,
-            served.version,
-            time.perf_counter() - started,
-        )
-
-    def _new_updater(
-        self, store: ModelStore, serving: Manifest, service: GenerationService, metrics: Metrics
-    ) -> Updater:
-        assert self._host is not None
-        updates = self.settings.updates
-
-        def promoted(engine: Engine, version: Manifest) -> None:
-            service.use(engine, ServedModel(version.model_id, version.version))
-
-        return Updater(
-            store, self._host, self._inflight, serving, on_promoted=promoted,
-            journal=UpdateJournal(self.settings.state_dir / "updates.json"),
-            hold_s=updates.hold_s, probation_s=updates.probation_s,
+        metrics.watch_slot(self.slot)
+        updates = settings.updates
+        self.updater = Updater(
+            store, loader, self.slot, journal, hold_s=updates.hold_s,
+            probation_s=updates.probation_s, probation=_resume(resumed, serving, store),
             on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
         )  # fmt: skip
+        await self._start_api(metrics)
+        self._start_update_sources(store, self.updater)
+        self._notifier.ready(self._serving_status())
+        logger.info("serving %s (%s) after %.1f s", serving.model_id, serving.version,
+                    time.monotonic() - self._started_at)  # fmt: skip
 
-    async def _start_api(self, service: GenerationService, metrics: Metrics) -> None:
-        assert self._updater is not None
-        settings = self.settings
-        self._api = ApiServer(
-            service, settings.server, settings.socket_path, AdminService(self._updater),
-            settings.admin_socket_path,
-            Tokens(_secret(settings.api_token), _secret(settings.admin_token)),
-        )  # fmt: skip
-        await self._api.start()
-        if settings.metrics.address:
-            metrics.watch_device(self._probe)
-            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
-        await self._api.set_serving(True)
-
-    async def _prepare_model(self, store: ModelStore) -> tuple[Manifest, Plan]:
-        """The verified version that fits; fetched or built first when the store is empty."""
-        assert self._host is not None
-        host, plans = self._host, dict[str, Plan]()
-
-        def refuse(manifest: Manifest) -> str | None:
-            fit = plans[manifest.version] = host.plan(manifest)
-            return None if fit.fits else "does not fit: " + "; ".join(fit.problems)
-
+    async def _serve_first_servable(
+        self, store: ModelStore, loader: EngineLoader, journal: UpdateJournal
+    ) -> Serving:
+        """Load `current`, else `previous`: the first that verifies, fits and passes its smoke
+        test (a version marked bad is not fallen back to). An empty store is filled first."""
         self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
-        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
-        progress.addHandler(forward)  # fetch and build progress lines, as STATUS= to systemd
-        try:
-            manifest = await self._off_loop(
-                lambda: model_to_serve(self.settings, store, self._cancel, refuse)
-            )
-        finally:
-            progress.removeHandler(forward)
-        fit = plans[manifest.version]
+        if store.refs().current is None:
+            with self._progress_to_systemd():
+                manifest = await self._off_loop(
+                    lambda: acquire_default(self.settings, store, self._cancel)
+                )
+            store.activate(manifest.version)
+        full = self.settings.store.verify_on_start == "full"
+        failures = []
+        for ref in ("current", "previous"):
+            try:
+                manifest = await self._off_loop(lambda: store.verify(ref, full=full))  # noqa: B023
+                if ref == "previous" and manifest.version in journal.bad:
+                    raise LoadError(f"marked bad: {journal.bad[manifest.version]}")
+                return await self._load(loader, manifest)
+            except (CorruptArtifactError, NotFoundError, LoadError) as error:
+                failures.append(f"{ref}: {error}")
+                logger.error("cannot serve the %s version: %s", ref, error)
+        raise NoServableVersionError(
+            "no servable version: " + "; ".join(failures) + ". Fetch or build one that fits "
+            "(`edgeagent fetch`, `edgeagent fit`), then `edgeagent models verify`"
+        )
+
+    async def _load(self, loader: EngineLoader, manifest: Manifest) -> Serving:
+        fit = loader.plan(manifest)
+        if not fit.fits:
+            raise LoadError(f"version {manifest.version} does not fit: " + "; ".join(fit.problems))
         logger.info(
             "model %s version %s (%s, %s), context %d tokens, %d sequences at full context%s",
             manifest.model_id, manifest.version, manifest.source_label,
             manifest.quantization_label, fit.max_model_len, fit.max_concurrency,
             "".join(f"; {n}" for n in fit.notes),
         )  # fmt: skip
-        return manifest, fit
+        self._notifier.status(f"starting the engine on {manifest.version}")
+        serving = await self.slot.swap(lambda _: loader.start(manifest, fit), hold_s=0)
+        assert serving is not None
+        return serving
 
-    async def _off_loop(self, work: Callable[[], T], cancellable: bool = True) -> T:
-        """Run blocking work (a fetch, a build, an engine start) on a thread while signals are
-        noticed and systemd hears from the main loop.
+    @contextlib.contextmanager
+    def _progress_to_systemd(self) -> Iterator[None]:
+        """Fetch and build progress lines, forwarded as STATUS= to systemd."""
+        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
+        progress.addHandler(forward)
+        try:
+            yield
+        finally:
+            progress.removeHandler(forward)
 
-        On a signal cancellable work is cancelled: a download stops within a chunk and resumes
-        at the next start; a build's AutoRound process is stopped. Other work (an engine start)
-        is waited for, then shut down with the rest.
-        """
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Blocking work (a fetch, a build, a verification) on a thread; on a signal it is
+        cancelled: a download stops within a chunk and resumes at the next start; a build's
+        AutoRound process is stopped."""
         return await run_off_loop(
-            work,
-            stop_requested=lambda: self.should_exit,
-            cancel=self._cancel,
-            cancel_wait_s=CANCEL_WAIT_S if cancellable else None,
-            on_tick=self._still_starting,
-            tick_s=TICK_S,
-        )
+            work, stop_requested=lambda: self.should_exit, cancel=self._cancel,
+            cancel_wait_s=CANCEL_WAIT_S, tick_s=TICK_S,
+        )  # fmt: skip
 
-    def _still_starting(self) -> None:
-        self._notifier.heartbeat()
-        now = time.monotonic()
-        if now >= self._next_extend and now - self._started_at < STARTUP_LIMIT_S:
-            self._next_extend = now + EXTEND_EVERY_S
-            self._notifier.extend_timeout(EXTEND_BY_S)
+    async def _tick_while_starting(self) -> None:
+        """Heartbeats, and start timeout extensions for systemd, from the event loop."""
+        next_extend = 0.0
+        while True:
+            self._notifier.heartbeat()
+            now = time.monotonic()
+            if now >= next_extend and now - self._started_at < STARTUP_LIMIT_S:
+                next_extend = now + EXTEND_EVERY_S
+                self._notifier.extend_timeout(EXTEND_BY_S)
+            await asyncio.sleep(TICK_S)
+
+    async def _start_api(self, metrics: Metrics) -> None:
+        assert self.updater is not None
+        settings = self.settings
+        tokens = Tokens(settings.api_token_value, settings.admin_token_value)
+        self.api = ApiServer(
+            GenerationService(self.slot, settings.limits, metrics),
+            SlotHealth(self.slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings.server,
+            settings.socket_path, AdminService(self.slot, self.updater),
+            settings.admin_socket_path, tokens,
+        )  # fmt: skip
+        await self.api.start()
+        if settings.metrics.address:
+            metrics.watch_device(self._probe)
+            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
+
+    def _start_update_sources(self, store: ModelStore, updater: Updater) -> None:
+        settings = self.settings
+        if settings.updates.watch_drop_dir:
+            drop = settings.drop_dir
+
+            async def take(claimed: Path) -> None:
+                await take_drop(claimed, drop, store, updater)
+
+            self._tasks.start("drop-directory", DropDirectory(drop, take).run)
+            logger.info("watching %s for model updates (a directory with a READY file)", drop)
+        if settings.polls_hub:
+            updates = settings.updates
+            poller = HubPoller(
+                hub_fetcher(settings, store), HubTarget(settings.hub.repo, settings.hub.revision),
+                updater, interval_s=updates.hub_poll_interval_s, jitter=updates.hub_poll_jitter,
+                max_backoff_s=updates.hub_poll_max_backoff_s,
+            )  # fmt: skip
+            self._tasks.start("hub-poll", poller.run)
+            logger.info("polling the hub for new commits of %s every %g s",
+                        poller.target, updates.hub_poll_interval_s)  # fmt: skip
 
     def _serving_status(self) -> str:
-        assert self._updater is not None
-        serving = self._updater.serving
-        if self._updater.candidate:
-            return f"updating to {self._updater.candidate}; serving {serving.version}"
+        serving, updater = self.slot.serving, self.updater
+        if serving is None:
+            return f"not serving: {self.slot.why_empty}"
+        if updater is not None and updater.candidate:
+            return f"updating to {updater.candidate}; serving {serving.version}"
         return f"serving {serving.model_id} {serving.version}"
 
     def _announce(self) -> None:
@@ -215,95 +263,79 @@ class Daemon:
             self._announced = status
             self._notifier.status(status)
 
-    def _start_update_sources(self, store: ModelStore, updater: Updater) -> None:
-        settings = self.settings
-        if settings.updates.watch_drop_dir:
-            drop = settings.drop_dir
-
-            async def ready(candidate: Path) -> None:
-                await take_drop(candidate, drop, store, updater)
-
-            self._drops = DropDirectory(drop, ready, asyncio.get_running_loop())
-            self._drops.start()
-            logger.info("watching %s for model updates (a directory with a READY file)", drop)
-        if settings.polls_hub:
-            updates = settings.updates
-            poller = HubPoller(
-                hub_fetcher(settings, store), HubTarget(settings.hub.repo, settings.hub.revision),
-                updater, interval_s=updates.hub_poll_interval_s, jitter=updates.hub_poll_jitter,
-                max_backoff_s=updates.hub_poll_max_backoff_s,
-            )  # fmt: skip
-            self._poller = asyncio.create_task(poller.run(), name="hub-poll")
-            logger.info(
-                "polling the hub for new commits of %s every %g s",
-                poller.target, updates.hub_poll_interval_s,
-            )  # fmt: skip
-
     async def run(self) -> int:
-        next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
+        assert self.updater is not None
+        every_s = self.settings.model.health_check_s
+        updater, next_health_check = self.updater, time.monotonic() + every_s
         while not self.should_exit:
             await asyncio.sleep(TICK_S)
             self._notifier.heartbeat()
             self._announce()
+            updater.check_probation()
+            if self.slot.serving is None and not updater.busy:
+                logger.error("%s; stopping so the service manager restarts us", self.slot.why_empty)
+                return EXIT_ENGINE_DIED
             if time.monotonic() >= next_health_check:
-                next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
-                if not await self._engine_healthy():
+                next_health_check = time.monotonic() + every_s
+                if not await self._engine_healthy(updater):
                     return EXIT_ENGINE_DIED
         return EXIT_OK
 
-    async def _engine_healthy(self) -> bool:
+    async def _engine_healthy(self, updater: Updater) -> bool:
         """True while the engine answers, or once an update in probation has been rolled back."""
-        assert self._host is not None
-        assert self._updater is not None
-        if self._updater.busy:  # an update is reloading or restarting the engine: it answers
-            return True  # for what happens to it, and there may be no engine for a while
+        serving = self.slot.serving
+        if updater.busy or serving is None:  # an update answers for the engine meanwhile
+            return True
         try:
-            await self._host.engine.check_health()
-        except EngineError as died:  # dead, or none left by a failed update
+            await serving.engine.check_health()
+        except EngineError as died:
             try:
-                if await self._updater.engine_died(str(died)) is not None:
+                if await updater.engine_died(str(died)) is not None:
                     return True
-            except EdgeAgentError:  # the fallback failed too, or requests never drained
+            except EdgeAgentError:  # the fallback failed too
                 logger.exception("the automatic rollback failed")
-            logger.exception("the engine died; stopping so the service manager can restart us")
+            logger.error("the engine died (%s); stopping so the service manager restarts us", died)
             return False
         return True
 
     async def shutdown(self) -> None:
-        grace = self.settings.server.drain_grace_s
-        self._notifier.stopping(f"stopping: draining {len(self._inflight)} request(s)")
-        if self._api is not None:
-            await self._api.enter_graceful_shutdown()
-        self._inflight.begin_drain("the server is shutting down; retry on another instance")
-        if len(self._inflight):
-            logger.info("draining %d request(s) for up to %g s", len(self._inflight), grace)
-        if not await self._inflight.wait_idle(grace):
+        slot, grace = self.slot, self.settings.server.drain_grace_s
+        self._notifier.stopping(f"stopping: draining {len(slot)} request(s)")
+        await slot.begin_drain("the server is shutting down; retry on another instance")
+        await self._tasks.stop()
+        if self.updater is not None:
+            await self.updater.close()  # a change under way is never stopped half-way
+        if len(slot):
+            logger.info("draining %d request(s) for up to %g s", len(slot), grace)
+        if not await slot.wait_idle(grace):
             await self._cancel_inflight(
                 f"the server shut down; the request was still running "
                 f"after the {grace:g} s drain grace period"
             )
-        if self._drops is not None:
-            self._drops.stop()
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-        if self._api is not None:
-            await self._api.stop(grace=1.0)
+        if self.api is not None:
+            await self.api.stop(grace=1.0)
         if self._stop_metrics is not None:
             self._stop_metrics()
-        if self._host is not None:
-            self._host.shutdown()
+        if slot.serving is not None and self._loader is not None:
+            await slot.swap(self._release, hold_s=None)
+        if self._journal is not None:
+            self._journal.stopped_cleanly()
         self._notifier.close()
         logger.info("stopped")
 
+    async def _release(self, serving: Serving | None) -> None:
+        if serving is not None and self._loader is not None:
+            await self._loader.stop(serving)
+
     async def _cancel_inflight(self, reason: str) -> None:
-        assert self._host is not None
-        request_ids = self._inflight.mark_cancelled(reason)
+        request_ids = self.slot.mark_cancelled(reason)
         logger.warning("cancelling %d request(s): %s", len(request_ids), reason)
+        serving = self.slot.serving
         for request_id in request_ids:
-            with contextlib.suppress(EngineError):  # no engine: an update is restarting it
-                await self._host.engine.abort(request_id)
-        await self._inflight.wait_idle(within_s=5.0)
+            if serving is not None:
+                with contextlib.suppress(EngineError):
+                    await serving.engine.abort(request_id)
+        await self.slot.wait_idle(within_s=5.0)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -320,5 +352,12 @@ class Daemon:
         self.should_exit = True
 
 
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
+def _resume(
+    resumed: ResumedProbation | None, serving: Serving, store: ModelStore
+) -> Probation | None:
+    """The probation an orderly shutdown interrupted, if that version is what serves again."""
+    if resumed is None or resumed.version != serving.version:
+        return None
+    now = time.monotonic()
+    return Probation(resumed.version, store.manifest(resumed.fallback),
+                     now - resumed.promoted_s_ago, now + resumed.left_s)  # fmt: skip

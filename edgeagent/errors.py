@@ -1,6 +1,6 @@
 """Every error edgeagent raises on purpose.
 
-gRPC status codes are assigned in `server/status.py`; `exit_code` is what the CLI returns for
+gRPC status codes are assigned in `server/error_codes.py`; `exit_code` is what the CLI returns for
 each, so scripts can tell a missing repo from a full disk (the table is in the README).
 """
 
@@ -69,8 +69,9 @@ class BuildError(EdgeAgentError):
     exit_code = 9
 
 
-class CancelledError(EdgeAgentError):
-    """A fetch or build was stopped by a signal; staging is kept or cleaned, the store unchanged."""
+class StoppedError(EdgeAgentError):
+    """A fetch, build or start-up was stopped by a signal; staging is kept or cleaned, the
+    store unchanged."""
 
     exit_code = 130
 
@@ -101,3 +102,8 @@ class EngineError(EdgeAgentError):
 
 class EngineDeadError(EngineError):
     """The engine is no longer running; nothing more can be served until it is restarted."""
+
+
+class LoadError(EngineError):
+    """A version could not be brought up: it does not fit, its engine failed to start or to
+    reload it, or it failed its smoke test."""

@@ -1,9 +1,10 @@
 """Prometheus metrics, served on an opt-in loopback port (`metrics.address`).
 
 Requests by method and status code, prompt and generated tokens, time to first token, request
-duration, requests running and waiting, the serving version, update outcomes, and the device's
-memory as the fit check's probe reads it. One registry per daemon (vLLM registers its own
-metrics in the global one; they are not mixed in).
+duration, update outcomes; read at scrape time: requests running and waiting and the serving
+version (from the serving slot), and the device's memory as the fit check's probe reads it.
+One registry per daemon (vLLM registers its own metrics in the global one; they are not mixed
+in).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edgeagent.engine.slot import ServingSlot
 from edgeagent.errors import ConfigError
 from edgeagent.gpu import MemoryProbe
 
@@ -49,15 +51,6 @@ class Metrics:
             "edgeagent_request_duration_seconds", "Generation RPCs, start to end",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.running = Gauge("edgeagent_requests_running", "Requests in the engine", registry=r)
-        self.waiting = Gauge(
-            "edgeagent_requests_waiting", "Requests held while an update swaps the model",
-            registry=r,
-        )  # fmt: skip
-        self.serving = Gauge(
-            "edgeagent_serving_info", "The served model version (value 1)",
-            ["model_id", "version"], registry=r,
-        )  # fmt: skip
         self.updates = Counter(
             "edgeagent_updates", "Model updates by kind and result", ["kind", "result"],
             registry=r,
@@ -73,12 +66,36 @@ class Metrics:
 
         return finished
 
-    def set_serving(self, model_id: str, version: str) -> None:
-        self.serving.clear()
-        self.serving.labels(model_id, version).set(1)
+    def watch_slot(self, slot: ServingSlot) -> None:
+        """Requests running and waiting, and the version served, read from the slot."""
+        self.registry.register(_Serving(slot))
 
     def watch_device(self, probe: MemoryProbe) -> None:
         self.registry.register(_DeviceMemory(probe))
+
+
+class _Serving(Collector):
+    """Read at scrape time from the serving slot, the one owner of what is served."""
+
+    def __init__(self, slot: ServingSlot) -> None:
+        self._slot = slot
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        slot = self._slot
+        yield GaugeMetricFamily(
+            "edgeagent_requests_running", "Requests under way in the engine", value=len(slot)
+        )
+        yield GaugeMetricFamily(
+            "edgeagent_requests_waiting", "Requests held while an update swaps the model",
+            value=slot.waiting,
+        )  # fmt: skip
+        info = GaugeMetricFamily(
+            "edgeagent_serving_info", "The served model version (value 1; none when nothing "
+            "serves)", labels=["model_id", "version", "state"],
+        )  # fmt: skip
+        if slot.serving is not None:
+            info.add_metric([slot.serving.model_id, slot.serving.version, slot.state], 1)
+        yield info
 
 
 class _DeviceMemory(Collector):
@@ -108,7 +125,7 @@ class MetricsServer:
 
 def serve_metrics(metrics: Metrics, address: str) -> MetricsServer:
     """Serve /metrics on a loopback HOST:PORT (port 0: any free one)."""
-    host, port = _loopback(address)
+    host, port = loopback_address(address)
     server, thread = start_http_server(port, addr=host, registry=metrics.registry)
     logger.info("metrics on http://%s:%d/metrics", host, server.server_port)
 
@@ -120,7 +137,7 @@ def serve_metrics(metrics: Metrics, address: str) -> MetricsServer:
     return MetricsServer(server.server_port, stop)
 
 
-def _loopback(address: str) -> tuple[str, int]:
+def loopback_address(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     try:

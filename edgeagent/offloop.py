@@ -1,4 +1,4 @@
-"""Blocking work (a fetch, a build, an engine start) on a thread while the event loop goes on
+"""Blocking work (a fetch, a build, a verification) on a thread while the event loop goes on
 noticing signals and telling systemd it is alive; and killing what a forced exit leaves behind."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from edgeagent.errors import CancelledError
+from edgeagent.errors import StoppedError
 
 T = TypeVar("T")
 
@@ -23,14 +23,13 @@ async def run_off_loop(
     stop_requested: Callable[[], bool],
     cancel: threading.Event,
     cancel_wait_s: float | None,
-    on_tick: Callable[[], None],
     tick_s: float,
 ) -> T:
-    """`work()` on a thread; every `tick_s` the loop calls `on_tick` and checks `stop_requested`.
+    """`work()` on a thread; every `tick_s` the loop checks `stop_requested`.
 
     On a stop, `cancel` is set (a download stops within a chunk, a build's AutoRound process is
     stopped), the thread gets `cancel_wait_s` to end (None: as long as it takes, for work that
-    cannot be cancelled, like an engine start), and CancelledError is raised.
+    cannot be cancelled, like an engine start), and StoppedError is raised.
     """
     loop = asyncio.get_running_loop()
     done: asyncio.Future[T] = loop.create_future()
@@ -49,9 +48,8 @@ async def run_off_loop(
         if stop_requested():
             cancel.set()
             await asyncio.to_thread(worker.join, cancel_wait_s)
-            done.add_done_callback(_consume)  # the work's own CancelledError is expected
-            raise CancelledError("stopped while preparing the model")
-        on_tick()
+            done.add_done_callback(_consume)  # the work's own StoppedError is expected
+            raise StoppedError("stopped while preparing the model")
         await asyncio.wait({done}, timeout=tick_s)
     return done.result()
 

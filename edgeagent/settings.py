@@ -98,6 +98,9 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
+    health_check_s: float = Field(
+        default=5.0, gt=0, description="how often the daemon asks the engine whether it is alive"
+    )
 
 
 class HubSettings(BaseModel):
@@ -234,6 +237,15 @@ class Settings(BaseSettings):
     def hub_token_value(self) -> str | None:
         """The hub token in clear, for huggingface_hub calls only (never log it)."""
         return self.hub_token.get_secret_value() if self.hub_token else None
+
+    @property
+    def api_token_value(self) -> str | None:
+        """The TCP callers' bearer token in clear, to compare with (never log it)."""
+        return self.api_token.get_secret_value() if self.api_token else None
+
+    @property
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
 
     @property
     def drop_dir(self) -> Path:

@@ -23,13 +23,11 @@ class Notifier:
         self._address = _address(env.get("NOTIFY_SOCKET", ""))
         self.watchdog_interval_s = _watchdog_interval_s(env)
         self._last_ping = 0.0
-        self._socket: socket.socket | None = None
-        if self._address is not None:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._socket: socket.socket | None = None  # opened at the first message
 
     @property
     def enabled(self) -> bool:
-        return self._socket is not None
+        return self._address is not None
 
     def ready(self, status: str) -> None:
         self._send(f"READY=1\nSTATUS={status}")
@@ -59,8 +57,10 @@ class Notifier:
             self._socket = None
 
     def _send(self, message: str) -> None:
-        if self._socket is None or self._address is None:
+        if self._address is None:
             return
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             self._socket.sendto(message.encode(), self._address)
         except OSError as error:  # systemd gone or restarting: nothing to do but say so

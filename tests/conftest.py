@@ -11,6 +11,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -19,10 +20,14 @@ from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build, buil
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import build_tiny_model
-from edgeagent.engine import EngineConfig, VllmEngine
-from edgeagent.server.app import ApiServer
-from edgeagent.server.inflight import InflightRequests
-from edgeagent.server.service import GenerationService, ServedModel
+from edgeagent.engine.interface import Engine, EngineConfig
+from edgeagent.engine.slot import Serving, ServingSlot
+from edgeagent.engine.vllm_engine import VllmEngine
+from edgeagent.fit import FitRequest, plan
+from edgeagent.gpu import SystemMemoryProbe
+from edgeagent.server.app import SERVICE_NAME, ApiServer
+from edgeagent.server.health import SlotHealth
+from edgeagent.server.service import GenerationService
 from edgeagent.settings import LimitSettings, ServerSettings
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
@@ -95,23 +100,42 @@ def engine(tiny_model: Path) -> Iterator[VllmEngine]:
     engine.shutdown()
 
 
+async def serving_slot(engine: Engine, manifest: Manifest) -> ServingSlot:
+    """A slot serving `engine` as `manifest`, sized as the fit check sizes it for this host."""
+    fit = plan(manifest.architecture, SystemMemoryProbe().read(), FitRequest(8, 2048))
+    serving = Serving(engine, manifest, fit)
+
+    async def install(_: Serving | None) -> Serving:
+        return serving
+
+    slot = ServingSlot()
+    await slot.swap(install, hold_s=0)
+    return slot
+
+
 @pytest.fixture(scope="session")
-def inflight() -> InflightRequests:
-    return InflightRequests()
+async def slot(engine: VllmEngine, tiny_4bit: Manifest) -> ServingSlot:
+    """What the session's gRPC server serves: the session's engine on the embedded model."""
+    return await serving_slot(engine, tiny_4bit)
+
+
+def api_server(
+    slot: ServingSlot, socket_path: Path, settings: ServerSettings | None = None, **extra: Any
+) -> ApiServer:
+    """The gRPC servers as the daemon assembles them, over `slot`."""
+    service = GenerationService(slot, TEST_LIMITS)
+    health = SlotHealth(slot, [SERVICE_NAME])
+    return ApiServer(service, health, settings or ServerSettings(), socket_path, **extra)
 
 
 @pytest.fixture(scope="session")
 async def api_target(
-    engine: VllmEngine, inflight: InflightRequests, tmp_path_factory: pytest.TempPathFactory
+    slot: ServingSlot, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[str]:
     """A real gRPC server on a Unix socket, serving the session's engine."""
     socket_path = tmp_path_factory.mktemp("run") / "edgeagent.sock"
-    service = GenerationService(engine, ServedModel("tiny", "test-1"), TEST_LIMITS, inflight)
-    server = ApiServer(
-        service, ServerSettings(max_message_bytes=TEST_MAX_MESSAGE_BYTES), socket_path
-    )
+    server = api_server(slot, socket_path, ServerSettings(max_message_bytes=TEST_MAX_MESSAGE_BYTES))
     await server.start()
-    await server.set_serving(True)
     yield f"unix:{socket_path}"
     await server.stop(grace=None)
 
@@ -123,14 +147,14 @@ async def stub(api_target: str) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
 
 
 async def wait_until_engine_idle(
-    engine: VllmEngine, inflight: InflightRequests | None = None, within_s: float = 5.0
+    engine: Engine, slot: ServingSlot | None = None, within_s: float = 5.0
 ) -> None:
-    """Poll until the engine (and the server, if given) has no request left."""
+    """Poll until the engine (and the slot's requests, if given) has no request left."""
     for _ in range(int(within_s / 0.05)):
-        if engine.num_unfinished_requests() == 0 and not (inflight and len(inflight)):
+        if engine.num_unfinished_requests() == 0 and not (slot and len(slot)):
             return
         await asyncio.sleep(0.05)
     raise AssertionError(
         f"engine still has {engine.num_unfinished_requests()} request(s), "
-        f"server {len(inflight) if inflight else 'n/a'}"
+        f"server {len(slot) if slot else 'n/a'}"
     )

@@ -57,14 +57,14 @@ def test_stopped_build_leaves_no_version_and_no_quantizer(
 ) -> None:
     """1. A long build. 2. Its worker starts tuning. 3. The CLI gets SIGTERM (exit 130,
     staging removed) or SIGKILL (the worker dies with it; gc removes the staging)."""
-    process = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "edgeagent", "build", str(tiny_fp16), "--iters", "1000"],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    worker = _wait_for_worker(process.pid)
-    time.sleep(3)
-    process.send_signal(sig)
-    code = process.wait(timeout=60)
+    ) as process:  # fmt: skip
+        worker = _wait_for_worker(process.pid)
+        time.sleep(3)
+        process.send_signal(sig)
+        code = process.wait(timeout=60)
     assert code == (130 if sig == signal.SIGTERM else -9)
     _wait_gone(worker)
 

@@ -10,7 +10,7 @@ from vllm.model_executor.layers.quantization.utils.quant_utils import (
 )
 from vllm.scalar_type import scalar_types
 
-from edgeagent.cpu_kernels import _gemm_wna16, dequantize
+from edgeagent.engine.cpu_kernels import _gemm_wna16, dequantize
 
 
 def _vllm_cpu_layout(q: torch.Tensor) -> torch.Tensor:

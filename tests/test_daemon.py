@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import grpc
 import pytest
 from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_systemd import listening
+from notify_listener import listening
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -52,9 +54,10 @@ class RunningDaemon:
         return found
 
     def engine_core(self) -> int:
-        """The pid of vLLM's engine core process under the daemon."""
+        """The pid of vLLM's engine core process under the daemon (zombies not counted)."""
         names = {pid: Path(f"/proc/{pid}/comm").read_text() for pid in self.children()}
-        cores = [pid for pid, name in names.items() if name.startswith("VLLM::EngineCor")]
+        cores = [pid for pid, name in names.items()
+                 if name.startswith("VLLM::EngineCor") and not _is_zombie(pid)]  # fmt: skip
         assert len(cores) == 1, cores
         return cores[0]
 
@@ -363,6 +366,56 @@ def _wait_for_auto_rollback(daemon: RunningDaemon, within_s: float) -> admin_pb.
                     return status
             time.sleep(0.5)
     raise AssertionError(f"no automatic rollback within {within_s} s; log:\n{daemon.tail()}")
+
+
+async def test_a_failed_restart_leaves_the_old_version_answering(
+    tmp_path: Path, tiny_model: Path, tiny_fp16: Path, tiny_4bit: Manifest
+) -> None:
+    """Regression (issue 12): an update to another layout whose new engine fails its smoke test
+    (NaN weights) restarts the engine on the old version, and the requests after it are
+    answered by the old version. They used to fail: the generation service kept the engine the
+    restart had shut down, while health said SERVING."""
+    store = ModelStore(tmp_path / "state" / "models")
+    nan_dir = _with_nan_weights(tiny_fp16, tmp_path / "fp16-nan")
+    broken = store.import_directory(nan_dir, ImportSource(origin=str(nan_dir)))
+    daemon = await asyncio.to_thread(_start_daemon, tmp_path, 10.0, tiny_model)
+    try:
+        update = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "edgeagent", "update", broken.version,
+             "--target", daemon.admin_target],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        with Client(daemon.target, timeout=60) as client:
+            answer = await asyncio.to_thread(
+                client.generate, "Still there?", Parameters(max_tokens=4, temperature=0)
+            )
+        health = await _health(daemon.target)
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    assert update.returncode == 11, update.stdout + update.stderr
+    assert "rolled_back" in update.stdout
+    assert "non-finite" in update.stdout or "smoke test" in update.stdout
+    assert (answer.model_version, answer.completion_tokens) == (tiny_4bit.version, 4)
+    assert health == health_pb2.HealthCheckResponse.SERVING
+
+
+def _with_nan_weights(model_dir: Path, out: Path) -> Path:
+    """A copy of an fp16 model whose first layer's weights are NaN: it loads, its output is not
+    finite."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    for weights in out.glob("*.safetensors"):
+        tensors = load_file(weights)
+        for name in tensors:
+            if name.startswith("model.layers.0."):
+                tensors[name] = torch.full_like(tensors[name], math.nan)
+        weights.unlink()
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return out
 
 
 def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Path) -> None:

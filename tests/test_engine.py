@@ -8,7 +8,8 @@ from pathlib import Path
 
 from conftest import wait_until_engine_idle
 
-from edgeagent.engine import Delta, FinishReason, SamplingOptions, VllmEngine
+from edgeagent.engine.interface import Delta, FinishReason, SamplingOptions
+from edgeagent.engine.vllm_engine import VllmEngine
 
 
 async def _run(engine: VllmEngine, prompt: str, options: SamplingOptions) -> list[Delta]:

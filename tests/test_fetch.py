@@ -110,10 +110,10 @@ def test_interrupted_download_resumes_where_it_stopped(
     hub.add_repo("org/slow").commit(big_model)
     hub.bytes_per_s = 8 * MiB
     try:
-        process = _start_cli(["fetch", "org/slow"], hub, tmp_path)
-        part = _wait_for_part(store, "model.safetensors.part", at_least=MiB, process=process)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        with _start_cli(["fetch", "org/slow"], hub, tmp_path) as process:
+            part = _wait_for_part(store, "model.safetensors.part", at_least=MiB, process=process)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
     finally:
         hub.bytes_per_s = None
     kept = part.stat().st_size

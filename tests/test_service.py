@@ -17,9 +17,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from edgeagent.artifacts.manifest import Manifest
 from edgeagent.client import Parameters, build_request
-from edgeagent.engine import VllmEngine
-from edgeagent.server.inflight import InflightRequests
+from edgeagent.engine.slot import ServingSlot
+from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
@@ -27,14 +28,14 @@ Stub = pb_grpc.GenerationServiceStub
 LONG = Parameters(max_tokens=TEST_CONTEXT - 64, temperature=0)
 
 
-async def test_generate_returns_text_counts_and_reason(stub: Stub) -> None:
+async def test_generate_returns_text_counts_and_reason(stub: Stub, tiny_4bit: Manifest) -> None:
     request = build_request("The river runs", params=Parameters(max_tokens=16, temperature=0))
     response = await stub.Generate(request)
     assert response.text
     assert response.prompt_tokens > 0
     assert 0 < response.completion_tokens <= 16
     assert response.finish_reason in (pb.FINISH_REASON_MAX_TOKENS, pb.FINISH_REASON_EOS_TOKEN)
-    assert response.model_version == "test-1"
+    assert response.model_version == tiny_4bit.version
     assert not response.HasField("seed")
 
 
@@ -92,7 +93,7 @@ async def test_default_max_tokens_shrinks_to_the_context(stub: Stub, engine: Vll
 
 
 async def test_client_cancel_aborts_in_engine(
-    stub: Stub, engine: VllmEngine, inflight: InflightRequests
+    stub: Stub, engine: VllmEngine, slot: ServingSlot
 ) -> None:
     call = stub.GenerateStream(build_request("Hello", params=LONG))
     received = 0
@@ -102,16 +103,14 @@ async def test_client_cancel_aborts_in_engine(
             assert engine.num_unfinished_requests() == 1
             call.cancel()
             break
-    await wait_until_engine_idle(engine, inflight)
+    await wait_until_engine_idle(engine, slot)
 
 
-async def test_deadline_aborts_in_engine(
-    stub: Stub, engine: VllmEngine, inflight: InflightRequests
-) -> None:
+async def test_deadline_aborts_in_engine(stub: Stub, engine: VllmEngine, slot: ServingSlot) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.Generate(build_request("Hello", params=LONG), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_until_engine_idle(engine, inflight)
+    await wait_until_engine_idle(engine, slot)
 
 
 BAD_REQUESTS = [
@@ -226,11 +225,11 @@ async def test_message_over_transport_limit_is_refused(stub: Stub) -> None:
     await _assert_still_serving(stub)
 
 
-async def test_model_info(stub: Stub) -> None:
+async def test_model_info(stub: Stub, tiny_4bit: Manifest) -> None:
     info = await stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.architecture == "Phi3ForCausalLM"
     assert info.max_context_tokens == TEST_CONTEXT
-    assert info.version == "test-1"
+    assert (info.model_id, info.version) == (tiny_4bit.model_id, tiny_4bit.version)
 
 
 async def test_health_and_reflection(api_target: str) -> None:

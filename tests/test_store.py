@@ -13,16 +13,13 @@ from pathlib import Path
 import pytest
 
 from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.prepare import model_to_serve
 from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     CorruptArtifactError,
     InsufficientDiskError,
-    NoServableVersionError,
     NotFoundError,
     UnavailableError,
 )
-from edgeagent.settings import Settings
 
 
 @pytest.fixture
@@ -166,23 +163,6 @@ def test_staging_refuses_a_second_worker(store: ModelStore) -> None:
         store.staging("fetch-x"),
     ):
         pass
-
-
-def test_startup_serves_previous_when_current_is_corrupt(
-    tmp_path: Path, tiny_fp16: Path, tiny_fp16_b: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("EDGEAGENT_CONFIG", str(tmp_path / "absent.toml"))
-    settings = Settings(state_dir=tmp_path / "state")
-    store = ModelStore(settings.models_dir)
-    a, b = _import(store, tiny_fp16), _import(store, tiny_fp16_b)
-    store.activate(a)
-    store.activate(b)
-    assert model_to_serve(settings, store).version == b
-    _flip_byte((store.model_dir(b) / "model.safetensors").resolve())
-    assert model_to_serve(settings, store).version == a
-    _flip_byte((store.model_dir(a) / "config.json").resolve())
-    with pytest.raises(NoServableVersionError, match="no servable version"):
-        model_to_serve(settings, store)
 
 
 def test_lock_file_is_a_real_lock(store: ModelStore) -> None:

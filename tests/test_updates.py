@@ -1,8 +1,11 @@
-"""Hot swaps through the admin API, with clients streaming the whole time.
+"""Hot swaps on the real vLLM engine through the admin API, with clients streaming the whole
+time: what only the real engine can show (the weights really change, nothing computed by the old
+ones survives, a broken candidate's NaNs do not poison the old version, a real engine core
+killed in probation). The update state machine's every branch is in tests/fast.
 
 The session's real engine serves version A (the embedded 4-bit build); version B has the same
 layout and other weights. A separate gRPC server with the admin service runs on that engine.
-Updates to another layout (the fp16 tiny model) restart the engine: those tests run their own.
+Updates to another layout (the fp16 tiny model) restart the engine: that test runs its own.
 """
 
 from __future__ import annotations
@@ -11,10 +14,8 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import shutil
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,26 +23,21 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEST_CONTEXT, TEST_LIMITS, wait_until_engine_idle
-from hub_server import HubServer
+from conftest import TEST_CONTEXT, api_server, wait_until_engine_idle
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Parameters, build_request
-from edgeagent.engine import Engine, EngineConfig, SamplingOptions, VllmEngine
-from edgeagent.engine_host import EngineFactory, EngineHost
+from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
+from edgeagent.engine.loader import EngineLoader
+from edgeagent.engine.slot import Serving, ServingSlot
+from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.errors import EngineDeadError
 from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.server.admin import AdminService
-from edgeagent.server.app import ApiServer
-from edgeagent.server.inflight import InflightRequests
-from edgeagent.server.service import GenerationService, ServedModel
-from edgeagent.settings import ModelSettings, ServerSettings, Settings
-from edgeagent.updates.hub_poll import HubPoller
+from edgeagent.settings import ModelSettings, Settings
 from edgeagent.updates.journal import UpdateJournal, UpdateOutcome
 from edgeagent.updates.pipeline import Updater
-from edgeagent.updates.sources import DropDirectory, take_drop
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -90,44 +86,54 @@ def _fresh_outputs(model_dir: Path) -> list[str]:
 
 @dataclass
 class Target:
-    """An admin-enabled gRPC server over an updater and the engine host it updates."""
+    """An admin-enabled gRPC server over an updater and the slot it updates."""
 
     address: str  # generation
     admin: str  # the admin service's own socket
     updater: Updater
-    host: EngineHost
+    slot: ServingSlot
     journal_path: Path
+
+    @property
+    def engine(self) -> Engine:
+        return self.slot.current().engine
 
 
 @contextlib.asynccontextmanager
 async def serving(
     store: ModelStore, version: Manifest, factory: EngineFactory, tmp_path: Path
 ) -> AsyncIterator[Target]:
+    """The daemon's wiring around one slot: loader, updater, journal, gRPC and admin servers;
+    `version` loaded through the loader as at start-up."""
     store.activate(version.version)
     settings = Settings(
         state_dir=tmp_path / "state",
         model=ModelSettings(max_model_len=TEST_CONTEXT, kv_cache_gib=0.0625, max_num_seqs=4),
     )
-    host = EngineHost(settings, store, factory, SystemMemoryProbe())
-    engine = await asyncio.to_thread(host.start, version, host.plan(version))
-    inflight = InflightRequests()
-    service = GenerationService(engine, ServedModel(version.model_id, version.version),
-                                TEST_LIMITS, inflight)  # fmt: skip
-
-    def promoted(engine: Engine, manifest: Manifest) -> None:
-        service.use(engine, ServedModel(manifest.model_id, manifest.version))
-
+    loader = EngineLoader(settings, store, factory, SystemMemoryProbe())
+    slot = ServingSlot()
+    await slot.swap(lambda _: loader.start(version, loader.plan(version)), hold_s=0)
     journal_path = tmp_path / "updates.json"
-    updater = Updater(store, host, inflight, version, on_promoted=promoted,
-                      journal=UpdateJournal(journal_path), hold_s=30, probation_s=120)  # fmt: skip
+    updater = Updater(store, loader, slot, UpdateJournal(journal_path), hold_s=30,
+                      probation_s=120)  # fmt: skip
     app_socket, admin_socket = tmp_path / "app.sock", tmp_path / "admin.sock"
-    server = ApiServer(service, ServerSettings(), app_socket, AdminService(updater), admin_socket)
+    server = api_server(slot, app_socket, admin=AdminService(slot, updater),
+                        admin_socket_path=admin_socket)  # fmt: skip
     await server.start()
-    await server.set_serving(True)
     try:
-        yield Target(f"unix:{app_socket}", f"unix:{admin_socket}", updater, host, journal_path)
+        yield Target(f"unix:{app_socket}", f"unix:{admin_socket}", updater, slot, journal_path)
     finally:
         await server.stop(grace=None)
+
+
+async def _release(slot: ServingSlot) -> None:
+    """Shut down the engine `slot` serves (one the test started)."""
+
+    async def stop(serving: Serving | None) -> None:
+        if serving is not None:
+            await asyncio.to_thread(serving.engine.shutdown)
+
+    await slot.swap(stop, hold_s=None)
 
 
 @pytest.fixture
@@ -137,7 +143,7 @@ async def admin_target(
     """The session's engine behind an updater: reloads only, never a restart."""
     async with serving(model_store, tiny_4bit, lambda config: engine, tmp_path) as target:
         yield target
-        if target.updater.serving.version != tiny_4bit.version:  # leave the engine on A
+        if target.slot.current().version != tiny_4bit.version:  # leave the engine on A
             await engine.reload_weights(model_store.model_dir(tiny_4bit.version))
         await wait_until_engine_idle(engine)
 
@@ -213,7 +219,7 @@ async def test_corrupt_and_failing_candidates_leave_the_old_version_serving(
     assert "non-finite" in smoke.reason
     assert retry.result == admin_pb.UPDATE_RESULT_REFUSED
     assert "marked bad" in retry.reason
-    assert updater.serving.version == tiny_4bit.version
+    assert updater.serving_version == tiny_4bit.version
     assert model_store.refs().current == tiny_4bit.version
     assert await _greedy_all(engine) == on_a
     reopened = UpdateJournal(tmp_path / "updates.json")
@@ -274,119 +280,6 @@ async def _greedy_all(engine: Engine) -> list[str]:
     return outputs
 
 
-async def test_a_drop_is_taken_only_once_it_is_ready(
-    admin_target: Target, model_store: ModelStore, tiny_model_b: Path,
-    tiny_4bit: Manifest, tiny_4bit_b: Manifest, tmp_path: Path,
-) -> None:  # fmt: skip
-    """1. Files of version B are copied into the drop directory: nothing happens.
-    2. READY appears: B is imported, updated to, and the drop filed under done/."""
-    updater = admin_target.updater
-    drop = tmp_path / "drop"
-    await asyncio.to_thread(drop.mkdir)
-
-    async with _watching(drop, model_store, updater):
-        incoming = drop / "release-b"
-        await asyncio.to_thread(incoming.mkdir)
-        for path in await asyncio.to_thread(lambda: sorted(tiny_model_b.iterdir())):
-            await asyncio.to_thread(shutil.copyfile, path, incoming / path.name)
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
-        assert updater.serving.version == tiny_4bit.version
-        assert list(updater.journal.history) == []
-
-        await asyncio.to_thread((incoming / "READY").touch)
-        await _until_filed(drop / "done" / "release-b")
-    assert updater.serving.version == tiny_4bit_b.version
-    assert updater.journal.history[0].result == "promoted"
-    assert not (drop / "done" / "release-b" / "READY").exists()
-    assert list((drop / "failed").iterdir()) == []
-
-
-async def test_a_drop_left_while_the_daemon_was_down_is_taken_at_start(
-    admin_target: Target, model_store: ModelStore, tiny_model_b: Path,
-    tiny_4bit_b: Manifest, tmp_path: Path,
-) -> None:  # fmt: skip
-    updater = admin_target.updater
-    drop = tmp_path / "drop"
-    await asyncio.to_thread(shutil.copytree, tiny_model_b, drop / "while-down")
-    await asyncio.to_thread((drop / "while-down" / "READY").touch)
-
-    async with _watching(drop, model_store, updater):
-        await _until_filed(drop / "done" / "while-down")
-    assert updater.serving.version == tiny_4bit_b.version
-
-
-@contextlib.asynccontextmanager
-async def _watching(drop: Path, store: ModelStore, updater: Updater) -> AsyncIterator[None]:
-    """The drop directory watched as the daemon watches it, handing drops to `take_drop`."""
-
-    async def ready(candidate: Path) -> None:
-        await take_drop(candidate, drop, store, updater)
-
-    watcher = DropDirectory(drop, ready, asyncio.get_running_loop())
-    watcher.start()
-    try:
-        yield
-    finally:
-        watcher.stop()
-
-
-async def _until_filed(where: Path, within_s: float = 30.0) -> None:
-    for _ in range(int(within_s / 0.1)):
-        if await asyncio.to_thread(where.is_dir):
-            return
-        await asyncio.sleep(0.1)
-
-
-async def test_a_new_hub_commit_is_fetched_and_updated_to(
-    admin_target: Target, model_store: ModelStore, tiny_model: Path,
-    tiny_model_b: Path, tiny_4bit: Manifest, tiny_4bit_b: Manifest,
-) -> None:  # fmt: skip
-    """The loopback hub's main moves from A's files to B's: the next poll fetches B and
-    promotes it; polls before and after change nothing."""
-    updater = admin_target.updater
-    with HubServer() as hub:
-        repo = hub.add_repo("edge/tiny")
-        repo.commit(tiny_model)
-        fetcher = HubFetcher(model_store, endpoint=hub.endpoint)
-        poller = HubPoller(fetcher, HubTarget("edge/tiny"), updater, interval_s=60)
-        unchanged = await poller.poll_once()
-        repo.commit(tiny_model_b)
-        moved = await poller.poll_once()
-        again = await poller.poll_once()
-        asked = [path for method, path, _ in hub.requests if path.startswith("/api/models/")]
-    assert unchanged is None
-    assert moved is not None
-    assert (moved.result, moved.version) == ("promoted", tiny_4bit_b.version)
-    assert again is None
-    assert updater.serving.version == tiny_4bit_b.version
-    assert poller.failures == 0
-    assert len([path for path in asked if path.endswith("/revision/main")]) == 3  # one a poll
-
-
-async def test_hub_poll_failures_back_off_with_jitter(
-    admin_target: Target, model_store: ModelStore
-) -> None:
-    updater = admin_target.updater
-    with socket.socket() as closed:  # a loopback port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    fetcher = HubFetcher(model_store, endpoint=endpoint)
-    poller = HubPoller(fetcher, HubTarget("edge/tiny"), updater, interval_s=10, jitter=0,
-                       max_backoff_s=35)  # fmt: skip
-    delays = [poller.next_delay_s()]
-    for _ in range(3):
-        assert await poller.poll_once() is None
-        delays.append(poller.next_delay_s())
-    jittered = HubPoller(fetcher, HubTarget("edge/tiny"), updater, interval_s=10, jitter=0.1,
-                         rng=random.Random(7))  # fmt: skip
-    spread = [jittered.next_delay_s() for _ in range(50)]
-    assert delays == [10, 20, 35, 35]
-    assert poller.failures == 3
-    assert all(9 <= d <= 11 for d in spread)
-    assert len(set(spread)) == 50
-
-
 async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls_back(
     model_store: ModelStore, tiny_4bit: Manifest, tiny_fp16: Path,
     fresh_fp16_outputs: list[str], tmp_path: Path,
@@ -396,7 +289,7 @@ async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls
     probation window: the updater restarts on A, marks fp16 bad, and A answers as before."""
     other = model_store.import_directory(tiny_fp16, ImportSource(origin=str(tiny_fp16)))
     async with serving(model_store, tiny_4bit, VllmEngine.start, tmp_path) as target:
-        on_a = await _greedy_all(target.host.engine)
+        on_a = await _greedy_all(target.engine)
         load, stop = Load(), asyncio.Event()
         clients = [asyncio.create_task(_stream_until(target.address, stop, load, i))
                    for i in range(3)]  # fmt: skip
@@ -405,17 +298,17 @@ async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls
         await asyncio.sleep(1.0)
         stop.set()
         await asyncio.gather(*clients)
-        on_other = await _greedy_all(target.host.engine)
+        on_other = await _greedy_all(target.engine)
 
         _kill_newest_engine_core()
-        fell_back = await _until_engine_death_handled(target.updater, target.host)
-        on_a_again = await _greedy_all(target.host.engine)
+        fell_back = await _until_engine_death_handled(target.updater, target.slot)
+        on_a_again = await _greedy_all(target.engine)
         retry = await asyncio.to_thread(_update, target.admin, other.version)
         async with grpc.aio.insecure_channel(target.admin) as channel:
             status = await admin_grpc.AdminServiceStub(channel).GetStatus(
                 admin_pb.GetStatusRequest()
             )
-        target.host.shutdown()
+        await _release(target.slot)
 
     assert restarted.result == admin_pb.UPDATE_RESULT_PROMOTED, restarted.reason
     assert restarted.method == "restart"
@@ -449,11 +342,11 @@ def _kill_newest_engine_core() -> None:
     os.kill(max(cores)[1], signal.SIGKILL)
 
 
-async def _until_engine_death_handled(updater: Updater, host: EngineHost) -> UpdateOutcome:
+async def _until_engine_death_handled(updater: Updater, slot: ServingSlot) -> UpdateOutcome:
     """What the daemon's health check does: notice the dead engine, hand it to the updater."""
     for _ in range(300):
         try:
-            await host.engine.check_health()
+            await slot.current().engine.check_health()
         except EngineDeadError as died:
             outcome = await updater.engine_died(str(died))
             assert outcome is not None, "not in probation"

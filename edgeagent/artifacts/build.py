@@ -29,7 +29,7 @@ from edgeagent.artifacts.calibration import Calibration, load_calibration
 from edgeagent.artifacts.manifest import BuildSource, Manifest, read_config, sha256_of
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model
-from edgeagent.errors import BuildError, CancelledError, ConfigError
+from edgeagent.errors import BuildError, ConfigError, StoppedError
 from edgeagent.progress import Progress
 from edgeagent.settings import BuildSettings
 
@@ -165,6 +165,8 @@ def _worker(job_path: Path, env: dict[str, str], stderr: Any) -> Iterator[subpro
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.wait()
+        if worker.stdout is not None:
+            worker.stdout.close()
 
 
 def _follow(
@@ -182,7 +184,7 @@ def _follow(
     try:
         while True:
             if cancel is not None and cancel.is_set():
-                raise CancelledError("the build was cancelled; the store is unchanged")
+                raise StoppedError("the build was cancelled; the store is unchanged")
             try:
                 event = events.get(timeout=POLL_S)
             except queue.Empty:
@@ -193,7 +195,7 @@ def _follow(
                 reported_error = str(event["message"])
             _handle(event, progress)
     except KeyboardInterrupt:
-        raise CancelledError("the build was interrupted; the store is unchanged") from None
+        raise StoppedError("the build was interrupted; the store is unchanged") from None
     worker.wait()
     if worker.returncode == 0:
         progress.finish()

@@ -41,11 +41,11 @@ from edgeagent.artifacts.manifest import HubSource, Manifest
 from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     AccessDeniedError,
-    CancelledError,
     ConfigError,
     HubUnreachableError,
     InsufficientDiskError,
     NotFoundError,
+    StoppedError,
 )
 from edgeagent.progress import Progress
 
@@ -209,7 +209,7 @@ class _CancellableFile:
 
     def write(self, data: bytes) -> int:
         if self._cancel is not None and self._cancel.is_set():
-            raise CancelledError("the fetch was cancelled; the next fetch resumes it")
+            raise StoppedError("the fetch was cancelled; the next fetch resumes it")
         return self._file.write(data)
 
     def __getattr__(self, name: str) -> Any:

@@ -1,9 +1,10 @@
 """The `edgeagent` command.
 
-Exit codes: 0 success; 1 failure; 2 bad usage or configuration; 3 an RPC failed; 4 not found;
-5 failed verification; 6 not enough disk; 7 access denied by the hub; 8 hub unreachable (or
-offline with nothing stored); 9 the quantizer failed; 10 nothing servable (corrupt, or does not
-fit the device); 11 an update was not applied; 130 interrupted.
+Exit codes: 0 success; 1 failure (serve: the engine died, or nothing could be served after a
+failed update); 2 bad usage or configuration; 3 an RPC failed or no daemon answers; 4 not
+found; 5 failed verification; 6 not enough disk; 7 access denied by the hub; 8 hub unreachable
+(or offline with nothing stored); 9 the quantizer failed; 10 nothing servable (corrupt, does not
+fit the device, or fails to load); 11 an update was not applied; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,23 +13,45 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from edgeagent.cli import admin, fit, models, serving
-from edgeagent.errors import EdgeAgentError
+import grpc
+from pydantic import ValidationError
 
-EXIT_INTERRUPTED = 130
+from edgeagent.cli import admin, fit, models, serving
+from edgeagent.client import describe_rpc_error
+from edgeagent.errors import ConfigError, EdgeAgentError
+
+EXIT_RPC_FAILED, EXIT_INTERRUPTED = 3, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code: int = args.handler(args)
+    except ValidationError as invalid:
+        print(f"error: {configuration_problems(invalid)}", file=sys.stderr)
+        return ConfigError.exit_code
     except EdgeAgentError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except grpc.RpcError as failed:
+        print(f"error: {describe_rpc_error(failed)}", file=sys.stderr)
+        return EXIT_RPC_FAILED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return code
+
+
+def configuration_problems(invalid: ValidationError) -> str:
+    """A settings validation error as one line: each setting at fault and what is wrong."""
+    problems = [
+        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+        f" (got {problem['input']!r})"
+        if not isinstance(problem["input"], dict)
+        else f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+        for problem in invalid.errors()
+    ]
+    return "bad configuration: " + "; ".join(problems)
 
 
 def build_parser() -> argparse.ArgumentParser:

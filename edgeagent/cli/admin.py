@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
-
-import grpc
 
 from edgeagent.client import Client, default_admin_target
 from edgeagent.v1 import admin_pb2 as pb
 
-EXIT_RPC_FAILED, EXIT_NOT_PROMOTED = 3, 11
+EXIT_NOT_PROMOTED = 11
 
 
 def add_commands(commands: Any) -> None:
@@ -32,10 +29,11 @@ def add_commands(commands: Any) -> None:
 
 def _status(args: argparse.Namespace) -> int:
     with Client(args.target or default_admin_target()) as client:
-        status = _call(client.status)
-    if status is None:
-        return EXIT_RPC_FAILED
-    print(f"serving   {status.model_id} {status.version}")
+        status = client.status()
+    if status.version:
+        print(f"serving   {status.model_id} {status.version} ({status.state})")
+    else:
+        print(f"serving   nothing ({status.state}: {status.problem})")
     print(f"previous  {status.previous_version or '-'}")
     if status.candidate_version:
         print(f"updating  to {status.candidate_version}")
@@ -50,25 +48,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def _update(args: argparse.Namespace) -> int:
     with Client(args.target or default_admin_target()) as client:
-        return _report(_call(lambda: client.update(args.version)))
+        return _report(client.update(args.version))
 
 
 def _rollback(args: argparse.Namespace) -> int:
     with Client(args.target or default_admin_target()) as client:
-        return _report(_call(client.rollback))
+        return _report(client.rollback())
 
 
-def _call(rpc: Any) -> Any:
-    try:
-        return rpc()
-    except grpc.RpcError as error:
-        print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-        return None
-
-
-def _report(outcome: pb.UpdateOutcome | None) -> int:
-    if outcome is None:
-        return EXIT_RPC_FAILED
+def _report(outcome: pb.UpdateOutcome) -> int:
     _print_outcome(outcome)
     return 0 if outcome.result == pb.UPDATE_RESULT_PROMOTED else EXIT_NOT_PROMOTED
 

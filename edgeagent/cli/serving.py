@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from edgeagent.client import Client, Parameters
+from edgeagent.client import Client, Parameters, describe_rpc_error
 from edgeagent.errors import EdgeAgentError
 from edgeagent.logs import setup_logging
 from edgeagent.v1 import generation_pb2 as pb
@@ -110,7 +110,8 @@ def _print_stream(responses: Iterator[pb.GenerateStreamResponse]) -> int:
             sys.stdout.write(last.text)
             sys.stdout.flush()
     except grpc.RpcError as error:
-        print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        newline = "\n" if first is not None else ""
+        print(f"{newline}error: {describe_rpc_error(error)}", file=sys.stderr)
         return EXIT_RPC_FAILED
     elapsed = time.perf_counter() - started
     decode = elapsed - (first or 0.0)

@@ -1,10 +1,11 @@
-"""The admin service: status, update, rollback, over the updater."""
+"""The admin service: status (from the serving slot and the updater), update, rollback."""
 
 from __future__ import annotations
 
 import grpc
 
-from edgeagent.server.status import Context, errors_as_status
+from edgeagent.engine.slot import ServingSlot
+from edgeagent.server.error_codes import Context, errors_as_status
 from edgeagent.updates.journal import UpdateOutcome
 from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as pb
@@ -15,18 +16,22 @@ _RESULTS = {
     "promoted": pb.UPDATE_RESULT_PROMOTED,
     "refused": pb.UPDATE_RESULT_REFUSED,
     "rolled_back": pb.UPDATE_RESULT_ROLLED_BACK,
+    "failed": pb.UPDATE_RESULT_FAILED,
+    "interrupted": pb.UPDATE_RESULT_INTERRUPTED,
 }
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    def __init__(self, slot: ServingSlot, updater: Updater) -> None:
+        self._slot, self._updater = slot, updater
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.Status:
-        updater = self._updater
+        updater, serving = self._updater, self._slot.serving
         return pb.Status(
-            model_id=updater.serving.model_id,
-            version=updater.serving.version,
+            model_id=serving.model_id if serving else "",
+            version=serving.version if serving else "",
+            state=self._slot.state,
+            problem=self._slot.why_empty or "",
             previous_version=updater.previous_version or "",
             history=[_outcome(o) for o in updater.journal.history],
             candidate_version=updater.candidate or "",

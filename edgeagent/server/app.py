@@ -19,14 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from grpc_reflection.v1alpha import reflection
 
 from edgeagent.errors import ConfigError
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.admin import add_to_server as add_admin_to_server
-from edgeagent.server.auth import BearerTokenInterceptor, server_credentials
+from edgeagent.server.auth import BearerTokenInterceptor, check_tcp_callers, server_credentials
+from edgeagent.server.health import SlotHealth
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import ServerSettings
 from edgeagent.v1 import generation_pb2 as pb
@@ -35,7 +37,6 @@ from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-_HEALTH_NAMES = ("", SERVICE_NAME)
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,12 @@ class UnixListener:
 
 
 class ApiServer:
-    """The listening gRPC servers and their shared health status."""
+    """The listening gRPC servers; health is answered from the serving slot."""
 
     def __init__(
         self,
         service: GenerationService,
+        health: SlotHealth,
         settings: ServerSettings,
         socket_path: Path,
         admin: AdminService | None = None,
@@ -67,25 +69,28 @@ class ApiServer:
     ) -> None:
         self._settings, self._tokens = settings, tokens
         self.socket_path, self.admin_socket_path = socket_path, admin_socket_path
-        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
-        self._service, self._admin = service, admin
+        self._health, self._service, self._admin = health, service, admin
         self._servers: list[tuple[grpc.aio.Server, UnixListener | None]] = []
         self.tcp_port: int | None = None
 
     async def start(self) -> None:
-        """Listen on the sockets (and TCP if configured); health stays NOT_SERVING."""
-        for name in _HEALTH_NAMES:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Listen on the sockets (and TCP if configured); all of them, or none."""
         settings = self._settings
-        app = UnixListener(self.socket_path, settings.socket_mode, settings.socket_group)
-        await self._start_unix(self._new_server(generation=True, admin=False), app)
-        if self._admin is not None:
-            if self.admin_socket_path is None:
-                raise ConfigError("the admin service needs its own socket")
-            admin = UnixListener(self.admin_socket_path, settings.admin_socket_mode)
-            await self._start_unix(self._new_server(generation=False, admin=True), admin)
-        if settings.tcp_address:
-            await self._start_tcp(settings.tcp_address)
+        if self._admin is not None and self.admin_socket_path is None:
+            raise ConfigError("the admin service needs its own socket")
+        check_tcp_callers(settings, self._tokens.api)
+        credentials = server_credentials(settings)
+        try:
+            app = UnixListener(self.socket_path, settings.socket_mode, settings.socket_group)
+            await self._start_unix(self._new_server(generation=True, admin=False), app)
+            if self._admin is not None and self.admin_socket_path is not None:
+                admin = UnixListener(self.admin_socket_path, settings.admin_socket_mode)
+                await self._start_unix(self._new_server(generation=False, admin=True), admin)
+            if settings.tcp_address:
+                await self._start_tcp(settings.tcp_address, credentials)
+        except BaseException:
+            await self.stop(grace=None)
+            raise
 
     def _new_server(
         self,
@@ -102,7 +107,7 @@ class ApiServer:
             ],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+        names = [HEALTH_SERVICE_NAME, reflection.SERVICE_NAME]
         if generation:
             pb_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
                 self._service, server
@@ -127,18 +132,12 @@ class ApiServer:
             os.umask(old_umask)
         self._servers.append((server, listener))
         if listener.group is not None:
-            os.chown(path, -1, _group_id(listener.group))
+            os.chown(path, -1, group_id(listener.group))
         os.chmod(path, listener.mode)
         logger.info("listening on unix socket %s (mode %o%s)", path, listener.mode,
                     f", group {listener.group}" if listener.group else "")  # fmt: skip
 
-    async def _start_tcp(self, address: str) -> None:
-        credentials = server_credentials(self._settings)
-        if credentials is None and self._tokens.api is None:
-            raise ConfigError(
-                f"server.tcp_address {address} needs TLS (server.tls_cert_file/tls_key_file) "
-                f"or an api_token credential: plaintext TCP without a token is refused"
-            )
+    async def _start_tcp(self, address: str, credentials: grpc.ServerCredentials | None) -> None:
         interceptor = BearerTokenInterceptor(self._tokens.api, self._tokens.admin)
         server = self._new_server(True, self._tokens.admin is not None, [interceptor])
         if credentials is None:
@@ -155,33 +154,29 @@ class ApiServer:
             "with its token" if self._tokens.admin else "not served",
         )  # fmt: skip
 
-    async def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse
-        for name in _HEALTH_NAMES:
-            await self._health.set(name, status.SERVING if serving else status.NOT_SERVING)
-
-    async def enter_graceful_shutdown(self) -> None:
-        """Health NOT_SERVING for good: later `set_serving` calls are ignored."""
-        await self._health.enter_graceful_shutdown()
-
     async def stop(self, grace: float | None) -> None:
         for server, listener in self._servers:
             await server.stop(grace)
             if listener is not None and listener.path.is_socket():
                 listener.path.unlink()
+        self._servers.clear()
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a path that another live server listens on, or that is not a socket."""
+    if path.is_socket() and _socket_accepts(path):
+        raise ConfigError(f"another server is listening on {path}; is edgeagent already running?")
+    if path.exists() and not path.is_socket():
+        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
 
 
 def _claim_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_socket():
-        if _socket_accepts(path):
-            raise ConfigError(f"another server is listening on {path}")
-        path.unlink()  # left behind by a process that died
-    elif path.exists():
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
+    check_socket_path(path)
+    path.unlink(missing_ok=True)  # a socket left behind by a process that died
 
 
-def _group_id(name: str) -> int:
+def group_id(name: str) -> int:
     try:
         return grp.getgrnam(name).gr_gid
     except KeyError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,21 +89,59 @@ def _denying(handler: Handler) -> Handler:
     return grpc.stream_stream_rpc_method_handler(streaming, **codecs)
 
 
+def check_tcp_callers(settings: ServerSettings, api_token: str | None) -> None:
+    """Every TCP caller must prove who it is: with the bearer token, or a client certificate
+    from our CA (mutual TLS). TLS alone only hides the traffic."""
+    if settings.tcp_address is None:
+        return
+    if api_token is None and settings.tls_client_ca_file is None:
+        raise ConfigError(
+            f"server.tcp_address {settings.tcp_address} lets anyone call: set an api_token "
+            f"credential (bearer token) or mutual TLS (server.tls_client_ca_file with "
+            f"server.tls_cert_file and tls_key_file)"
+        )
+
+
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
     """TLS credentials for the TCP listener when a certificate is configured; mutual TLS (a
-    client certificate signed by `tls_client_ca_file` required) when that is set too."""
+    client certificate signed by `tls_client_ca_file` required) when that is set too. The files
+    are read and the key checked against the certificate here, so a bad pair fails at start."""
     if settings.tls_cert_file is None:
         if settings.tls_client_ca_file is not None:
             raise ConfigError("server.tls_client_ca_file needs server.tls_cert_file/tls_key_file")
         return None
     if settings.tls_key_file is None:
         raise ConfigError("server.tls_cert_file needs server.tls_key_file")
+    _check_pair(settings.tls_cert_file, settings.tls_key_file)
     client_ca = _read(settings.tls_client_ca_file) if settings.tls_client_ca_file else None
+    if settings.tls_client_ca_file is not None:
+        _check_ca(settings.tls_client_ca_file)
     return grpc.ssl_server_credentials(
         [(_read(settings.tls_key_file), _read(settings.tls_cert_file))],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )
+
+
+def _check_pair(cert: Path, key: Path) -> None:
+    for path in (cert, key):
+        _read(path)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise ConfigError(
+            f"server.tls_cert_file {cert} and tls_key_file {key} are not a usable PEM pair: "
+            f"{error.reason or error}"
+        ) from None
+
+
+def _check_ca(path: Path) -> None:
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_verify_locations(cafile=path)
+    except ssl.SSLError as error:
+        raise ConfigError(
+            f"server.tls_client_ca_file {path} is not a PEM certificate: {error.reason or error}"
+        ) from None
 
 
 def _read(path: Path) -> bytes:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from edgeagent.engine import Engine, SamplingOptions
+from edgeagent.engine.interface import Engine, SamplingOptions
 from edgeagent.errors import InvalidRequestError
 from edgeagent.settings import LimitSettings
 from edgeagent.v1 import generation_pb2 as pb

@@ -51,6 +51,7 @@ class HubPoller:
 
     async def run(self) -> None:
         """Poll until cancelled (the daemon cancels the task at shutdown)."""
+        self._cancel = threading.Event()  # a fresh one each run: the last run's was set
         try:
             while True:
                 await asyncio.sleep(self.next_delay_s())
@@ -77,7 +78,7 @@ class HubPoller:
         if commit == self._handled_commit:
             return None
         stored = self._fetcher.store.find_hub_version(self.target.repo, commit)
-        serving = self._updater.serving.version
+        serving = self._updater.serving_version
         bad = self._updater.journal.bad
         if stored is not None and (stored.version == serving or stored.version in bad):
             self._handled_commit = commit

@@ -1,54 +1,51 @@
 """An update: verify → fit → hold new requests → load → smoke test → promote, or put back.
 
 Same architecture and quantization layout: the weights are reloaded in place in the running
-engine. Another layout: the engine is stopped and started on the candidate. Either way new
-requests wait (they are not refused) and requests under way finish first, so no request fails
-because of an update. A candidate that fails to load or fails its smoke test is swapped back out
-and marked bad, so it is not retried in a loop. After a promotion the old version stays the
-fallback for a probation window: if the engine dies within it, the updater restarts the engine
-on the old version instead of letting the daemon exit.
+engine. Another layout: the engine is stopped and started on the candidate. Either way the
+change goes through the serving slot (`engine/slot.py`): new requests wait (they are not
+refused), requests under way finish first, and what serves afterwards is whatever the change
+installed: the candidate, or the old version put back. A candidate that fails is marked bad, so
+it is not retried in a loop. After a promotion the old version stays the fallback for a
+probation window: if the engine dies within it, the engine is restarted on the old version.
+
+Every step is written to the journal before it is taken, so a daemon killed anywhere settles
+the update at its next start (`updates/recovery.py`). The table of every failure and what
+follows it is in docs/update-failures.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-import uuid
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, TypeVar
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.engine import Engine, SamplingOptions
-from edgeagent.engine_host import EngineHost
+from edgeagent.engine.loader import EngineLoader, LoadTimings
+from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.errors import (
     CorruptArtifactError,
-    EdgeAgentError,
     EngineDeadError,
+    LoadError,
+    UnavailableError,
     UpdateRefusedError,
 )
+from edgeagent.failpoints import failpoint
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
 
 logger = logging.getLogger(__name__)
 
-SMOKE_PROMPT = "The quick brown fox"
-SMOKE_TOKENS = 8
-
-
-class RequestGate(Protocol):
-    """Holds new requests back while those under way finish (the server's InflightRequests)."""
-
-    def held(self, within_s: float) -> AbstractAsyncContextManager[None]: ...
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Probation:
+    version: str  # the promoted version on trial
     fallback: Manifest
-    promoted_at: float
+    promoted_at: float  # time.monotonic()
     until: float
 
 
@@ -56,40 +53,33 @@ class Updater:
     def __init__(
         self,
         store: ModelStore,
-        host: EngineHost,
-        gate: RequestGate,
-        serving: Manifest,
-        on_promoted: Callable[[Engine, Manifest], None],
-        journal: UpdateJournal | None = None,
+        loader: EngineLoader,
+        slot: ServingSlot,
+        journal: UpdateJournal,
         *,
         hold_s: float = 30.0,
         probation_s: float = 300.0,
+        probation: Probation | None = None,
         on_outcome: Callable[[UpdateOutcome], None] = lambda outcome: None,
     ) -> None:
-        self._store, self._host, self._gate = store, host, gate
-        self.serving = serving
-        self._on_promoted = on_promoted
-        self.journal = journal or UpdateJournal(None)
+        self._store, self._loader, self._slot = store, loader, slot
+        self.journal = journal
         self._hold_s, self._probation_s = hold_s, probation_s
         self._on_outcome = on_outcome
         self._lock = asyncio.Lock()
+        self._running: set[asyncio.Task[Any]] = set()
+        self._closed = False
         self.candidate: str | None = None
-        self.probation: Probation | None = None
+        self.probation = probation
+
+    @property
+    def serving_version(self) -> str | None:
+        serving = self._slot.serving
+        return serving.version if serving is not None else None
 
     @property
     def previous_version(self) -> str | None:
         return self._store.refs().previous
-
-    async def update(self, version: str) -> UpdateOutcome:
-        async with self._lock:
-            return await self._apply(version, "update")
-
-    async def rollback(self) -> UpdateOutcome:
-        async with self._lock:
-            refs = self._store.refs()
-            if refs.previous is None:
-                raise UpdateRefusedError("the store has no previous version to roll back to")
-            return await self._apply(refs.previous, "rollback")
 
     @property
     def busy(self) -> bool:
@@ -106,71 +96,89 @@ class Updater:
     def in_probation(self) -> bool:
         return self.probation_left_s > 0
 
+    async def update(self, version: str) -> UpdateOutcome:
+        return await self._exclusive(lambda: self._apply(version, "update"))
+
+    async def rollback(self) -> UpdateOutcome:
+        async def to_previous() -> UpdateOutcome:
+            previous = self._store.refs().previous
+            if previous is None:
+                raise UpdateRefusedError("the store has no previous version to roll back to")
+            return await self._apply(previous, "rollback")
+
+        return await self._exclusive(to_previous)
+
     async def engine_died(self, reason: str) -> UpdateOutcome | None:
         """The engine died: within a probation window, serve the fallback again (the new version
-        is marked bad) and return what happened; None when there is nothing to fall back to."""
+        is marked bad) and return what happened; None when there is nothing to fall back to.
+        Raises EngineDeadError when the fallback cannot be started either."""
         if not self.in_probation():
             return None
-        async with self._lock:
-            assert self.probation is not None
-            fallback, bad = self.probation.fallback, self.serving
-            after_s = time.monotonic() - self.probation.promoted_at
-            why = f"the engine died {after_s:.0f} s after {bad.version} was promoted: {reason}"
-            logger.error("%s; restarting on %s", why, fallback.version)
-            self.journal.mark_bad(bad.version, why)
-            paused = time.perf_counter()
-            async with self._gate.held(self._hold_s):
-                await self._load_back(fallback, "restart")
-                smoking = time.perf_counter()
-                if (problem := await self._smoke_test()) is not None:
-                    raise EngineDeadError(f"the fallback {fallback.version} failed too: {problem}")
-                done = time.perf_counter()
-            self._promote(fallback, bad)
+        return await self._exclusive(lambda: self._fall_back(reason))
+
+    def check_probation(self) -> None:
+        """End a probation whose time is up (called from the daemon's main loop)."""
+        if self.probation is not None and not self.in_probation() and not self.busy:
+            logger.info("%s passed its probation", self.probation.version)
             self.probation = None
-            outcome = UpdateOutcome(
-                "auto_rollback", fallback.version, bad.version, "promoted", why, "restart",
-                pause_s=done - paused, reload_s=smoking - paused, smoke_s=done - smoking,
-            )  # fmt: skip
-            return self._record(outcome)
+            self.journal.end_probation()
+
+    async def close(self) -> None:
+        """Take no more changes and wait for the one under way to finish (shutdown: a change is
+        never stopped half-way)."""
+        self._closed = True
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _exclusive(self, work: Callable[[], Awaitable[T]]) -> T:
+        """One change at a time, run to its end: a caller that goes away (a client hanging up,
+        a source task cancelled at shutdown) does not stop it half-way."""
+        if self._closed:
+            raise UnavailableError("the daemon is shutting down; no more model changes")
+
+        async def locked() -> T:
+            async with self._lock:
+                return await work()
+
+        task = asyncio.create_task(locked(), name="model-change")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        task.add_done_callback(_settled)
+        return await asyncio.shield(task)
 
     async def _apply(self, version: str, kind: Kind) -> UpdateOutcome:
-        outcome = UpdateOutcome(kind, version, self.serving.version, "refused")
-        self.candidate = version
+        serving = self._slot.current()
+        resolved = self._store.resolve(version)
+        outcome = UpdateOutcome(kind, resolved, serving.version, "refused")
+        self.candidate = resolved
+        bad: tuple[str, str] | None = None
         try:
+            self._check_not_refused(resolved, serving)
+            self.journal.begin(kind, resolved, serving.version)
+            failpoint("update.staged")
             started = time.perf_counter()
-            candidate = await asyncio.to_thread(self._store.verify, version)
-            outcome = replace(
-                outcome, version=candidate.version, verify_s=time.perf_counter() - started
-            )
-            method = self._check_candidate(candidate)
-            outcome = await self._swap(candidate, outcome, method)
-        except (UpdateRefusedError, CorruptArtifactError) as error:
+            candidate = await asyncio.to_thread(self._store.verify, resolved)
+            outcome = replace(outcome, verify_s=time.perf_counter() - started)
+            self.journal.advance("verified")
+            failpoint("update.verified")
+            return await self._swap(candidate, serving, outcome, self._method(candidate, serving))
+        except (UpdateRefusedError, CorruptArtifactError, UnavailableError) as error:
             if isinstance(error, CorruptArtifactError):
-                self.journal.mark_bad(outcome.version, str(error))
-            outcome = replace(outcome, result="refused", reason=str(error))
+                bad = (resolved, str(error))
+            return self._record(replace(outcome, reason=str(error)), bad=bad)
         finally:
             self.candidate = None
-        return self._record(outcome)
 
-    def _record(self, outcome: UpdateOutcome) -> UpdateOutcome:
-        outcome = replace(outcome, finished_at=time.time())
-        self.journal.record(outcome)
-        self._on_outcome(outcome)
-        logger.info(
-            "%s to %s: %s%s", outcome.kind, outcome.version, outcome.result,
-            f" ({outcome.reason})" if outcome.reason else "",
-        )  # fmt: skip
-        return outcome
+    def _check_not_refused(self, version: str, serving: Serving) -> None:
+        if version == serving.version:
+            raise UpdateRefusedError(f"version {version} is already serving")
+        if version in self.journal.bad:
+            raise UpdateRefusedError(f"marked bad earlier: {self.journal.bad[version]}")
 
-    def _check_candidate(self, candidate: Manifest) -> Method:
-        """How to load the candidate: in place, or with a new engine; refused if neither."""
-        if candidate.version == self.serving.version:
-            raise UpdateRefusedError(f"version {candidate.version} is already serving")
-        if candidate.version in self.journal.bad:
-            raise UpdateRefusedError(f"marked bad earlier: {self.journal.bad[candidate.version]}")
-        if same_layout(candidate, self.serving):
+    def _method(self, candidate: Manifest, serving: Serving) -> Method:
+        """How to load the candidate: in place, or with a new engine if it fits."""
+        if same_layout(candidate, serving.manifest):
             return "reload"
-        fit = self._host.plan(candidate, replacing=True)
+        fit = self._loader.plan(candidate, replacing=serving)
         if not fit.fits:
             raise UpdateRefusedError(
                 f"{candidate.version} does not fit: " + "; ".join(fit.problems)
@@ -178,74 +186,125 @@ class Updater:
         return "restart"
 
     async def _swap(
-        self, candidate: Manifest, outcome: UpdateOutcome, method: Method
+        self, candidate: Manifest, old: Serving, outcome: UpdateOutcome, method: Method
     ) -> UpdateOutcome:
-        old = self.serving
+        timings, problem = LoadTimings(), list[str]()
+
+        async def change(serving: Serving | None) -> Serving:
+            assert serving is old  # the slot only changes under this updater's lock
+            self.journal.advance("loading")
+            failpoint("update.loading")
+            try:
+                return await self._bring_in(candidate, old, method, timings)
+            except LoadError as error:
+                logger.error("%s of %s failed: %s", method, candidate.version, error)
+                problem.append(str(error))
+                return await self._put_back(old, method)
+
         paused = time.perf_counter()
-        async with self._gate.held(self._hold_s):
-            loading = time.perf_counter()
-            problem = await self._load(candidate, method)
-            smoking = time.perf_counter()
-            problem = problem or await self._smoke_test()
-            if problem is not None:
-                await self._load_back(old, method)
-            done = time.perf_counter()
-        outcome = replace(
-            outcome, method=method, pause_s=done - paused, reload_s=smoking - loading,
-            smoke_s=done - smoking,
-        )  # fmt: skip
-        if problem is not None:
-            self.journal.mark_bad(candidate.version, problem)
-            return replace(outcome, result="rolled_back", reason=problem)
-        self._promote(candidate, old)
-        return replace(outcome, result="promoted")
-
-    def _promote(self, candidate: Manifest, old: Manifest) -> None:
-        self._store.activate(candidate.version)
-        self.serving = candidate
-        self._on_promoted(self._host.engine, candidate)
-        now = time.monotonic()
-        self.probation = Probation(old, now, now + self._probation_s)
-
-    async def _load(self, manifest: Manifest, method: Method) -> str | None:
-        """Load the candidate; why it failed, or None."""
+        outcome = replace(outcome, method=method)
         try:
-            await self._bring_in(manifest, method)
-        except Exception as error:  # any failure inside vLLM: the old version goes back in
-            logger.exception("loading %s (%s) failed", manifest.version, method)
-            return f"{method} failed: {error}"
-        return None
+            installed = await self._slot.swap(change, self._hold_s)
+        except EngineDeadError as dead:
+            why = f"{problem[0] if problem else 'loading failed'}; {dead}"
+            self._record(replace(outcome, result="failed", reason=f"{why}; nothing serves: "
+                                 "the daemon exits to be restarted"),
+                         bad=(candidate.version, why))  # fmt: skip
+            raise
+        outcome = replace(outcome, pause_s=time.perf_counter() - paused,
+                          reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+        if problem:
+            return self._record(replace(outcome, result="rolled_back", reason=problem[0]),
+                                bad=(candidate.version, problem[0]))  # fmt: skip
+        assert installed is not None
+        assert installed.version == candidate.version
+        return self._promote(installed, old, outcome)
 
-    async def _load_back(self, old: Manifest, method: Method) -> None:
-        """Serve `old` again, as it was; if even that fails the engine is dead."""
+    async def _bring_in(
+        self, candidate: Manifest, old: Serving, method: Method, timings: LoadTimings
+    ) -> Serving:
+        if method == "reload":
+            return await self._loader.reload(old, candidate, timings)
+        return await self._loader.restart(old, candidate, timings)
+
+    async def _put_back(self, old: Serving, method: Method) -> Serving:
+        """Serve `old` again, as it was; if even that fails nothing can be served."""
         try:
-            await self._bring_in(old, method)
-        except Exception as error:
+            if method == "reload":
+                return await self._loader.reload(old, old.manifest)
+            return await self._loader.start(old.manifest, self._loader.plan(old.manifest))
+        except LoadError as error:
             raise EngineDeadError(f"could not put {old.version} back: {error}") from error
 
-    async def _bring_in(self, manifest: Manifest, method: Method) -> None:
-        if method == "reload":
-            await self._host.engine.reload_weights(self._store.model_dir(manifest.version))
+    def _promote(self, installed: Serving, old: Serving, outcome: UpdateOutcome) -> UpdateOutcome:
+        self.journal.advance("promoting")
+        self._store.activate(installed.version)
+        failpoint("update.promoted")
+        probation_until = None
+        if outcome.kind == "update" and self._probation_s > 0:
+            now = time.monotonic()
+            self.probation = Probation(installed.version, old.manifest, now,
+                                       now + self._probation_s)  # fmt: skip
+            probation_until = time.time() + self._probation_s
         else:
-            await self._host.restart(manifest)
+            self.probation = None
+        promoted = self._record(replace(outcome, result="promoted"),
+                                probation_until=probation_until)  # fmt: skip
+        failpoint("update.probation")
+        return promoted
 
-    async def _smoke_test(self) -> str | None:
-        """A short greedy generation must produce tokens with finite log-probabilities."""
-        options = SamplingOptions(max_tokens=SMOKE_TOKENS, temperature=0.0, logprobs=True)
-        tokens, logprobs = 0, list[float]()
+    async def _fall_back(self, reason: str) -> UpdateOutcome:
+        assert self.probation is not None
+        fallback, bad = self.probation.fallback, self.probation.version
+        after_s = time.monotonic() - self.probation.promoted_at
+        why = f"the engine died {after_s:.0f} s after {bad} was promoted: {reason}"
+        logger.error("%s; restarting on %s", why, fallback.version)
+        self.probation = None
+        self.journal.begin("auto_rollback", fallback.version, bad, bad=(bad, why))
+        outcome = UpdateOutcome("auto_rollback", fallback.version, bad, "promoted", why, "restart")
+        timings = LoadTimings()
+
+        async def change(dead: Serving | None) -> Serving:
+            self.journal.advance("loading")
+            if dead is not None:
+                await self._loader.stop(dead)
+            try:
+                return await self._loader.start(fallback, self._loader.plan(fallback), timings)
+            except LoadError as error:
+                raise EngineDeadError(
+                    f"the fallback {fallback.version} failed too: {error}"
+                ) from error
+
+        paused = time.perf_counter()
         try:
-            engine = self._host.engine
-            request_id = f"smoke-{uuid.uuid4().hex}"
-            async for delta in engine.stream(engine.encode(SMOKE_PROMPT), options, request_id):
-                tokens = delta.completion_tokens
-                logprobs += delta.logprobs
-        except EdgeAgentError as error:
-            return f"smoke test failed: {error}"
-        if tokens == 0:
-            return "smoke test produced no tokens"
-        if len(logprobs) != tokens or not all(math.isfinite(p) for p in logprobs):
-            return f"smoke test produced non-finite output (log-probabilities {logprobs})"
-        return None
+            await self._slot.swap(change, self._hold_s)
+        except EngineDeadError as error:
+            self._store.activate(fallback.version)  # the next start tries it, not the bad one
+            self._record(replace(outcome, result="failed", reason=f"{why}; {error}"))
+            raise
+        self.journal.advance("promoting")
+        self._store.activate(fallback.version)
+        return self._record(replace(outcome, pause_s=time.perf_counter() - paused,
+                                    reload_s=timings.load_s, smoke_s=timings.smoke_s))  # fmt: skip
+
+    def _record(
+        self, outcome: UpdateOutcome, *, bad: tuple[str, str] | None = None,
+        probation_until: float | None = None,
+    ) -> UpdateOutcome:  # fmt: skip
+        outcome = replace(outcome, finished_at=time.time())
+        self.journal.record(outcome, bad=bad, probation_until=probation_until)
+        self._on_outcome(outcome)
+        log = logger.info if outcome.result == "promoted" else logger.warning
+        log("%s to %s: %s%s", outcome.kind, outcome.version, outcome.result,
+            f" ({outcome.reason})" if outcome.reason else "")  # fmt: skip
+        return outcome
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    """A change's error is its caller's to handle; one whose caller went away is not lost in
+    "exception was never retrieved" noise (the outcome is in the journal and the log)."""
+    if not task.cancelled():
+        task.exception()
 
 
 LAYOUT_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")

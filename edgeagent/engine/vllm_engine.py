@@ -6,102 +6,35 @@ sizes, token ids and sampling options, and yields text deltas with token counts.
 
 from __future__ import annotations
 
-import enum
+import gc
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from edgeagent.engine.interface import (
+    ChatMessage,
+    Delta,
+    EngineConfig,
+    FinishReason,
+    ModelFacts,
+    SamplingOptions,
+)
 from edgeagent.errors import EngineDeadError, EngineError
 
 logger = logging.getLogger(__name__)
 
-WORKER_EXTENSION = "edgeagent.engine_worker.WorkerExtension"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_path: Path
-    kv_cache_bytes: int
-    max_num_seqs: int
-    max_model_len: int | None = None
-    max_num_batched_tokens: int | None = None
-    gpu_memory_utilization: float | None = None  # vLLM checks it against free memory at start
-    dtype: str = "auto"
-    enforce_eager: bool = False
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: bool = False  # the sampled tokens' log-probabilities in each delta
-
-
-class FinishReason(enum.Enum):
-    MAX_TOKENS = "max_tokens"
-    EOS_TOKEN = "eos_token"
-    STOP_SEQUENCE = "stop_sequence"
-    CANCELLED = "cancelled"
-    TOKEN_LIMIT = "token_limit"
-
-
-@dataclass(frozen=True)
-class Delta:
-    """Text produced since the last delta; counts are totals so far."""
-
-    text: str
-    completion_tokens: int
-    finish_reason: FinishReason | None = None
-    stop_sequence: str | None = None
-    logprobs: tuple[float, ...] = ()  # of this delta's tokens, when asked for
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the served model is, as the engine loaded it."""
-
-    path: Path
-    max_model_len: int
-    max_num_seqs: int
-    architecture: str
-    quantization: str
-
-
-class ChatMessage(Protocol):
-    role: str
-    content: str
-
-
-class Engine(Protocol):
-    """What the server and the daemon need of an engine; `VllmEngine` is the real one."""
-
-    facts: ModelFacts
-
-    def encode(self, text: str) -> list[int]: ...
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str: ...
-    def stream(
-        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
-    ) -> AsyncGenerator[Delta, None]: ...
-    async def abort(self, request_id: str) -> None: ...
-    async def check_health(self) -> None: ...
-    def num_unfinished_requests(self) -> int: ...
-    async def reload_weights(self, weights_path: Path) -> None: ...
-    def shutdown(self) -> None: ...
+WORKER_EXTENSION = "edgeagent.engine.worker.WorkerExtension"
 
 
 class VllmEngine:
     """The real engine: vLLM's `AsyncLLM` in this process, its engine core in a child process."""
 
     def __init__(self, llm: Any, facts: ModelFacts) -> None:
-        self._llm = llm
+        self._llm_or_none: Any = llm
         self._tokenizer = llm.get_tokenizer()
         self.facts = facts
 
@@ -113,24 +46,15 @@ class VllmEngine:
         # vLLM reports usage statistics to its authors' server unless told not to; an edge box
         # sends nothing anywhere it was not configured to (an operator may still opt in).
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        from vllm.engine.arg_utils import AsyncEngineArgs
+        return cls._launch(_engine_args(config), config)
+
+    @classmethod
+    def _launch(cls, args: Any, config: EngineConfig) -> VllmEngine:
+        """The engine itself. Its own frame: vLLM's first import happened in `_engine_args`,
+        whose frames some library keeps in a stored traceback; the `AsyncLLM` must not be a
+        local of any of them, or it outlives its shutdown until interpreter exit."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(config.model_path),
-            dtype=config.dtype,  # type: ignore[arg-type]  # checked by Settings
-            kv_cache_memory_bytes=config.kv_cache_bytes,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            disable_log_stats=True,
-            worker_extension_cls=WORKER_EXTENSION,
-        )
-        if config.max_model_len is not None:
-            args.max_model_len = config.max_model_len
-        if config.max_num_batched_tokens is not None:
-            args.max_num_batched_tokens = config.max_num_batched_tokens
-        if config.gpu_memory_utilization is not None:
-            args.gpu_memory_utilization = config.gpu_memory_utilization
         started = time.perf_counter()
         llm = AsyncLLM.from_engine_args(args)
         model_config = llm.model_config
@@ -236,8 +160,47 @@ class VllmEngine:
             released - cleared, sum(reserved) / (1 << 30),
         )  # fmt: skip
 
+    @property
+    def _llm(self) -> Any:
+        if self._llm_or_none is None:
+            raise EngineDeadError("this engine was shut down")
+        return self._llm_or_none
+
     def shutdown(self) -> None:
-        self._llm.shutdown()
+        """Stop the engine and its processes; returns once they have exited (on a GPU, their
+        memory is free for the next engine). A second call does nothing."""
+        llm, self._llm_or_none = self._llm_or_none, None
+        if llm is None:
+            return
+        llm.shutdown()
+        multiprocessing.active_children()  # reaps them: vLLM may kill one without waiting
+        # AsyncLLM.__del__ shuts down again; let it run now, while vLLM's modules are whole,
+        # not at interpreter exit (where it fails with "'NoneType' object is not callable").
+        del llm
+        gc.collect()
+
+
+def _engine_args(config: EngineConfig) -> Any:
+    """vLLM's engine arguments for `config` (the first import of vLLM happens here)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine import async_llm  # noqa: F401  # loaded here, not in _launch's frame
+
+    args = AsyncEngineArgs(
+        model=str(config.model_path),
+        dtype=config.dtype,  # type: ignore[arg-type]  # checked by Settings
+        kv_cache_memory_bytes=config.kv_cache_bytes,
+        max_num_seqs=config.max_num_seqs,
+        enforce_eager=config.enforce_eager,
+        disable_log_stats=True,
+        worker_extension_cls=WORKER_EXTENSION,
+    )
+    if config.max_model_len is not None:
+        args.max_model_len = config.max_model_len
+    if config.max_num_batched_tokens is not None:
+        args.max_num_batched_tokens = config.max_num_batched_tokens
+    if config.gpu_memory_utilization is not None:
+        args.gpu_memory_utilization = config.gpu_memory_utilization
+    return args
 
 
 def _sampled_logprobs(completion: Any) -> tuple[float, ...]:

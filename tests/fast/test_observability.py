@@ -1,4 +1,5 @@
-"""Prometheus metrics scraped over real HTTP from a server fed by real requests; journald lines."""
+"""Prometheus metrics scraped over real HTTP from a server fed by real requests (to a fake
+engine); journald lines."""
 
 from __future__ import annotations
 
@@ -14,32 +15,32 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEST_LIMITS, wait_until_engine_idle
 
 from edgeagent.client import Parameters, build_request
-from edgeagent.engine import VllmEngine
 from edgeagent.errors import ConfigError
-from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.logs import JournalFormatter, journal_connected
 from edgeagent.metrics import Metrics, MetricsServer, serve_metrics
-from edgeagent.server.app import ApiServer
-from edgeagent.server.inflight import InflightRequests
-from edgeagent.server.service import GenerationService, ServedModel
-from edgeagent.settings import ServerSettings
+from edgeagent.server.app import SERVICE_NAME, ApiServer
+from edgeagent.server.health import SlotHealth
+from edgeagent.server.service import GenerationService
+from edgeagent.settings import LimitSettings, ServerSettings
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+from fast.fakes import FakeProbe
+from fast.runner import Box, slot_and_updater
 
 
 @pytest.fixture
 async def observed(
-    engine: VllmEngine, tmp_path: Path
+    box: Box, tmp_path: Path
 ) -> AsyncIterator[tuple[pb_grpc.GenerationServiceStub, MetricsServer]]:
+    slot, _ = await slot_and_updater(box)
     metrics = Metrics()
-    metrics.watch_device(SystemMemoryProbe())
-    service = GenerationService(engine, ServedModel("tiny", "v7"), TEST_LIMITS,
-                                InflightRequests(), metrics)  # fmt: skip
-    server = ApiServer(service, ServerSettings(), tmp_path / "app.sock")
+    metrics.watch_slot(slot)
+    metrics.watch_device(FakeProbe())
+    service = GenerationService(slot, LimitSettings(), metrics)
+    server = ApiServer(service, SlotHealth(slot, [SERVICE_NAME]), ServerSettings(),
+                       tmp_path / "app.sock")  # fmt: skip
     await server.start()
-    await server.set_serving(True)
     exporter = serve_metrics(metrics, "127.0.0.1:0")
     try:
         async with grpc.aio.insecure_channel(f"unix:{tmp_path / 'app.sock'}") as channel:
@@ -47,7 +48,6 @@ async def observed(
     finally:
         exporter.stop()
         await server.stop(grace=None)
-        await wait_until_engine_idle(engine)
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -62,7 +62,7 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 async def test_requests_tokens_latency_and_memory_are_exported(
-    observed: tuple[pb_grpc.GenerationServiceStub, MetricsServer],
+    observed: tuple[pb_grpc.GenerationServiceStub, MetricsServer], box: Box
 ) -> None:
     stub, exporter = observed
     await stub.Generate(build_request("Hello", params=Parameters(max_tokens=5, temperature=0)))
@@ -76,14 +76,16 @@ async def test_requests_tokens_latency_and_memory_are_exported(
     assert samples['edgeagent_requests_total{code="OK",method="Generate"}'] == 1
     assert samples['edgeagent_requests_total{code="OK",method="GenerateStream"}'] == 1
     assert samples['edgeagent_requests_total{code="INVALID_ARGUMENT",method="Generate"}'] == 1
-    assert samples["edgeagent_generated_tokens_total"] >= 6  # 5 + up to 3 (EOS may end early)
+    assert samples["edgeagent_generated_tokens_total"] == 8
     assert samples["edgeagent_prompt_tokens_total"] >= 2
     assert samples["edgeagent_time_to_first_token_seconds_count"] == 2
     assert 0 < samples["edgeagent_time_to_first_token_seconds_sum"] < 30
     assert samples["edgeagent_request_duration_seconds_count"] == 3
     assert samples["edgeagent_requests_running"] == 0
     assert samples["edgeagent_requests_waiting"] == 0
-    assert samples['edgeagent_serving_info{model_id="tiny",version="v7"}'] == 1
+    a = box.versions["a"]
+    labels = f'model_id="{a.model_id}",state="serving",version="{a.version}"'
+    assert samples[f"edgeagent_serving_info{{{labels}}}"] == 1
     memory = [v for k, v in samples.items() if k.startswith("edgeagent_device_memory_used_bytes")]
     assert len(memory) == 1
     assert memory[0] > 0

@@ -2,8 +2,9 @@
 
 - Unix socket: mode 0660 and the client apps' group; a process of another user is refused by
   the kernel. The admin socket is 0600.
-- TCP: refused without TLS or a token; bearer token (missing or wrong: UNAUTHENTICATED, health
-  exempt, the admin API only with its own token); TLS; mutual TLS.
+- TCP: refused unless callers prove who they are (a bearer token or mutual TLS); bearer token
+  (missing or wrong: UNAUTHENTICATED, health exempt, the admin API only with its own token);
+  TLS with a token; mutual TLS; a bad certificate pair refused at start.
 """
 
 from __future__ import annotations
@@ -25,28 +26,24 @@ from typing import Any
 
 import grpc
 import pytest
-from conftest import TEST_LIMITS
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Client, Parameters, Tls
-from edgeagent.engine import VllmEngine
-from edgeagent.engine_host import EngineHost
 from edgeagent.errors import ConfigError
-from edgeagent.gpu import SystemMemoryProbe
+from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
-from edgeagent.server.app import ApiServer, Tokens
-from edgeagent.server.inflight import InflightRequests
-from edgeagent.server.service import GenerationService, ServedModel
-from edgeagent.settings import ServerSettings, Settings
-from edgeagent.updates.pipeline import Updater
+from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
+from edgeagent.server.auth import server_credentials
+from edgeagent.server.health import SlotHealth
+from edgeagent.server.service import GenerationService
+from edgeagent.settings import LimitSettings, ServerSettings
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
+from fast.runner import Box, slot_and_updater
 
 API_TOKEN = "api-4f1d2c9e-not-a-real-token"
 ADMIN_TOKEN = "admin-77aa01-not-a-real-token"
@@ -112,26 +109,22 @@ ServerStarter = Callable[..., Awaitable[ApiServer]]
 
 
 @pytest.fixture
-async def start_server(
-    engine: VllmEngine, model_store: ModelStore, tiny_4bit: Manifest, tmp_path: Path
-) -> AsyncIterator[ServerStarter]:
-    """Start an ApiServer (app socket, admin socket, TCP as configured) over the session's
-    engine; stopped at the end of the test."""
+async def start_server(box: Box, tmp_path: Path) -> AsyncIterator[ServerStarter]:
+    """Start an ApiServer (app socket, admin socket, TCP as configured) as the daemon assembles
+    it, over a fake engine; stopped at the end of the test."""
     servers: list[ApiServer] = []
+    slot, updater = await slot_and_updater(box)
 
     async def start(
         settings: ServerSettings, tokens: Tokens | None = None, where: Path = tmp_path
     ) -> ApiServer:
-        service = GenerationService(engine, ServedModel("tiny", "v1"), TEST_LIMITS,
-                                    InflightRequests())  # fmt: skip
-        host = EngineHost(Settings(), model_store, lambda config: engine, SystemMemoryProbe())
-        updater = Updater(model_store, host, InflightRequests(), tiny_4bit,
-                          on_promoted=lambda engine, manifest: None)  # fmt: skip
-        server = ApiServer(service, settings, where / "app.sock", AdminService(updater),
-                           where / "admin.sock", tokens or Tokens())  # fmt: skip
+        server = ApiServer(
+            GenerationService(slot, LimitSettings()),
+            SlotHealth(slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings, where / "app.sock",
+            AdminService(slot, updater), where / "admin.sock", tokens or Tokens(),
+        )  # fmt: skip
         servers.append(server)
         await server.start()
-        await server.set_serving(True)
         return server
 
     yield start
@@ -175,9 +168,25 @@ def _health(target: str, credentials: grpc.ChannelCredentials | None = None) -> 
         return int(reply.status)
 
 
-async def test_plaintext_tcp_without_a_token_is_refused(start_server: ServerStarter) -> None:
-    with pytest.raises(ConfigError, match="plaintext TCP without a token is refused"):
+async def test_tcp_where_anyone_could_call_is_refused(
+    start_server: ServerStarter, pki: Pki
+) -> None:
+    """Plaintext without a token, and TLS without a token or client certificates: TLS hides
+    the traffic but says nothing of who calls."""
+    with pytest.raises(ConfigError, match="lets anyone call"):
         await start_server(_tcp())
+    with pytest.raises(ConfigError, match="lets anyone call"):
+        await start_server(_tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key))
+
+
+def test_a_certificate_and_a_key_that_are_not_a_pair_are_refused(pki: Pki) -> None:
+    mismatched = _tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.client_key)
+    with pytest.raises(ConfigError, match="not a usable PEM pair"):
+        server_credentials(mismatched)
+    not_a_ca = _tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key,
+                    tls_client_ca_file=pki.server_key)  # fmt: skip
+    with pytest.raises(ConfigError, match="not a PEM certificate"):
+        server_credentials(not_a_ca)
 
 
 async def test_bearer_token_over_tcp(
@@ -218,12 +227,15 @@ async def test_the_admin_api_over_tcp_takes_only_its_own_token(
 
 
 async def test_tls_and_mutual_tls(start_server: ServerStarter, pki: Pki) -> None:
-    """TLS: a client trusting our CA is served, a plaintext one is not. Mutual TLS: a client
-    without a certificate, or with one our CA did not sign, is refused at the handshake."""
-    tls = await start_server(_tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key))
+    """TLS (with a token): a client trusting our CA is served, a plaintext one is not. Mutual
+    TLS: a client without a certificate, or with one our CA did not sign, is refused at the
+    handshake."""
+    tls = await start_server(
+        _tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key), Tokens(api=API_TOKEN)
+    )
     tls_target = f"localhost:{tls.tcp_port}"
-    over_tls = await asyncio.to_thread(_call, tls_target, tls=Tls(pki.ca))
-    plaintext = await asyncio.to_thread(_call, tls_target)
+    over_tls = await asyncio.to_thread(_call, tls_target, tls=Tls(pki.ca), token=API_TOKEN)
+    plaintext = await asyncio.to_thread(_call, tls_target, token=API_TOKEN)
     await tls.stop(grace=None)
 
     mutual = await start_server(_tcp(

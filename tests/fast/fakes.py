@@ -1,0 +1,252 @@
+"""The fast tier's stand-ins: a fake engine with the real one's interface, fake model versions
+that the real store commits, and a fake GPU.
+
+A fake version is a real model directory (config.json, a safetensors file whose header the fit
+check reads, possibly sparse) plus `fake-engine.json`, the behaviour of any fake engine that
+loads it: its text, its speed, and its failures. The behaviour travels with the version's bytes
+through the store, so an in-process daemon and a daemon in a child process script alike.
+
+The fake engine is deterministic: at temperature 0 (or with a seed) the same version answers
+the same prompt with the same words, and another version with other words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import struct
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeagent.engine.interface import (
+    ChatMessage,
+    Delta,
+    EngineConfig,
+    FinishReason,
+    ModelFacts,
+    SamplingOptions,
+)
+from edgeagent.errors import EngineDeadError, EngineError
+from edgeagent.gpu import DeviceMemory
+
+BEHAVIOUR_FILE = "fake-engine.json"
+GiB = 1 << 30
+WORDS = (
+    "river", "lamp", "orbit", "cedar", "pixel", "harbor", "quartz", "meadow", "signal", "ember",
+    "delta", "fable", "granite", "lumen", "mosaic", "nectar", "opal", "prism", "saffron", "tundra",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """How a fake engine on a version behaves. Seconds are wall-clock sleeps."""
+
+    seed: int = 0  # which words it says: another seed, another model
+    token_s: float = 0.0  # per generated token
+    start_s: float = 0.0
+    start_error: str | None = None  # starting an engine on this version raises
+    fail_starts_after: int | None = None  # starts beyond this many (in one process) raise
+    reload_s: float = 0.0
+    reload_error: str | None = None  # reloading this version into an engine raises
+    reload_kills_engine: bool = False  # ... and the engine is dead afterwards
+    stream_error: str | None = None  # every generation raises (the smoke test fails)
+    logprob: float = -0.5  # NaN or inf: the smoke test finds non-finite output
+
+    @classmethod
+    def read(cls, model_dir: Path) -> Behaviour:
+        path = model_dir / BEHAVIOUR_FILE
+        if not path.is_file():
+            return cls()
+        data = json.loads(path.read_text())
+        if isinstance(data.get("logprob"), str):
+            data["logprob"] = float(data["logprob"])
+        return cls(**data)
+
+    def write(self, model_dir: Path) -> None:
+        data: dict[str, Any] = asdict(self)
+        if not math.isfinite(self.logprob):
+            data["logprob"] = str(self.logprob)
+        (model_dir / BEHAVIOUR_FILE).write_text(json.dumps(data, sort_keys=True))
+
+
+def make_fake_model(
+    out: Path, behaviour: Behaviour = Behaviour(), *, quantized: bool = True,
+    weight_bytes: int = 4096, **config_changes: Any,
+) -> Path:  # fmt: skip
+    """A model directory the store accepts: Phi-3 config (with `config_changes`), one
+    safetensors file with `weight_bytes` of tensor data, the fake behaviour. `quantized`: a
+    GPTQ 4-bit layout, else fp16 (another layout: an update to it restarts the engine)."""
+    out.mkdir(parents=True, exist_ok=True)
+    config: dict[str, Any] = {
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "num_hidden_layers": 4,
+        "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1280, "max_position_embeddings": 4096,
+        "torch_dtype": "float16", "tie_word_embeddings": False, **config_changes,
+    }  # fmt: skip
+    if quantized:
+        config["quantization_config"] = {
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
+        }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    _write_safetensors(out / "model.safetensors", weight_bytes)
+    behaviour.write(out)
+    return out
+
+
+def _write_safetensors(path: Path, data_bytes: int) -> None:
+    header = json.dumps(
+        {"weight": {"dtype": "U8", "shape": [data_bytes], "data_offsets": [0, data_bytes]}}
+    ).encode()
+    with path.open("wb") as file:
+        file.write(struct.pack("<Q", len(header)) + header)
+        file.truncate(8 + len(header) + data_bytes)
+
+
+class FakeProbe:
+    """A 24 GiB GPU with 20 GiB free."""
+
+    def __init__(self, total_gib: float = 24, free_gib: float = 20) -> None:
+        self.total, self.free = int(total_gib * GiB), int(free_gib * GiB)
+
+    def read(self) -> DeviceMemory:
+        return DeviceMemory("gpu", "fake GPU", self.total, self.free)
+
+
+@dataclass
+class FakeEngines:
+    """The engine factory: starts fake engines as the version's behaviour says, and keeps them
+    for the test to look at (and kill)."""
+
+    started: list[FakeEngine] = field(default_factory=list)
+    starts: Counter[Path] = field(default_factory=Counter)
+
+    def __call__(self, config: EngineConfig) -> FakeEngine:
+        behaviour = Behaviour.read(config.model_path)
+        self.starts[config.model_path] += 1
+        time.sleep(behaviour.start_s)
+        if behaviour.start_error is not None:
+            raise RuntimeError(behaviour.start_error)
+        limit = behaviour.fail_starts_after
+        if limit is not None and self.starts[config.model_path] > limit:
+            raise RuntimeError(f"start {self.starts[config.model_path]} on this version fails")
+        engine = FakeEngine(config, behaviour)
+        self.started.append(engine)
+        return engine
+
+    @property
+    def live(self) -> list[FakeEngine]:
+        return [engine for engine in self.started if not engine.closed]
+
+
+class FakeEngine:
+    """The real engine's interface over words chosen by a hash: no model, no vLLM."""
+
+    def __init__(self, config: EngineConfig, behaviour: Behaviour) -> None:
+        self.config, self.behaviour = config, behaviour
+        self.facts = ModelFacts(config.model_path, config.max_model_len or 4096,
+                                config.max_num_seqs, "Phi3ForCausalLM", "fake")  # fmt: skip
+        self.closed = self.dead = False
+        self.running: set[str] = set()
+        self._aborted: set[str] = set()
+        self.reloads: list[Path] = []
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+        turns = "".join(f"<|im_start|>{m.role}<|im_sep|>{m.content}<|im_end|>" for m in messages)
+        return turns + "<|im_start|>assistant<|im_sep|>"
+
+    async def stream(
+        self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
+    ) -> AsyncGenerator[Delta, None]:
+        self._check_alive()
+        if self.behaviour.stream_error is not None:
+            raise EngineError(self.behaviour.stream_error)
+        self.running.add(request_id)
+        try:
+            text = ""
+            room = self.facts.max_model_len - len(prompt_token_ids)
+            for index in range(min(options.max_tokens, room)):
+                await asyncio.sleep(self.behaviour.token_s)
+                self._check_alive()
+                if request_id in self._aborted:
+                    yield Delta("", index, FinishReason.CANCELLED)
+                    return
+                piece = " " + self._word(prompt_token_ids, index, options)
+                text += piece
+                stop = next((s for s in options.stop if s in text), None)
+                finish = self._finish(index + 1, options, room, stop)
+                logprobs = (self.behaviour.logprob,) if options.logprobs else ()
+                yield Delta(piece, index + 1, finish, stop, logprobs)
+                if finish is not None:
+                    return
+        finally:
+            self.running.discard(request_id)
+            self._aborted.discard(request_id)
+
+    def _word(self, prompt: list[int], index: int, options: SamplingOptions) -> str:
+        key = f"{self.behaviour.seed}|{prompt[-16:]}|{index}"
+        if options.temperature > 0:
+            key += f"|{options.seed if options.seed is not None else time.monotonic_ns()}"
+        digest = hashlib.sha256(key.encode()).digest()
+        return WORDS[digest[0] % len(WORDS)]
+
+    @staticmethod
+    def _finish(
+        tokens: int, options: SamplingOptions, room: int, stop: str | None
+    ) -> FinishReason | None:
+        if stop is not None:
+            return FinishReason.STOP_SEQUENCE
+        if tokens >= room:
+            return FinishReason.TOKEN_LIMIT
+        if tokens >= options.max_tokens:
+            return FinishReason.MAX_TOKENS
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self._aborted.add(request_id)
+
+    async def check_health(self) -> None:
+        self._check_alive()
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running)
+
+    async def reload_weights(self, weights_path: Path) -> None:
+        self._check_alive()
+        behaviour = Behaviour.read(weights_path)
+        await asyncio.sleep(behaviour.reload_s)
+        self.reloads.append(weights_path)
+        if behaviour.reload_error is not None:
+            self.dead = behaviour.reload_kills_engine
+            raise EngineError(behaviour.reload_error)
+        self.behaviour = behaviour
+
+    def shutdown(self) -> None:
+        self.closed = True
+
+    def kill(self) -> None:
+        """What SIGKILL of a real engine's core process looks like from the daemon."""
+        self.dead = True
+
+    def _check_alive(self) -> None:
+        if self.closed:
+            raise EngineDeadError("this engine was shut down")
+        if self.dead:
+            raise EngineDeadError("the engine core process died")
+
+
+def expected_words(behaviour_seed: int, prompt: str, count: int) -> str:
+    """What a fake engine of `behaviour_seed` answers to `prompt` at temperature 0."""
+    engine = FakeEngine(EngineConfig(Path("."), 0, 1, 4096), Behaviour(seed=behaviour_seed))
+    options = SamplingOptions(max_tokens=count, temperature=0)
+    ids = engine.encode(prompt)
+    return "".join(" " + engine._word(ids, index, options) for index in range(count))

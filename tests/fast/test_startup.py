@@ -1,0 +1,74 @@
+"""Which version a starting daemon serves: `current` when it verifies, fits and passes its smoke
+test, else `previous` (never one marked bad), else exit 10 naming every reason."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from edgeagent.daemon import Daemon
+from edgeagent.errors import NoServableVersionError
+from fast.fakes import Behaviour, FakeEngines, FakeProbe
+from fast.runner import Box, in_process
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def box_b_current(box: Box) -> Box:
+    """A then B activated: B is current, A previous."""
+    box.store.activate(box.versions["b"].version)
+    return box
+
+
+async def _serves(box: Box) -> str:
+    async with in_process(box) as daemon:
+        return (await daemon.generate()).model_version
+
+
+async def test_current_serves_when_it_is_sound(box_b_current: Box) -> None:
+    assert await _serves(box_b_current) == box_b_current.versions["b"].version
+
+
+async def test_a_corrupt_current_falls_back_to_previous(box_b_current: Box) -> None:
+    box = box_b_current
+    _flip_byte((box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve())
+    assert await _serves(box) == box.versions["a"].version
+
+
+async def test_a_current_that_fails_to_load_falls_back_to_previous(box: Box) -> None:
+    failing = box.add("fails", Behaviour(seed=3, start_error="CUDA out of memory"), current=True)
+    assert await _serves(box) == box.versions["a"].version
+    assert box.store.refs().current == failing.version  # a transient failure is retried next start
+
+
+async def test_nothing_servable_names_every_reason(box_b_current: Box) -> None:
+    box = box_b_current
+    box.add("a-mute", Behaviour(seed=1, stream_error="no kernel image"))
+    box.add("b-mute", Behaviour(seed=2, stream_error="no kernel image"), current=True)
+    box.store.activate(box.versions["b-mute"].version)  # previous: a-mute
+    box.store.activate(box.versions["a-mute"].version)
+    box.store.activate(box.versions["b-mute"].version)
+    daemon = Daemon(box.settings(), FakeEngines(), FakeProbe())
+    with pytest.raises(NoServableVersionError) as refused:
+        await daemon.serve(handle_signals=False)
+    assert NoServableVersionError.exit_code == 10
+    assert str(refused.value).count("smoke test failed: no kernel image") == 2
+
+
+async def test_a_previous_marked_bad_is_not_fallen_back_to(box_b_current: Box) -> None:
+    box = box_b_current
+    journal = box.journal
+    journal.mark_bad(box.versions["a"].version, "failed its probation")
+    _flip_byte((box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve())
+    daemon = Daemon(box.settings(), FakeEngines(), FakeProbe())
+    with pytest.raises(NoServableVersionError, match="previous: marked bad: failed its probation"):
+        await asyncio.wait_for(daemon.serve(handle_signals=False), 10)

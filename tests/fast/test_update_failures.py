@@ -1,0 +1,316 @@
+"""docs/update-failures.md, row by row: each way an update can fail, what serves afterwards, what
+health and status say, and what the journal says once the daemon has restarted.
+
+The real daemon (store, journal, updater, slot, gRPC servers) runs with fake engines whose
+failures come with the versions (`fakes.Behaviour`). Rows K1-K7 SIGKILL a daemon process at
+each step of an update (`EDGEAGENT_FAILPOINT`) and start it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from edgeagent.v1 import admin_pb2 as admin_pb
+from fast.fakes import Behaviour, expected_words
+from fast.runner import PROMPT, Box, Calls, child_process, in_process
+
+SERVING, NOT_SERVING = (
+    health_pb2.HealthCheckResponse.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING,
+)
+PROMOTED, REFUSED = admin_pb.UPDATE_RESULT_PROMOTED, admin_pb.UPDATE_RESULT_REFUSED
+ROLLED_BACK, FAILED = admin_pb.UPDATE_RESULT_ROLLED_BACK, admin_pb.UPDATE_RESULT_FAILED
+INTERRUPTED = admin_pb.UPDATE_RESULT_INTERRUPTED
+FAST_CHECKS = {"EDGEAGENT_MODEL__HEALTH_CHECK_S": "0.1"}
+
+
+async def _answers_as(daemon: Calls, seed: int, version: str) -> None:
+    """The daemon answers, from `version`, with the words of the fake model of `seed`."""
+    reply = await daemon.generate()
+    assert (reply.model_version, reply.text) == (version, expected_words(seed, PROMPT, 6))
+
+
+async def _after_restart(box: Box, **settings: str) -> admin_pb.Status:
+    """Start a new daemon on the box (as systemd would) and return its status."""
+    async with in_process(box, **settings) as daemon:
+        status = await daemon.status()
+        await _answers_as(daemon, _seed_of(box, status.version), status.version)
+        return status
+
+
+def _seed_of(box: Box, version: str) -> int:
+    name = next(name for name, m in box.versions.items() if m.version == version)
+    return {"a": 1, "b": 2}.get(name, 9)
+
+
+async def _refused_or_rolled_back(
+    box: Box, candidate: str, result: int, reason: str, *, bad: bool, **settings: str
+) -> None:
+    """Update to `candidate`: the outcome is `result` naming `reason`; A serves throughout and
+    after a restart; the candidate is marked bad or not."""
+    a, version = box.versions["a"].version, box.versions[candidate].version
+    async with in_process(box, **settings) as daemon:
+        outcome = await daemon.update(version)
+        assert (outcome.result, outcome.version) == (result, version), outcome.reason
+        assert reason in outcome.reason
+        await _answers_as(daemon, 1, a)
+        assert await daemon.health() == SERVING
+        status = await daemon.status()
+        assert (status.version, status.state) == (a, "serving")
+        assert status.history[0].result == result
+        assert (version in status.bad_versions) is bad
+    status = await _after_restart(box)
+    assert status.version == a
+    assert status.history[0].result == result
+    assert (version in status.bad_versions) is bad
+    assert box.store.refs().current == a
+    assert box.journal.pending is None
+
+
+async def test_row_01_verification_fails(box: Box) -> None:
+    config = box.store.model_dir(box.versions["b"].version) / "fake-engine.json"
+    blob = config.resolve()
+    blob.chmod(0o644)
+    blob.write_text(blob.read_text().replace('"seed": 2', '"seed": 3'))
+    await _refused_or_rolled_back(box, "b", REFUSED, "failed verification", bad=True)
+
+
+async def test_row_02_another_layout_that_does_not_fit(box: Box) -> None:
+    """Its widest layer's activations alone (2048 tokens x 2 x 2M x 4 bytes) outgrow the GPU."""
+    box.add("huge", quantized=False, intermediate_size=2_000_000)
+    await _refused_or_rolled_back(box, "huge", REFUSED, "does not fit", bad=False)
+
+
+async def test_row_03_requests_outlast_the_hold(box: Box) -> None:
+    """A 4 s stream is under way; the hold is 0.5 s: refused, and the stream completes."""
+    box.add("slow", Behaviour(seed=1, token_s=0.02), current=True)
+    async with in_process(box, EDGEAGENT_UPDATES__HOLD_S="0.5") as daemon:
+        stream = asyncio.create_task(daemon.generate(max_tokens=200))
+        await asyncio.sleep(0.2)
+        outcome = await daemon.update(box.versions["b"].version)
+        long_reply = await stream
+    assert outcome.result == REFUSED
+    assert "1 request(s) still running after 0.5 s" in outcome.reason
+    assert long_reply.completion_tokens == 200
+    assert box.versions["b"].version not in box.journal.bad
+
+
+async def test_row_04_reload_raises(box: Box) -> None:
+    box.add("broken", Behaviour(seed=4, reload_error="CUDA error: an illegal memory access"))
+    await _refused_or_rolled_back(box, "broken", ROLLED_BACK, "illegal memory access", bad=True)
+
+
+async def test_row_05_a_failed_restart_puts_the_old_version_back_on_a_new_engine(box: Box) -> None:
+    """The bug this design fixes: after a failed restart the old version is started again on a
+    new engine, and requests are answered by it, not by the engine the restart shut down."""
+    other = box.add("fp16", Behaviour(seed=5, start_error="out of memory"), quantized=False)
+    async with in_process(box) as daemon:
+        first = daemon.engine
+        outcome = await daemon.update(other.version)
+        await _answers_as(daemon, 1, box.versions["a"].version)
+        assert first.closed
+        assert daemon.engine is not first
+        assert len(daemon.engines.live) == 1
+    assert (outcome.result, outcome.method) == (ROLLED_BACK, "restart")
+    assert "the engine failed to start" in outcome.reason
+    await _refused_or_rolled_back(box, "fp16", REFUSED, "marked bad", bad=True)
+
+
+async def test_row_06_smoke_test_raises(box: Box) -> None:
+    box.add("mute", Behaviour(seed=6, stream_error="device-side assert triggered"))
+    await _refused_or_rolled_back(box, "mute", ROLLED_BACK, "smoke test failed", bad=True)
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["reload", "restart"])
+async def test_row_07_smoke_test_not_finite(box: Box, quantized: bool) -> None:
+    box.add("nan", Behaviour(seed=7, logprob=math.nan), quantized=quantized)
+    await _refused_or_rolled_back(box, "nan", ROLLED_BACK, "non-finite", bad=True)
+
+
+async def _cannot_put_back(box: Box, candidate: str, reason: str) -> None:
+    """The candidate fails and the old version does not come back: nothing serves, health and
+    status say so, the daemon exits 1; restarted, it serves the old version."""
+    a, version = box.versions["a"].version, box.versions[candidate].version
+    async with in_process(box, **FAST_CHECKS) as daemon:
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await daemon.update(version)
+        status = await daemon.status()
+        health = await daemon.health()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await daemon.generate()
+        assert await daemon.exit_code() == 1
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reason in (failed.value.details() or "")
+    assert health == NOT_SERVING
+    assert (status.version, status.state) == ("", "empty")
+    assert reason in status.problem
+    assert status.history[0].result == FAILED
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no model is loaded" in (refused.value.details() or "")
+    after = await _after_restart(box)
+    assert after.version == a
+    assert after.history[0].result == FAILED
+    assert version in after.bad_versions
+
+
+async def test_row_08_the_old_version_cannot_be_put_back_by_reload(box: Box) -> None:
+    box.add("wreck", Behaviour(seed=8, reload_error="Xid 79", reload_kills_engine=True))
+    await _cannot_put_back(box, "wreck", "could not put")
+
+
+async def test_row_09_the_old_version_cannot_be_put_back_by_restart(box: Box) -> None:
+    box.add("a", Behaviour(seed=1, fail_starts_after=1), current=True)
+    box.add("fp16", Behaviour(seed=5, start_error="out of memory"), quantized=False)
+    await _cannot_put_back(box, "fp16", "could not put")
+
+
+async def test_row_10_engine_dies_in_probation(box: Box) -> None:
+    a, b = box.versions["a"].version, box.versions["b"].version
+    async with in_process(box, **FAST_CHECKS) as daemon:
+        assert (await daemon.update(b)).result == PROMOTED
+        assert (await daemon.status()).probation_left_s > 250
+        daemon.engine.kill()
+        status = await _until_history(daemon, "auto_rollback")
+        await _answers_as(daemon, 1, a)
+    assert (status.version, status.probation_left_s) == (a, 0)
+    assert status.history[0].result == PROMOTED
+    assert "engine died" in status.bad_versions[b]
+    after = await _after_restart(box)
+    assert after.version == a
+    assert [o.kind for o in after.history] == ["auto_rollback", "update"]
+
+
+async def test_row_11_engine_dies_in_probation_and_the_old_version_fails_to_start(
+    box: Box,
+) -> None:
+    box.add("a", Behaviour(seed=1, fail_starts_after=1), current=True)
+    a, b = box.versions["a"].version, box.versions["b"].version
+    async with in_process(box, **FAST_CHECKS) as daemon:
+        assert (await daemon.update(b)).result == PROMOTED
+        daemon.engine.kill()
+        assert await daemon.exit_code() == 1
+    assert box.store.refs().current == a
+    after = await _after_restart(box)
+    assert after.version == a
+    assert (after.history[0].kind, after.history[0].result) == ("auto_rollback", FAILED)
+    assert b in after.bad_versions
+
+
+async def test_row_12_engine_dies_after_probation(box: Box) -> None:
+    b = box.versions["b"].version
+    settings = {**FAST_CHECKS, "EDGEAGENT_UPDATES__PROBATION_S": "0.3"}
+    async with in_process(box, **settings) as daemon:
+        assert (await daemon.update(b)).result == PROMOTED
+        await asyncio.sleep(0.5)
+        assert box.journal.pending is None  # probation over
+        daemon.engine.kill()
+        assert await daemon.exit_code() == 1
+    after = await _after_restart(box)
+    assert after.version == b
+    assert b not in after.bad_versions
+
+
+async def test_row_13_an_orderly_stop_in_probation_resumes_it(box: Box) -> None:
+    a, b = box.versions["a"].version, box.versions["b"].version
+    settings = {**FAST_CHECKS, "EDGEAGENT_UPDATES__PROBATION_S": "30"}
+    async with in_process(box, **settings) as daemon:
+        assert (await daemon.update(b)).result == PROMOTED
+    assert await_exit_code_was_clean(box)
+    async with in_process(box, **settings) as daemon:
+        status = await daemon.status()
+        assert status.version == b
+        assert 20 < status.probation_left_s < 30
+        daemon.engine.kill()
+        status = await _until_history(daemon, "auto_rollback")
+    assert status.version == a
+    assert b in status.bad_versions
+
+
+def await_exit_code_was_clean(box: Box) -> bool:
+    pending = box.journal.pending
+    return pending is not None and pending.step == "probation" and pending.stopped_cleanly
+
+
+async def _until_history(daemon: Calls, kind: str, within_s: float = 10.0) -> admin_pb.Status:
+    for _ in range(int(within_s / 0.05)):
+        status = await daemon.status()
+        if status.history and status.history[0].kind == kind:
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {kind} within {within_s} s")
+
+
+# -- K1-K7: the daemon killed at each step, then started again --------------------------------
+
+KILLS = [
+    pytest.param("update.staged", INTERRUPTED, False, id="K1-staged"),
+    pytest.param("update.verified", INTERRUPTED, False, id="K2-verified"),
+    pytest.param("update.loading", ROLLED_BACK, True, id="K3-loading"),
+    pytest.param("load.smoke_test:2", ROLLED_BACK, True, id="K4-smoke-test"),
+    pytest.param("update.promoted", ROLLED_BACK, True, id="K5-promoted-not-journaled"),
+    pytest.param("update.probation", PROMOTED, True, id="K6-probation"),
+]
+
+
+@pytest.mark.parametrize(("failpoint", "result", "bad"), KILLS)
+async def test_killed_during_an_update(box: Box, failpoint: str, result: int, bad: bool) -> None:
+    """1. A daemon process serves A. 2. An update to B; the daemon SIGKILLs itself at the step.
+    3. Started again, it serves A (a version that passed its checks), the store's current is A,
+    nothing is pending, and the journal says what happened to B."""
+    a, b = box.versions["a"].version, box.versions["b"].version
+    with child_process(box, EDGEAGENT_FAILPOINT=failpoint) as killed:
+        await killed.until_serving()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await killed.update(b)
+        assert killed.wait() == -signal.SIGKILL, killed.tail()
+    with child_process(box, "restarted.log") as restarted:
+        await restarted.until_serving()
+        status = await restarted.status()
+        await _answers_as(restarted, 1, a)
+        restarted.process.send_signal(signal.SIGTERM)
+        assert restarted.wait() == 0, restarted.tail()
+    assert status.version == a
+    assert box.store.refs().current == a
+    assert box.journal.pending is None
+    assert status.history[0].result == result, status.history[0].reason
+    assert "the daemon died" in status.history[0].reason or result == INTERRUPTED
+    assert (b in status.bad_versions) is bad
+
+
+async def test_k7_killed_after_importing_a_drop(box: Box) -> None:
+    """A drop is claimed and imported; the daemon dies before its update. Started again, the
+    daemon takes the drop from `taken/` again: B is promoted and the drop filed in done/."""
+    source = box.root / "sources" / "b"
+    with child_process(box, EDGEAGENT_FAILPOINT="drop.imported") as killed:
+        await killed.until_serving()
+        incoming = box.drop / "release-b"
+        await asyncio.to_thread(_copy_tree, source, incoming)
+        (incoming / "READY").touch()
+        assert await asyncio.to_thread(killed.wait) == -signal.SIGKILL, killed.tail()
+    assert (box.drop / "taken" / "release-b").is_dir()
+    with child_process(box, "restarted.log") as restarted:
+        await restarted.until_serving()
+        await _until_exists(box.drop / "done" / "release-b")
+        await _answers_as(restarted, 2, box.versions["b"].version)
+    assert list((box.drop / "taken").iterdir()) == []
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+
+
+async def _until_exists(path: Path, within_s: float = 10.0) -> None:
+    for _ in range(int(within_s / 0.05)):
+        if await asyncio.to_thread(path.exists):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} did not appear within {within_s} s")
