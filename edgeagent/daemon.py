@@ -217,7 +217,8 @@ class Daemon:
         settings = self.settings
         tokens = Tokens(settings.api_token_value, settings.admin_token_value)
         self.api = ApiServer(
-            GenerationService(self.slot, settings.limits, metrics),
+            GenerationService(self.slot, settings.limits, metrics,
+                              settings.server.stream_write_timeout_s),
             SlotHealth(self.slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings.server,
             settings.socket_path, AdminService(self.slot, self.updater),
             settings.admin_socket_path, tokens,

@@ -84,6 +84,15 @@ class InvalidRequestError(EdgeAgentError, ValueError):
         self.field = field
 
 
+class ResourceExhaustedError(EdgeAgentError):
+    """Too much is waiting, or the request is bigger than allowed; `retry_after_s` says when
+    trying again may work (None: not as it is)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class UnavailableError(EdgeAgentError):
     """The service cannot take work now (starting, draining, shutting down); retry later."""
 
@@ -94,6 +103,10 @@ class RequestCancelledError(EdgeAgentError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ClientTooSlowError(EdgeAgentError):
+    """A streaming client stopped reading; its request was cancelled to free the engine."""
 
 
 class EngineError(EdgeAgentError):

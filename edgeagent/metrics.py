@@ -51,6 +51,10 @@ class Metrics:
             "edgeagent_request_duration_seconds", "Generation RPCs, start to end",
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.refused = Counter(
+            "edgeagent_requests_refused", "Requests refused for load or size (RESOURCE_EXHAUSTED)",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.updates = Counter(
             "edgeagent_updates", "Model updates by kind and result", ["kind", "result"],
             registry=r,
@@ -83,12 +87,23 @@ class _Serving(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         slot = self._slot
         yield GaugeMetricFamily(
-            "edgeagent_requests_running", "Requests under way in the engine", value=len(slot)
-        )
+            "edgeagent_requests_running", "Requests under way (admitted, not finished)",
+            value=len(slot),
+        )  # fmt: skip
         yield GaugeMetricFamily(
             "edgeagent_requests_waiting", "Requests held while an update swaps the model",
             value=slot.waiting,
         )  # fmt: skip
+        load = slot.serving.engine.load() if slot.serving is not None else None
+        for metric, help_text, value in (
+            ("edgeagent_engine_requests_running", "Requests in the engine's batch",
+             load.running if load else 0),
+            ("edgeagent_engine_requests_waiting", "Requests queued inside the engine",
+             load.waiting if load else 0),
+            ("edgeagent_engine_kv_cache_usage", "Share of the engine's KV cache in use (0-1)",
+             load.kv_cache_usage if load else 0.0),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(metric, help_text, value=value)
         info = GaugeMetricFamily(
             "edgeagent_serving_info", "The served model version (value 1; none when nothing "
             "serves)", labels=["model_id", "version", "state"],

@@ -78,6 +78,10 @@ class ServerSettings(BaseModel):
     )
     max_message_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     drain_grace_s: float = Field(default=10.0, ge=0, description="in-flight time on shutdown")
+    stream_write_timeout_s: float = Field(
+        default=30.0, gt=0, description="a stream whose client reads nothing this long is "
+        "cancelled (its engine slot freed)",
+    )  # fmt: skip
 
 
 class ModelSettings(BaseModel):
@@ -110,6 +114,11 @@ class HubSettings(BaseModel):
     revision: str = Field(default="main", min_length=1, description="branch, tag or commit")
     endpoint: str | None = Field(default=None, description="a mirror; default: HF_ENDPOINT")
     offline: bool = Field(default=False, description="never contact the hub; use the store")
+    timeout_s: float = Field(default=10.0, gt=0, description="connect, and between two chunks")
+    retries: int = Field(default=5, ge=1, description="attempts for busy answers and stalls")
+    max_retry_wait_s: float = Field(
+        default=60.0, gt=0, description="a longer Retry-After is not waited for"
+    )
 
 
 class MemorySettings(BaseModel):
@@ -187,6 +196,16 @@ class LimitSettings(BaseModel):
     max_stop_sequences: int = Field(default=8, ge=0)
     max_stop_sequence_bytes: int = Field(default=256, ge=1)
     default_max_tokens: int = Field(default=512, ge=1)
+    max_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="per request; default: what the context allows"
+    )
+    max_waiting_requests: int = Field(
+        default=64, ge=0, description="beyond the engine's batch (model.max_num_seqs); then "
+        "RESOURCE_EXHAUSTED with a retry hint",
+    )  # fmt: skip
+    max_queued_prompt_tokens: int = Field(
+        default=131072, ge=1, description="prompt tokens of all requests under way together"
+    )
 
 
 class Settings(BaseSettings):

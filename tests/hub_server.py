@@ -12,7 +12,9 @@ errors:
     GET  /{org}/{name}/resolve/{rev}/{path}                  bytes; honours `Range: bytes=N-`
 
 Repos live in memory as commits of files on disk; `corrupt`, `bytes_per_s` and `requests` are
-the knobs and the record the tests need.
+the knobs and the record the tests need. `hostile` turns it into a hub that lies and misbehaves
+(`Hostile`): a commit id of another form or another commit, extra entries in the file listing,
+bodies longer or shorter than listed, endless or stalling, a redirect loop, error answers.
 """
 
 from __future__ import annotations
@@ -25,10 +27,23 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf")
+Body = Literal["longer", "shorter", "endless", "stall"]
+
+
+@dataclass
+class Hostile:
+    """How the hub misbehaves. `answers` are consumed one per request, in order, before any
+    request is served normally: (status, headers)."""
+
+    sha: str | None = None  # the commit model_info names
+    extra_tree: list[dict[str, Any]] = field(default_factory=list)  # added to every listing
+    bodies: dict[str, Body] = field(default_factory=dict)  # by path
+    redirect_loop: bool = False  # every download answers 302 to itself
+    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,10 +101,14 @@ class HubServer:
         self.tokens = tokens or set()
         self.corrupt: set[tuple[str, str]] = set()  # (repo, path) served with one byte flipped
         self.bytes_per_s: float | None = None
+        self.hostile = Hostile()
+        self.stalled = threading.Event()  # set to let stalled bodies end
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._http.daemon_threads = True
-        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def endpoint(self) -> str:
@@ -104,6 +123,7 @@ class HubServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.stalled.set()
         self._http.shutdown()
         self._http.server_close()
         self._thread.join()
@@ -131,6 +151,9 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         def _dispatch(self, send_body: bool) -> None:
             path = urlsplit(self.path).path
             hub.requests.append((self.command, path, self.headers.get("Range")))
+            if hub.hostile.answers:
+                self._send_answer(*hub.hostile.answers.pop(0))
+                return
             try:
                 if path.startswith("/api/models/"):
                     self._send_json(self._api(path.removeprefix("/api/models/")), send_body)
@@ -149,14 +172,18 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if len(parts) == 2:
                 return _info(repo, repo.refs["main"])
             if parts[2] == "revision" and len(parts) == 4:
-                return _info(repo, self._commit(repo, unquote(parts[3])))
+                info = _info(repo, self._commit(repo, unquote(parts[3])))
+                return {**info, "sha": hub.hostile.sha} if hub.hostile.sha else info
             if parts[2] == "tree" and len(parts) >= 4:
                 commit = self._commit(repo, unquote(parts[3]))
                 prefix = unquote("/".join(parts[4:]))
-                return _tree(repo.commits[commit], prefix)
+                return _tree(repo.commits[commit], prefix) + hub.hostile.extra_tree
             raise HubError(404, "NotFound", f"no API route {rest}")
 
         def _resolve(self, path: str, send_body: bool) -> None:
+            if hub.hostile.redirect_loop:
+                self._send_answer(302, {"Location": path})
+                return
             repo_id, rest = path.lstrip("/").split("/resolve/", 1)
             revision, _, filename = rest.partition("/")
             repo = self._repo(repo_id, need_files=True)
@@ -165,21 +192,39 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if file is None:
                 raise HubError(404, "EntryNotFound", f"{filename} not in {repo_id}", commit)
             start = _range_start(self.headers.get("Range"))
+            body = hub.hostile.bodies.get(unquote(filename))
             self.send_response(206 if start else 200)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{file.sha256 if file.lfs else file.git_sha1}"')
-            self.send_header("Content-Length", str(file.size - start))
+            if body == "endless":
+                self.send_header("Connection", "close")
+            else:
+                extra = {"longer": 1024, "shorter": -1024}.get(body or "", 0)
+                self.send_header("Content-Length", str(file.size - start + extra))
             self.send_header("Accept-Ranges", "bytes")
             if start:
                 self.send_header("Content-Range", f"bytes {start}-{file.size - 1}/{file.size}")
             self.end_headers()
             if send_body:
-                self._stream(file, start, corrupt=(repo_id, unquote(filename)) in hub.corrupt)
+                corrupt = (repo_id, unquote(filename)) in hub.corrupt
+                self._stream(file, start, corrupt, body)
 
-        def _stream(self, file: HubFile, start: int, corrupt: bool) -> None:
+        def _stream(self, file: HubFile, start: int, corrupt: bool, body: Body | None) -> None:
             data = bytearray(file.source.read_bytes())
             if corrupt:
                 data[len(data) // 2] ^= 0xFF
+            if body == "longer":
+                data += b"\0" * 1024
+            elif body == "shorter":
+                data = data[:-1024]
+            elif body == "endless":
+                while True:
+                    self.wfile.write(b"\0" * (64 << 10))
+            elif body == "stall":  # the first half, then nothing: every resume stalls again
+                self.wfile.write(data[start : len(data) // 2])
+                self.wfile.flush()
+                hub.stalled.wait()  # until the test ends: the client must give up first
+                return
             step = 64 << 10
             for offset in range(start, len(data), step):
                 self.wfile.write(data[offset : offset + step])
@@ -209,6 +254,17 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if send_body:
+                self.wfile.write(body)
+
+        def _send_answer(self, status: int, headers: dict[str, str]) -> None:
+            body = json.dumps({"error": f"hostile answer {status}"}).encode()
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
                 self.wfile.write(body)
 
         def _send_error(self, error: HubError, send_body: bool) -> None:

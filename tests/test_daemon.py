@@ -12,15 +12,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import grpc
 import pytest
-from conftest import REPO
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from notify_listener import listening
+from real_daemon import RunningDaemon, is_zombie, start_daemon
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -37,78 +36,6 @@ StreamCall = grpc.aio.UnaryStreamCall[pb.GenerateRequest, pb.GenerateStreamRespo
 LONG_STREAM = Parameters(max_tokens=1000, temperature=0)
 
 
-@dataclass
-class RunningDaemon:
-    process: subprocess.Popen[bytes]
-    target: str
-    log: Path
-
-    @property
-    def admin_target(self) -> str:
-        return self.target.replace("edgeagent.sock", "admin.sock")
-
-    def children(self) -> list[int]:
-        found: list[int] = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            found += [int(pid) for pid in (task / "children").read_text().split()]
-        return found
-
-    def engine_core(self) -> int:
-        """The pid of vLLM's engine core process under the daemon (zombies not counted)."""
-        names = {pid: Path(f"/proc/{pid}/comm").read_text() for pid in self.children()}
-        cores = [pid for pid, name in names.items()
-                 if name.startswith("VLLM::EngineCor") and not _is_zombie(pid)]  # fmt: skip
-        assert len(cores) == 1, cores
-        return cores[0]
-
-    def wait(self, within_s: float) -> int:
-        try:
-            return self.process.wait(timeout=within_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            raise AssertionError(
-                f"daemon still running after {within_s} s; log:\n{self.tail()}"
-            ) from None
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
-
-
-def _start_daemon(
-    tmp_path: Path, grace_s: float, served: Path | None = None, **extra_env: str
-) -> RunningDaemon:
-    """A daemon whose store holds `served` as current; with None, an empty store."""
-    if served is not None:
-        store = ModelStore(tmp_path / "state" / "models")
-        store.activate(store.import_directory(served, ImportSource(origin=str(served))).version)
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
-        "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),  # shares the tests' compile cache
-        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_MODEL__KV_CACHE_GIB": "0.25",
-        "EDGEAGENT_SERVER__DRAIN_GRACE_S": str(grace_s),
-        **extra_env,
-    }
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "serve"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    daemon = RunningDaemon(process, f"unix:{tmp_path / 'run' / 'edgeagent.sock'}", log)
-    with Client(daemon.target) as client:
-        try:
-            client.wait_until_serving(timeout=480, daemon=process)
-        except (RuntimeError, TimeoutError) as error:
-            process.kill()
-            raise AssertionError(f"{error}; log:\n{daemon.tail()}") from None
-    return daemon
-
-
 class DaemonFactory(Protocol):
     def __call__(self, grace_s: float) -> RunningDaemon: ...
 
@@ -118,7 +45,7 @@ def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[DaemonFactory]:
     started: list[RunningDaemon] = []
 
     def start(grace_s: float) -> RunningDaemon:
-        started.append(_start_daemon(tmp_path, grace_s, served=tiny_model))
+        started.append(start_daemon(tmp_path, grace_s, served=tiny_model))
         return started[-1]
 
     yield start
@@ -277,7 +204,7 @@ async def test_empty_store_builds_the_embedded_model_and_serves_it(
     notify = str(tmp_path / "notify.sock")
     with listening(notify) as systemd:
         daemon = await asyncio.to_thread(
-            _start_daemon, tmp_path, 10.0, None, EDGEAGENT_MODEL__SOURCE="embedded",
+            start_daemon, tmp_path, 10.0, None, EDGEAGENT_MODEL__SOURCE="embedded",
             NOTIFY_SOCKET=notify, WATCHDOG_USEC="1000000",
         )  # fmt: skip
         try:
@@ -324,7 +251,7 @@ async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_
     daemon keeps serving. 4. SIGTERM: exit 0."""
     store = ModelStore(tmp_path / "state" / "models")
     other = store.import_directory(tiny_fp16, ImportSource(origin=str(tiny_fp16)))
-    daemon = await asyncio.to_thread(_start_daemon, tmp_path, 10.0, tiny_model)
+    daemon = await asyncio.to_thread(start_daemon, tmp_path, 10.0, tiny_model)
     try:
         update = await asyncio.to_thread(
             subprocess.run,
@@ -378,7 +305,7 @@ async def test_a_failed_restart_leaves_the_old_version_answering(
     store = ModelStore(tmp_path / "state" / "models")
     nan_dir = _with_nan_weights(tiny_fp16, tmp_path / "fp16-nan")
     broken = store.import_directory(nan_dir, ImportSource(origin=str(nan_dir)))
-    daemon = await asyncio.to_thread(_start_daemon, tmp_path, 10.0, tiny_model)
+    daemon = await asyncio.to_thread(start_daemon, tmp_path, 10.0, tiny_model)
     try:
         update = await asyncio.to_thread(
             subprocess.run,
@@ -457,7 +384,7 @@ def test_sigterm_while_building_stops_the_build_and_exits_cleanly(tmp_path: Path
     quantizer = _wait_for_grandchild(process.pid)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
-    assert not os.path.exists(f"/proc/{quantizer}") or _is_zombie(quantizer)
+    assert not os.path.exists(f"/proc/{quantizer}") or is_zombie(quantizer)
     store = ModelStore(tmp_path / "state" / "models")
     assert store.manifests() == []
     assert "stopped while preparing the model" in log.read_text()
@@ -472,10 +399,3 @@ def _wait_for_grandchild(pid: int) -> int:
                     return int(child)
         time.sleep(0.1)
     raise AssertionError("the daemon never started a build worker")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except FileNotFoundError:
-        return True

@@ -209,8 +209,8 @@ def test_full_disk_refuses_or_stops_and_leaves_current_serving(
 ) -> None:
     """1. A current version on a 40 MiB disk. 2. A 24 MiB fetch that would leave less than
     the required headroom is refused up front. 3. With less headroom required it starts, and
-    another process fills the disk mid-download: a clear error. 4. Current still verifies;
-    with space freed, the fetch resumes and completes."""
+    another process fills the disk mid-download: a clear error, and what the fetch had
+    written is removed. 4. Current still verifies; with space freed, the fetch completes."""
     store = ModelStore(small_disk / "models", min_free_bytes=20 * MiB)
     current = store.import_directory(tiny_model, ImportSource(origin="current")).version
     store.activate(current)
@@ -233,6 +233,7 @@ def test_full_disk_refuses_or_stops_and_leaves_current_serving(
         hub.bytes_per_s = None
     assert len(errors) == 1, errors
     assert isinstance(errors[0], InsufficientDiskError), errors
+    assert list(store.staging_root.rglob("*.part")) == []
     assert store.refs().current == current
     store.verify("current")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
@@ -12,10 +13,12 @@ from conftest import (
     TEST_MAX_MESSAGE_BYTES,
     wait_until_engine_idle,
 )
+from fuzz_requests import ALLOWED, requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from hypothesis import HealthCheck, given, settings
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.client import Parameters, build_request
@@ -257,9 +260,28 @@ def _reflected_services(target: str) -> list[str]:
 
 
 def _first_stream_message(stub: Stub):  # type: ignore[no-untyped-def]
-    async def call(request: pb.GenerateRequest) -> pb.GenerateStreamResponse:
-        async for message in stub.GenerateStream(request):
+    async def call(request: pb.GenerateRequest, **kwargs: Any) -> pb.GenerateStreamResponse:
+        async for message in stub.GenerateStream(request, **kwargs):
             return message
         raise AssertionError("stream ended without a message")
 
     return call
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(request=requests())
+async def test_fuzzed_requests_get_a_code_a_client_can_act_on(
+    stub: Stub, request: pb.GenerateRequest
+) -> None:
+    """A sample of the fast tier's fuzzing on the real engine: vLLM's own checks must surface as
+    INVALID_ARGUMENT, never INTERNAL."""
+    codes = set()
+    for call in (stub.Generate, _first_stream_message(stub)):
+        try:
+            await call(request, timeout=30)
+            codes.add(grpc.StatusCode.OK)
+        except grpc.aio.AioRpcError as error:
+            codes.add(error.code())
+    assert codes <= ALLOWED, codes
+    await _assert_still_serving(stub)

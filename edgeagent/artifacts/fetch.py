@@ -1,12 +1,11 @@
 """Fetch a model from the Hugging Face Hub (or a mirror at `HF_ENDPOINT`) into the store.
 
-huggingface_hub resolves the revision to a commit, lists the files with their sizes and
-digests, and downloads each one (`http_get`, with its retries and error types). Resuming
-after the process dies is ours: huggingface_hub's own temporary files are per process and
-are thrown away, so each file is downloaded to `<name>.part` in a staging directory keyed by
-repo and commit, and a later fetch of the same commit continues from where the last one
-stopped. The store then checks every file against the hub's digests (sha256 for LFS files,
-the git blob id for the rest) before committing; huggingface_hub checks only sizes.
+huggingface_hub resolves the revision to a commit and lists the files with their sizes and
+digests; everything it says is checked first (`hub_checks.py`: the hub may be hostile). Each
+file is then downloaded to `<name>.part` in a staging directory keyed by repo and commit
+(`hub_download.py`: resumable across processes, verified as it arrives, never longer than
+listed), so a later fetch of the same commit continues where the last one stopped. The store
+checks every file against the hub's digests again before committing.
 """
 
 from __future__ import annotations
@@ -16,11 +15,11 @@ import errno
 import fnmatch
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
 
 import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_url
@@ -32,20 +31,20 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.file_download import http_get
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils._headers import build_hf_headers
-from huggingface_hub.utils.tqdm import disable_progress_bars
 
+from edgeagent.artifacts.hub_checks import check_commit, check_listing
+from edgeagent.artifacts.hub_download import RetryPolicy, call_with_retries, download
 from edgeagent.artifacts.manifest import HubSource, Manifest
 from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     AccessDeniedError,
     ConfigError,
+    CorruptArtifactError,
     HubUnreachableError,
     InsufficientDiskError,
     NotFoundError,
-    StoppedError,
 )
 from edgeagent.progress import Progress
 
@@ -79,12 +78,14 @@ class HubFetcher:
         endpoint: str | None = None,
         token: str | None = None,
         offline: bool = False,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.store = store
         self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
         self._token = token
         self.offline = offline or constants.HF_HUB_OFFLINE
         self._api = HfApi(endpoint=self.endpoint, token=token)
+        self._policy = policy or RetryPolicy()
 
     def fetch(self, target: HubTarget, cancel: threading.Event | None = None) -> Manifest:
         """Resolve, download what is missing, verify, commit; returns the version's manifest.
@@ -95,19 +96,19 @@ class HubFetcher:
         if self.offline:
             return self._from_store(target)
         with _hub_errors(target):
-            commit = self._resolve(target)
+            commit = self._resolve(target, cancel)
             known = self.store.find_hub_version(target.repo, commit)
             if known is not None:
                 logger.info("%s is commit %s, already stored as %s", target, commit, known.version)
                 return known
-            files = self._model_files(target.repo, commit)
+            files = self._model_files(target.repo, commit, cancel)
             key = f"fetch-{target.repo.replace('/', '--')}-{commit}"
             resumable = self.store.staging_root / key
             needed = sum(
                 f.size - _staged_bytes(resumable, f.path) for f in files if not self._in_store(f)
             )
             self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
-            with self.store.staging(key) as staged:
+            with self.store.staging(key) as staged, _cleaned_up_when_the_disk_fills(staged):
                 self._download(target.repo, commit, files, staged, cancel)
                 source = HubSource(
                     repo=target.repo, revision=target.revision, commit=commit,
@@ -120,7 +121,7 @@ class HubFetcher:
         if self.offline:
             raise HubUnreachableError(f"offline mode: cannot ask the hub about {target}")
         with _hub_errors(target):
-            return self._resolve(target)
+            return self._resolve(target, None)
 
     def _from_store(self, target: HubTarget) -> Manifest:
         manifest = self.store.find_hub_version(target.repo, target.revision)
@@ -132,20 +133,28 @@ class HubFetcher:
         logger.info("offline mode: %s served from the store as %s", target, manifest.version)
         return manifest
 
-    def _resolve(self, target: HubTarget) -> str:
-        info = self._api.model_info(target.repo, revision=target.revision)
+    def _resolve(self, target: HubTarget, cancel: threading.Event | None) -> str:
+        info = call_with_retries(
+            lambda: self._api.model_info(target.repo, revision=target.revision),
+            f"resolving {target}", self._policy, cancel,
+        )  # fmt: skip
         if not info.sha:
             raise NotFoundError(f"{target}: the hub did not name a commit")
-        logger.info("%s resolved to commit %s", target, info.sha)
-        return info.sha
+        commit = check_commit(target.revision, info.sha)
+        logger.info("%s resolved to commit %s", target, commit)
+        return commit
 
-    def _model_files(self, repo: str, commit: str) -> list[RepoFile]:
-        entries = self._api.list_repo_tree(repo, revision=commit, recursive=True)
+    def _model_files(
+        self, repo: str, commit: str, cancel: threading.Event | None
+    ) -> list[RepoFile]:
+        entries = call_with_retries(
+            lambda: list(self._api.list_repo_tree(repo, revision=commit, recursive=True)),
+            f"listing {repo}@{commit[:10]}", self._policy, cancel,
+        )  # fmt: skip
         files = [
             entry
-            for entry in entries
-            if isinstance(entry, RepoFile)
-            and any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
+            for entry in check_listing(entries)
+            if any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
         ]
         if not any(f.path.endswith(".safetensors") for f in files):
             raise NotFoundError(f"{repo}@{commit[:10]} has no safetensors weights")
@@ -164,7 +173,6 @@ class HubFetcher:
         staged: Path,
         cancel: threading.Event | None,
     ) -> None:
-        disable_progress_bars()  # ours covers the whole fetch, not one file at a time
         total = sum(f.size for f in files)
         progress = Progress(f"fetch {repo}", total)
         progress.start_at(sum(_staged_bytes(staged, f.path) for f in files))
@@ -181,6 +189,8 @@ class HubFetcher:
         self, repo: str, commit: str, file: RepoFile, staged: Path, cancel: threading.Event | None
     ) -> None:
         final = staged / file.path
+        if not final.resolve().is_relative_to(staged.resolve()):  # checked paths; and again
+            raise CorruptArtifactError(f"{file.path!r} would be written outside staging")
         if final.is_file() and final.stat().st_size == file.size:
             return  # finished by an earlier, interrupted fetch
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -189,31 +199,11 @@ class HubFetcher:
             return
         part = final.with_name(final.name + ".part")
         url = hf_hub_url(repo, file.path, revision=commit, endpoint=self.endpoint)
-        with part.open("ab") as out:
-            resume = out.tell()
-            if resume:
-                logger.info("resuming %s at byte %d of %d", file.path, resume, file.size)
-            headers = build_hf_headers(token=self._token)
-            sink = cast(BinaryIO, _CancellableFile(out, cancel))
-            http_get(url, sink, resume_size=resume, headers=headers, expected_size=file.size)
-            out.flush()
-            os.fsync(out.fileno())
+        if part.exists():
+            logger.info("resuming %s at byte %d of %d", file.path, part.stat().st_size, file.size)
+        headers = build_hf_headers(token=self._token)
+        download(url, part, _expected([file])[file.path], headers, self._policy, cancel)
         part.rename(final)
-
-
-class _CancellableFile:
-    """The download's file, refusing the next chunk once `cancel` is set."""
-
-    def __init__(self, file: BinaryIO, cancel: threading.Event | None) -> None:
-        self._file, self._cancel = file, cancel
-
-    def write(self, data: bytes) -> int:
-        if self._cancel is not None and self._cancel.is_set():
-            raise StoppedError("the fetch was cancelled; the next fetch resumes it")
-        return self._file.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._file, name)
 
 
 def _expected(files: list[RepoFile]) -> dict[str, Expected]:
@@ -251,6 +241,18 @@ def _watch_progress(progress: Progress, staged: Path, files: list[RepoFile]) -> 
 
 
 @contextlib.contextmanager
+def _cleaned_up_when_the_disk_fills(staged: Path) -> Iterator[None]:
+    """A full disk stops the fetch and frees what it took: the box needs the space more than
+    the next fetch needs to resume (the current version is untouched either way)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def _hub_errors(target: HubTarget) -> Iterator[None]:
     """huggingface_hub's errors and transport failures, said in edgeagent's terms."""
     try:
@@ -271,9 +273,16 @@ def _hub_errors(target: HubTarget) -> Iterator[None]:
         raise NotFoundError(f"{target}: a file is missing on the hub ({error})") from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
+        first_line = str(error).splitlines()[0] if str(error) else ""
         if status in (401, 403):
             raise AccessDeniedError(f"{target}: the hub refused access ({status})") from None
-        raise HubUnreachableError(f"{target}: the hub answered {status}: {error}") from None
+        if status == 404:
+            raise NotFoundError(f"{target}: the hub answered 404 ({first_line})") from None
+        raise HubUnreachableError(f"{target}: the hub answered {status}: {first_line}") from None
+    except httpx2.TooManyRedirects:
+        raise HubUnreachableError(
+            f"{target}: the hub redirected too many times (a redirect loop); check HF_ENDPOINT"
+        ) from None
     except (httpx2.TransportError, OfflineModeIsEnabled) as error:
         raise HubUnreachableError(
             f"cannot reach the hub for {target} ({error}); check the network or HF_ENDPOINT, "
@@ -282,6 +291,7 @@ def _hub_errors(target: HubTarget) -> Iterator[None]:
     except OSError as error:
         if error.errno == errno.ENOSPC:
             raise InsufficientDiskError(
-                f"the disk filled up while fetching {target}; the current version is unchanged"
+                f"the disk filled up while fetching {target}; what it had written is removed "
+                f"and the current version is unchanged"
             ) from None
         raise

@@ -10,6 +10,7 @@ import threading
 
 from edgeagent.artifacts.build import build_embedded
 from edgeagent.artifacts.fetch import HubFetcher, HubTarget
+from edgeagent.artifacts.hub_download import RetryPolicy
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.settings import GiB, Settings
@@ -22,12 +23,11 @@ def open_store(settings: Settings) -> ModelStore:
 
 
 def hub_fetcher(settings: Settings, store: ModelStore) -> HubFetcher:
-    return HubFetcher(
-        store,
-        endpoint=settings.hub.endpoint,
-        token=settings.hub_token_value,
-        offline=settings.hub.offline,
-    )
+    hub = settings.hub
+    policy = RetryPolicy(attempts=hub.retries, max_wait_s=hub.max_retry_wait_s,
+                         timeout_s=hub.timeout_s)  # fmt: skip
+    return HubFetcher(store, endpoint=hub.endpoint, token=settings.hub_token_value,
+                      offline=hub.offline, policy=policy)  # fmt: skip
 
 
 def acquire_default(

@@ -39,6 +39,7 @@ from edgeagent.artifacts.manifest import (
     new_manifest,
     sha256_of,
 )
+from edgeagent.artifacts.snapshot import copy_member, list_members
 from edgeagent.errors import (
     CorruptArtifactError,
     InsufficientDiskError,
@@ -247,17 +248,21 @@ class ModelStore:
         )
         return manifest
 
-    def import_directory(self, directory: Path, source: Source) -> Manifest:
-        """Copy a model directory in (symlinks followed), then commit it like any other."""
-        files = [p for p in sorted(directory.rglob("*")) if p.is_file()]
-        if not (directory / "config.json").is_file():
+    def import_directory(
+        self, directory: Path, source: Source, *, follow_links: bool = True
+    ) -> Manifest:
+        """Copy a model directory in, then commit it like any other. Only regular files are
+        taken, each as it was when listed (`snapshot.py`); `follow_links=False` for a
+        directory that is not trusted (a drop): a symlink anywhere refuses it."""
+        members = list_members(directory, follow_links=follow_links)
+        if not any(m.relative == "config.json" for m in members):
             raise CorruptArtifactError(f"{directory}: no config.json; not a model directory")
-        self.ensure_free(sum(p.stat().st_size for p in files), f"importing {directory}")
+        self.ensure_free(sum(m.status.st_size for m in members), f"importing {directory}")
         with self.staging() as staged:
-            for path in files:
-                target = staged / path.relative_to(directory)
+            for member in members:
+                target = staged / member.relative
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
+                copy_member(directory, member, target, follow_links=follow_links)
             return self.commit(staged, source)
 
     def _hash_staged(

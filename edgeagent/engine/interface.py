@@ -56,6 +56,15 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """The engine's own view of its work, from its last scheduling step."""
+
+    running: int = 0  # requests in the batch
+    waiting: int = 0  # requests queued inside the engine
+    kv_cache_usage: float = 0.0  # share of the KV cache's blocks in use, 0 to 1
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     """What the served model is, as the engine loaded it."""
 
@@ -76,14 +85,24 @@ class Engine(Protocol):
 
     facts: ModelFacts
 
-    def encode(self, text: str) -> list[int]: ...
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str: ...
+    def encode(self, text: str) -> list[int]:
+        """A raw prompt's token ids; special-token strings in it are control tokens (the
+        caller writes its own template)."""
+        ...
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The chat as the model's template renders it, ready for an answer. Message contents
+        are data: special-token strings in them are encoded as text, never as control tokens
+        (a user cannot open a system turn)."""
+        ...
+
     def stream(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
     ) -> AsyncGenerator[Delta, None]: ...
     async def abort(self, request_id: str) -> None: ...
     async def check_health(self) -> None: ...
     def num_unfinished_requests(self) -> int: ...
+    def load(self) -> EngineLoad: ...
     async def reload_weights(self, weights_path: Path) -> None: ...
     def shutdown(self) -> None: ...
 

@@ -52,6 +52,12 @@ class Lease:
     serving: Serving
 
 
+@dataclass
+class _Request:
+    cancel_reason: str | None = None  # why the server cancelled it, if it did
+    prompt_tokens: int = 0  # once known
+
+
 Change = Callable[[Serving | None], Awaitable[Serving | None]]
 
 
@@ -60,7 +66,7 @@ class ServingSlot:
         self._serving: Serving | None = None
         self._state: State = "starting"
         self._why_empty = "the daemon is starting: no model is loaded yet"
-        self._requests: dict[str, str | None] = {}  # request id → why the server cancelled it
+        self._requests: dict[str, _Request] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._gate_open = asyncio.Event()
@@ -99,6 +105,11 @@ class ServingSlot:
         """Requests under way."""
         return len(self._requests)
 
+    @property
+    def prompt_tokens_under_way(self) -> int:
+        """The prompt tokens of every request under way, as far as they are known."""
+        return sum(request.prompt_tokens for request in self._requests.values())
+
     async def changed(self) -> None:
         """Return at the next change of state (for health watchers)."""
         async with self._changed:
@@ -115,7 +126,7 @@ class ServingSlot:
             raise UnavailableError(self._draining)
         serving = self.current()
         request_id = uuid.uuid4().hex
-        self._requests[request_id] = None
+        self._requests[request_id] = _Request()
         self._idle.clear()
         try:
             yield Lease(request_id, serving)
@@ -134,14 +145,19 @@ class ServingSlot:
         finally:
             self.waiting -= 1
 
+    def note_prompt(self, request_id: str, tokens: int) -> None:
+        if (request := self._requests.get(request_id)) is not None:
+            request.prompt_tokens = tokens
+
     def cancel_reason(self, request_id: str) -> str | None:
         """Why the server cancelled `request_id`, or None if it did not."""
-        return self._requests.get(request_id)
+        request = self._requests.get(request_id)
+        return request.cancel_reason if request is not None else None
 
     def mark_cancelled(self, reason: str) -> list[str]:
         """Record `reason` on every request under way and return their ids for the engine."""
-        for request_id in self._requests:
-            self._requests[request_id] = reason
+        for request in self._requests.values():
+            request.cancel_reason = reason
         return list(self._requests)
 
     async def wait_idle(self, within_s: float) -> bool:

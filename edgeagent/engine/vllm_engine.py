@@ -19,22 +19,25 @@ from edgeagent.engine.interface import (
     ChatMessage,
     Delta,
     EngineConfig,
+    EngineLoad,
     FinishReason,
     ModelFacts,
     SamplingOptions,
 )
-from edgeagent.errors import EngineDeadError, EngineError
+from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "edgeagent.engine.worker.WorkerExtension"
+PLACEHOLDER = "\ue000"  # a private-use character: no template or tokenizer gives it meaning
 
 
 class VllmEngine:
     """The real engine: vLLM's `AsyncLLM` in this process, its engine core in a child process."""
 
-    def __init__(self, llm: Any, facts: ModelFacts) -> None:
+    def __init__(self, llm: Any, facts: ModelFacts, stats: _LatestStats | None = None) -> None:
         self._llm_or_none: Any = llm
+        self._stats = stats or _LatestStats()
         self._tokenizer = llm.get_tokenizer()
         self.facts = facts
 
@@ -46,17 +49,18 @@ class VllmEngine:
         # vLLM reports usage statistics to its authors' server unless told not to; an edge box
         # sends nothing anywhere it was not configured to (an operator may still opt in).
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        return cls._launch(_engine_args(config), config)
+        stats = _LatestStats()
+        return cls._launch(_engine_args(config), config, stats)
 
     @classmethod
-    def _launch(cls, args: Any, config: EngineConfig) -> VllmEngine:
+    def _launch(cls, args: Any, config: EngineConfig, stats: _LatestStats) -> VllmEngine:
         """The engine itself. Its own frame: vLLM's first import happened in `_engine_args`,
         whose frames some library keeps in a stored traceback; the `AsyncLLM` must not be a
         local of any of them, or it outlives its shutdown until interpreter exit."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args)
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.logger_factory()])
         model_config = llm.model_config
         facts = ModelFacts(
             path=config.model_path,
@@ -66,18 +70,39 @@ class VllmEngine:
             quantization=str(model_config.quantization or "none"),
         )
         logger.info("engine started in %.1f s: %s", time.perf_counter() - started, facts)
-        return cls(llm, facts)
+        return cls(llm, facts, stats)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         return ids
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The template is rendered around placeholders; its own text is encoded with special
+        tokens as control tokens, each message's content as plain text."""
+        marks = [f"{PLACEHOLDER}{index}{PLACEHOLDER}" for index in range(len(messages))]
+        conversation = [
+            {"role": m.role, "content": mark} for m, mark in zip(messages, marks, strict=True)
+        ]
         rendered: str = self._tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True
         )
-        return rendered
+        ids, position = list[int](), 0
+        for mark, message in zip(marks, messages, strict=True):
+            found = rendered.find(mark, position)
+            if found < 0:
+                raise InvalidRequestError(
+                    "chat.messages", "the model's chat template changes message contents; "
+                    "send a raw prompt instead"
+                )  # fmt: skip
+            ids += self.encode(rendered[position:found]) + self._encode_text(message.content)
+            position = found + len(mark)
+        return ids + self.encode(rendered[position:])
+
+    def _encode_text(self, text: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(
+            text, add_special_tokens=False, split_special_tokens=True
+        )
+        return ids
 
     async def stream(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
@@ -87,16 +112,19 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            seed=options.seed,
-            stop=list(options.stop) or None,
-            logprobs=0 if options.logprobs else None,  # 0: only the sampled token's
-            output_kind=RequestOutputKind.DELTA,
-        )
+        try:  # vLLM's own checks of the options: the request's fault, said as such
+            params = SamplingParams(
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                seed=options.seed,
+                stop=list(options.stop) or None,
+                logprobs=0 if options.logprobs else None,  # 0: only the sampled token's
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as error:
+            raise InvalidRequestError("sampling", str(error)) from None
         completion_tokens = 0
         prompt = {"prompt_token_ids": prompt_token_ids}
         try:
@@ -136,6 +164,9 @@ class VllmEngine:
     def num_unfinished_requests(self) -> int:
         count: int = self._llm.get_num_unfinished_requests()
         return count
+
+    def load(self) -> EngineLoad:
+        return self._stats.latest
 
     async def reload_weights(self, weights_path: Path) -> None:
         """Swap in the weights at `weights_path` (same architecture and layout) in place.
@@ -178,6 +209,37 @@ class VllmEngine:
         # not at interpreter exit (where it fails with "'NoneType' object is not callable").
         del llm
         gc.collect()
+
+
+class _LatestStats:
+    """The engine's scheduler statistics as of its last step, through vLLM's stat-logger
+    interface (a logger that keeps the latest numbers instead of printing them)."""
+
+    def __init__(self) -> None:
+        self.latest = EngineLoad()
+
+    def logger_factory(self) -> Any:
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class KeepLatest(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, *args: Any,
+                       **kwargs: Any) -> None:  # fmt: skip
+                if scheduler_stats is not None:
+                    stats.latest = EngineLoad(
+                        running=int(scheduler_stats.num_running_reqs),
+                        waiting=int(scheduler_stats.num_waiting_reqs),
+                        kv_cache_usage=float(scheduler_stats.kv_cache_usage),
+                    )
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return KeepLatest
 
 
 def _engine_args(config: EngineConfig) -> Any:

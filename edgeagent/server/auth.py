@@ -9,6 +9,7 @@ and is not served over TCP without one. Tokens are compared in constant time and
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,15 +92,33 @@ def _denying(handler: Handler) -> Handler:
 
 def check_tcp_callers(settings: ServerSettings, api_token: str | None) -> None:
     """Every TCP caller must prove who it is: with the bearer token, or a client certificate
-    from our CA (mutual TLS). TLS alone only hides the traffic."""
-    if settings.tcp_address is None:
+    from our CA (mutual TLS). TLS alone only hides the traffic; without TLS the token crosses
+    the network in clear, which only loopback may allow."""
+    address = settings.tcp_address
+    if address is None:
         return
     if api_token is None and settings.tls_client_ca_file is None:
         raise ConfigError(
-            f"server.tcp_address {settings.tcp_address} lets anyone call: set an api_token "
+            f"server.tcp_address {address} lets anyone call: set an api_token "
             f"credential (bearer token) or mutual TLS (server.tls_client_ca_file with "
             f"server.tls_cert_file and tls_key_file)"
         )
+    if settings.tls_cert_file is None and not _is_loopback(address):
+        raise ConfigError(
+            f"server.tcp_address {address} is reachable from the network without TLS: anyone "
+            f"on it could read the bearer token; set server.tls_cert_file and tls_key_file, "
+            f"or listen on 127.0.0.1"
+        )
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name (or "" for every address): not known to stay on this box
+        return False
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from edgeagent.errors import (
+    ClientTooSlowError,
     ConfigError,
     EdgeAgentError,
     EngineDeadError,
     InvalidRequestError,
     NotFoundError,
     RequestCancelledError,
+    ResourceExhaustedError,
     UnavailableError,
     UpdateRefusedError,
 )
@@ -23,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 _CODES: tuple[tuple[type[EdgeAgentError], grpc.StatusCode], ...] = (
     (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ClientTooSlowError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (RequestCancelledError, grpc.StatusCode.UNAVAILABLE),
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
@@ -68,7 +72,14 @@ async def errors_as_status(
         report(grpc.StatusCode.OK)
 
 
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
 async def abort_with(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> None:
-    """End the RPC with the status for `exc` (raises, as `context.abort` does)."""
+    """End the RPC with the status for `exc` (raises, as `context.abort` does); a refusal for
+    load says when to retry in the trailing metadata (`retry-after-ms`)."""
     code, message = status_for(exc)
+    if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
+        hint_ms = str(round(exc.retry_after_s * 1000))
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, hint_ms),))
     await context.abort(code, message)

@@ -31,23 +31,22 @@ def prepare_request(
     request: pb.GenerateRequest, engine: Engine, limits: LimitSettings
 ) -> PreparedRequest:
     """Check `request` against `limits` and the model's context; tokenize its input."""
-    prompt_text = _prompt_text(request, engine, limits)
     sampling = _sampling(request.sampling)
     stop = _stop_sequences(request.stopping, limits)
-    prompt_token_ids = engine.encode(prompt_text)
+    prompt_token_ids = _prompt_ids(request, engine, limits)
     max_tokens = _max_tokens(
         request.stopping, len(prompt_token_ids), engine.facts.max_model_len, limits
     )
     return PreparedRequest(prompt_token_ids, replace(sampling, max_tokens=max_tokens, stop=stop))
 
 
-def _prompt_text(request: pb.GenerateRequest, engine: Engine, limits: LimitSettings) -> str:
+def _prompt_ids(request: pb.GenerateRequest, engine: Engine, limits: LimitSettings) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "prompt":
         _check_size("prompt", len(request.prompt.encode()), limits.max_input_bytes)
         if not request.prompt:
             raise InvalidRequestError("prompt", "must not be empty")
-        return request.prompt
+        return engine.encode(request.prompt)
     if kind == "chat":
         messages = request.chat.messages
         if not messages:
@@ -64,7 +63,7 @@ def _prompt_text(request: pb.GenerateRequest, engine: Engine, limits: LimitSetti
                     f"chat.messages[{index}].role",
                     f"unknown role {message.role!r}; expected one of {', '.join(CHAT_ROLES)}",
                 )
-        return engine.render_chat(messages)
+        return engine.encode_chat(messages)
     raise InvalidRequestError("input", "give either a prompt or chat messages")
 
 

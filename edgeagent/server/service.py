@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -9,8 +10,9 @@ from typing import TypeVar
 
 from edgeagent.engine.interface import Delta, FinishReason
 from edgeagent.engine.slot import Lease, ServingSlot
-from edgeagent.errors import RequestCancelledError
+from edgeagent.errors import ClientTooSlowError, RequestCancelledError
 from edgeagent.metrics import Metrics
+from edgeagent.server.admission import Admission
 from edgeagent.server.error_codes import Context, errors_as_status
 from edgeagent.server.requests import PreparedRequest, prepare_request
 from edgeagent.settings import LimitSettings
@@ -31,21 +33,28 @@ _FINISH_REASONS = {
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Each request leases what the slot serves when it is admitted, and keeps that engine and
-    version to its end (a swap waits for it)."""
+    version to its end (a swap waits for it). A stream whose client stops reading for
+    `write_timeout_s` is cancelled, so a slow reader cannot hold an engine slot for ever."""
 
     def __init__(
-        self, slot: ServingSlot, limits: LimitSettings, metrics: Metrics | None = None
+        self,
+        slot: ServingSlot,
+        limits: LimitSettings,
+        metrics: Metrics | None = None,
+        write_timeout_s: float = 30.0,
     ) -> None:
         self._slot = slot
         self._limits = limits
         self._metrics = metrics or Metrics()
+        self._admission = Admission(slot, limits, self._metrics)
+        self._write_timeout_s = write_timeout_s
 
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         async with (
             errors_as_status(context, self._metrics.observer("Generate")),
             self._slot.lease() as lease,
         ):
-            prepared = prepare_request(request, lease.serving.engine, self._limits)
+            prepared = self._admit(request, lease)
             texts: list[str] = []
             last = Delta("", 0)
             async for last in self._deltas(lease, prepared):
@@ -54,18 +63,32 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             return self._fill(response, request, prepared, lease, last)
         raise AssertionError("unreachable: errors end the RPC")
 
-    async def GenerateStream(
-        self, request: pb.GenerateRequest, context: Context
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Context) -> None:
         async with (
             errors_as_status(context, self._metrics.observer("GenerateStream")),
             self._slot.lease() as lease,
         ):
-            prepared = prepare_request(request, lease.serving.engine, self._limits)
+            prepared = self._admit(request, lease)
             async for delta in self._deltas(lease, prepared):
                 if delta.text or delta.finish_reason is not None:
                     message = pb.GenerateStreamResponse(text=delta.text)
-                    yield self._fill(message, request, prepared, lease, delta)
+                    await self._write(context, self._fill(message, request, prepared, lease, delta))
+
+    def _admit(self, request: pb.GenerateRequest, lease: Lease) -> PreparedRequest:
+        """Check and tokenize the request for the engine it leased; let it in or refuse it."""
+        prepared = prepare_request(request, lease.serving.engine, self._limits)
+        self._admission.admit(lease, prepared.prompt_tokens)
+        return prepared
+
+    async def _write(self, context: Context, message: pb.GenerateStreamResponse) -> None:
+        try:
+            async with asyncio.timeout(self._write_timeout_s):
+                await context.write(message)
+        except TimeoutError:
+            raise ClientTooSlowError(
+                f"the client read nothing for {self._write_timeout_s:g} s; the stream was "
+                f"cancelled to free its engine slot"
+            ) from None
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.ModelInfo:
         async with errors_as_status(context):
@@ -99,6 +122,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                     yield delta
         finally:
             metrics.generated_tokens.inc(tokens)
+            self._admission.finished(time.perf_counter() - started)
 
     def _fill(
         self, message: _Reply, request: pb.GenerateRequest, prepared: PreparedRequest,

@@ -7,6 +7,11 @@ never looked at. A ready directory is claimed by renaming it into `taken/`, impo
 store, updated to, and filed under `done/` or `failed/` (with a `REASON` file). A daemon killed
 half-way finds it in `taken/` at its next start and handles it again (importing the same bytes
 is the same version), so a drop is never lost.
+
+Nothing in a drop is trusted: it is imported without following links and as its files were
+when listed (`artifacts/snapshot.py`), so a symlink, FIFO, device file, unreadable file or a
+file still growing refuses it. Whatever refuses a drop files it under `failed/` with the
+reason, in the log and in `edgeagent status`, and the next drop is taken as usual.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ class DropDirectory:
             return None
         if not (candidate / MARKER).is_file():
             return None
-        claimed = self.path / TAKEN / candidate.name
+        claimed = _unused(self.path / TAKEN / candidate.name)
         try:
             candidate.rename(claimed)
         except FileNotFoundError:  # claimed already, on an earlier event for the same drop
@@ -88,11 +93,19 @@ class _Handler(FileSystemEventHandler):
         self._notice(Path(str(event.dest_path)))
 
 
+def _unused(path: Path) -> Path:
+    """`path`, or `path.2`, `path.3`...: a drop of the same name as an earlier one (renamed in
+    twice) is kept apart from it."""
+    candidate, number = path, 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{number}")
+    return candidate
+
+
 def finish(claimed: Path, drop: Path, reason: str | None) -> Path:
     """Move a handled drop to done/ or failed/ (with its reason), so it is not taken again."""
-    target = drop / (FAILED if reason else DONE) / claimed.name
-    if target.exists():
-        target = target.with_name(f"{claimed.name}.{int(target.stat().st_mtime)}")
+    target = _unused(drop / (FAILED if reason else DONE) / claimed.name)
     claimed.rename(target)
     if reason:
         (target / "REASON").write_text(reason + "\n")
@@ -100,16 +113,25 @@ def finish(claimed: Path, drop: Path, reason: str | None) -> Path:
 
 
 async def take_drop(claimed: Path, drop: Path, store: ModelStore, updater: Updater) -> None:
-    """Import a claimed drop into the store and update to it; file it under done/ or failed/."""
+    """Import a claimed drop into the store and update to it; file it under done/ or failed/.
+    Whatever goes wrong with this drop stays with it: it never stops the next one."""
     reason: str | None = None
     try:
         origin = ImportSource(origin=str(drop / claimed.name))
-        manifest = await asyncio.to_thread(store.import_directory, claimed, origin)
+        manifest = await asyncio.to_thread(
+            store.import_directory, claimed, origin, follow_links=False
+        )
         failpoint("drop.imported")
         outcome = await updater.update(manifest.version)
         if outcome.result != "promoted":
             reason = f"{outcome.result}: {outcome.reason}"
     except EdgeAgentError as error:
         reason = str(error)
+        updater.note_refused_drop(claimed.name, reason)
+    except Exception as error:  # a bug or an OS error: this drop fails, the watcher goes on
+        logger.exception("drop %s could not be handled", claimed)
+        reason = f"unexpected error: {error!r}"
+        updater.note_refused_drop(claimed.name, reason)
     where = await asyncio.to_thread(finish, claimed, drop, reason)
-    logger.info("drop %s handled: %s", where, reason or "promoted")
+    log = logger.warning if reason else logger.info
+    log("drop %s handled: %s", where, reason or "promoted")

@@ -116,6 +116,12 @@ class Updater:
             return None
         return await self._exclusive(lambda: self._fall_back(reason))
 
+    def note_refused_drop(self, drop: str, reason: str) -> None:
+        """A drop refused before it became an update (not a model, unsafe, unreadable): in the
+        history, so `edgeagent status` shows it."""
+        outcome = UpdateOutcome("drop", drop, self.serving_version or "", "refused", reason)
+        self._record(outcome)
+
     def check_probation(self) -> None:
         """End a probation whose time is up (called from the daemon's main loop)."""
         if self.probation is not None and not self.in_probation() and not self.busy:

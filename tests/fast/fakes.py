@@ -28,6 +28,7 @@ from edgeagent.engine.interface import (
     ChatMessage,
     Delta,
     EngineConfig,
+    EngineLoad,
     FinishReason,
     ModelFacts,
     SamplingOptions,
@@ -159,9 +160,9 @@ class FakeEngine:
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
 
-    def render_chat(self, messages: Sequence[ChatMessage]) -> str:
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         turns = "".join(f"<|im_start|>{m.role}<|im_sep|>{m.content}<|im_end|>" for m in messages)
-        return turns + "<|im_start|>assistant<|im_sep|>"
+        return self.encode(turns + "<|im_start|>assistant<|im_sep|>")
 
     async def stream(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
@@ -219,6 +220,9 @@ class FakeEngine:
 
     def num_unfinished_requests(self) -> int:
         return len(self.running)
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(running=len(self.running))
 
     async def reload_weights(self, weights_path: Path) -> None:
         self._check_alive()

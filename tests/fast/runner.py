@@ -227,15 +227,19 @@ class ChildProcess(Calls):
 
 
 @contextlib.contextmanager
-def child_process(box: Box, log_name: str = "daemon.log", **env: str) -> Iterator[ChildProcess]:
-    """Start the fake-engine daemon as a process on `box` (SIGKILLed at the end if alive)."""
+def child_process(
+    box: Box, log_name: str = "daemon.log", *, without_file_override: bool = False, **env: str
+) -> Iterator[ChildProcess]:
+    """Start the fake-engine daemon as a process on `box` (SIGKILLed at the end if alive).
+    `without_file_override`: root, but without the capabilities that let root read any file
+    (as an unprivileged service user would be)."""
     log = box.root / log_name
     environment = {**os.environ, **box.environment(), "PYTHONPATH": str(TESTS), **env}
+    command = [sys.executable, "-m", "fast.fake_serve"]
+    if without_file_override:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
     with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "fast.fake_serve"], env=environment, stdout=out,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
     child = ChildProcess(box, process, log)
     try:
         yield child

@@ -37,7 +37,7 @@ from edgeagent.errors import ConfigError
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
-from edgeagent.server.auth import server_credentials
+from edgeagent.server.auth import check_tcp_callers, server_credentials
 from edgeagent.server.health import SlotHealth
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import LimitSettings, ServerSettings
@@ -177,6 +177,19 @@ async def test_tcp_where_anyone_could_call_is_refused(
         await start_server(_tcp())
     with pytest.raises(ConfigError, match="lets anyone call"):
         await start_server(_tcp(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key))
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "[::]", "192.168.1.20", "edge-box.lan"])
+def test_a_bearer_token_in_clear_off_loopback_is_refused(host: str, pki: Pki) -> None:
+    plaintext = ServerSettings(tcp_address=f"{host}:50051")
+    with pytest.raises(ConfigError, match="reachable from the network without TLS"):
+        check_tcp_callers(plaintext, API_TOKEN)
+    with_tls = plaintext.model_copy(
+        update={"tls_cert_file": pki.server_cert, "tls_key_file": pki.server_key}
+    )
+    check_tcp_callers(with_tls, API_TOKEN)
+    for loopback in ("127.0.0.1", "[::1]", "localhost"):
+        check_tcp_callers(ServerSettings(tcp_address=f"{loopback}:50051"), API_TOKEN)
 
 
 def test_a_certificate_and_a_key_that_are_not_a_pair_are_refused(pki: Pki) -> None:

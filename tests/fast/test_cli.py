@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
+from edgeagent.cli import configuration_problems
+from edgeagent.errors import ConfigError
+from edgeagent.preflight import check_settings
 from fast.runner import Box
 
 # An empty store and a hub nobody listens on: a check that came after the fetch would exit 8.
@@ -54,9 +58,28 @@ BAD_SETTINGS = [
 
 
 @pytest.mark.parametrize(("setting", "named"), BAD_SETTINGS)
-def test_a_bad_setting_is_one_line_and_exit_2_before_any_slow_work(
+def test_every_bad_setting_is_refused_before_any_slow_work(
     box: Box, setting: dict[str, str], named: str
 ) -> None:
+    """Each check, in this process: what `serve` runs first (pydantic's own, then preflight)."""
+    empty = Box(box.root / "empty")
+    with pytest.raises((ValidationError, ConfigError)) as refused:
+        check_settings(empty.settings(**UNREACHABLE_HUB, **setting))
+    message = (
+        configuration_problems(refused.value)
+        if isinstance(refused.value, ValidationError)
+        else str(refused.value)
+    )
+    assert named in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("setting", "named"), [BAD_SETTINGS[0], BAD_SETTINGS[2], BAD_SETTINGS[6]])
+def test_serve_with_a_bad_setting_says_it_in_one_line_and_exits_2(
+    box: Box, setting: dict[str, str], named: str
+) -> None:
+    """The command as an operator runs it: no traceback, no fetch, exit 2 (a check that came
+    after the fetch would exit 8: the hub is unreachable)."""
     empty = Box(box.root / "empty")
     result = _edgeagent("serve", env={**empty.environment(), **UNREACHABLE_HUB, **setting})
     assert result.returncode == 2, result.stderr

@@ -89,16 +89,16 @@ async def test_row_02_another_layout_that_does_not_fit(box: Box) -> None:
 
 
 async def test_row_03_requests_outlast_the_hold(box: Box) -> None:
-    """A 4 s stream is under way; the hold is 0.5 s: refused, and the stream completes."""
+    """A 2 s stream is under way; the hold is 0.5 s: refused, and the stream completes."""
     box.add("slow", Behaviour(seed=1, token_s=0.02), current=True)
     async with in_process(box, EDGEAGENT_UPDATES__HOLD_S="0.5") as daemon:
-        stream = asyncio.create_task(daemon.generate(max_tokens=200))
+        stream = asyncio.create_task(daemon.generate(max_tokens=100))
         await asyncio.sleep(0.2)
         outcome = await daemon.update(box.versions["b"].version)
         long_reply = await stream
     assert outcome.result == REFUSED
     assert "1 request(s) still running after 0.5 s" in outcome.reason
-    assert long_reply.completion_tokens == 200
+    assert long_reply.completion_tokens == 100
     assert box.versions["b"].version not in box.journal.bad
 
 
@@ -249,33 +249,50 @@ async def _until_history(daemon: Calls, kind: str, within_s: float = 10.0) -> ad
 
 # -- K1-K7: the daemon killed at each step, then started again --------------------------------
 
-KILLS = [
-    pytest.param("update.staged", INTERRUPTED, False, id="K1-staged"),
-    pytest.param("update.verified", INTERRUPTED, False, id="K2-verified"),
-    pytest.param("update.loading", ROLLED_BACK, True, id="K3-loading"),
-    pytest.param("load.smoke_test:2", ROLLED_BACK, True, id="K4-smoke-test"),
-    pytest.param("update.promoted", ROLLED_BACK, True, id="K5-promoted-not-journaled"),
-    pytest.param("update.probation", PROMOTED, True, id="K6-probation"),
+KILLS = [  # row, failpoint, what the journal says of B, whether B is marked bad
+    ("K1-staged", "update.staged", INTERRUPTED, False),
+    ("K2-verified", "update.verified", INTERRUPTED, False),
+    ("K3-loading", "update.loading", ROLLED_BACK, True),
+    ("K4-smoke-test", "load.smoke_test:2", ROLLED_BACK, True),
+    ("K5-promoted-not-journaled", "update.promoted", ROLLED_BACK, True),
+    ("K6-probation", "update.probation", PROMOTED, True),
 ]
 
 
-@pytest.mark.parametrize(("failpoint", "result", "bad"), KILLS)
-async def test_killed_during_an_update(box: Box, failpoint: str, result: int, bad: bool) -> None:
-    """1. A daemon process serves A. 2. An update to B; the daemon SIGKILLs itself at the step.
-    3. Started again, it serves A (a version that passed its checks), the store's current is A,
-    nothing is pending, and the journal says what happened to B."""
+async def test_killed_at_every_step_of_an_update(tmp_path: Path) -> None:
+    """For each step (each on its own box, all at once): 1. A daemon process serves A. 2. An
+    update to B; the daemon SIGKILLs itself at the step. 3. Started again, it serves A (a
+    version that passed its checks), the store's current is A, nothing is pending, and the
+    journal says what happened to B."""
+    outcomes = await asyncio.gather(
+        *(_killed_during_an_update(_two_versions(tmp_path / row), failpoint, result, bad)
+          for row, failpoint, result, bad in KILLS),
+        return_exceptions=True,
+    )  # fmt: skip
+    failures = {row: repr(o) for (row, *_), o in zip(KILLS, outcomes, strict=True) if o}
+    assert failures == {}
+
+
+def _two_versions(root: Path) -> Box:
+    box = Box(root)
+    box.add("a", Behaviour(seed=1), current=True)
+    box.add("b", Behaviour(seed=2))
+    return box
+
+
+async def _killed_during_an_update(box: Box, failpoint: str, result: int, bad: bool) -> None:
     a, b = box.versions["a"].version, box.versions["b"].version
     with child_process(box, EDGEAGENT_FAILPOINT=failpoint) as killed:
         await killed.until_serving()
         with pytest.raises(grpc.aio.AioRpcError):
             await killed.update(b)
-        assert killed.wait() == -signal.SIGKILL, killed.tail()
+        assert await asyncio.to_thread(killed.wait) == -signal.SIGKILL, killed.tail()
     with child_process(box, "restarted.log") as restarted:
         await restarted.until_serving()
         status = await restarted.status()
         await _answers_as(restarted, 1, a)
         restarted.process.send_signal(signal.SIGTERM)
-        assert restarted.wait() == 0, restarted.tail()
+        assert await asyncio.to_thread(restarted.wait) == 0, restarted.tail()
     assert status.version == a
     assert box.store.refs().current == a
     assert box.journal.pending is None

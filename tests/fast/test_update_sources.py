@@ -15,6 +15,7 @@ import pytest
 from hub_server import HubServer
 
 from edgeagent.artifacts.fetch import HubFetcher, HubTarget
+from edgeagent.artifacts.hub_download import RetryPolicy
 from edgeagent.tasks import Supervisor
 from edgeagent.updates.drop_dir import DropDirectory
 from edgeagent.updates.hub_poll import HubPoller
@@ -166,7 +167,7 @@ async def test_hub_poll_failures_back_off_with_jitter(box: Box) -> None:
     with socket.socket() as closed:  # a loopback port nobody listens on
         closed.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    fetcher = HubFetcher(box.store, endpoint=endpoint)
+    fetcher = HubFetcher(box.store, endpoint=endpoint, policy=RetryPolicy(attempts=1))
     poller = HubPoller(fetcher, HubTarget("edge/tiny"), updater, interval_s=10, jitter=0,
                        max_backoff_s=35)  # fmt: skip
     delays = [poller.next_delay_s()]

@@ -1,0 +1,117 @@
+"""A flood on the real engine: 500 streams from one client, which is then SIGKILLed. Within a
+few seconds vLLM itself reports nothing running and nothing waiting, the daemon's memory is
+back to where it was, and the next client is served at its normal speed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from conftest import REPO
+from real_daemon import RunningDaemon, start_daemon
+
+from edgeagent.client import Client, Parameters
+
+FLOOD = """
+import asyncio, sys
+import grpc
+from edgeagent.client import Parameters, build_request
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+async def main(target, count):
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.GenerationServiceStub(channel)
+    request = build_request("flood", params=Parameters(max_tokens=900, temperature=0))
+    calls = [stub.GenerateStream(request) for _ in range(count)]
+    await asyncio.gather(*(call.read() for call in calls), return_exceptions=True)
+    print("open", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in lines if not line.startswith("#"))
+    }
+
+
+def _rss_bytes(daemon: RunningDaemon) -> int:
+    total = 0
+    for pid in [daemon.process.pid, *daemon.children()]:
+        status = Path(f"/proc/{pid}/status").read_text()
+        total += next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                      if line.startswith("VmRSS:"))  # fmt: skip
+    return total
+
+
+def _tokens_per_s(daemon: RunningDaemon) -> float:
+    """The best of three 64-token answers: one answer is too short to time alone."""
+    speeds = []
+    with Client(daemon.target, timeout=120) as client:
+        for _ in range(3):
+            started = time.perf_counter()
+            answer = client.generate("Measure me", Parameters(max_tokens=64, temperature=0))
+            speeds.append(answer.completion_tokens / (time.perf_counter() - started))
+    return max(speeds)
+
+
+async def test_a_flood_from_a_killed_client_leaves_the_engine_idle(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    port = _free_port()
+    daemon = await asyncio.to_thread(
+        start_daemon, tmp_path, 10.0, tiny_model, EDGEAGENT_METRICS__ADDRESS=f"127.0.0.1:{port}",
+        EDGEAGENT_MODEL__MAX_NUM_SEQS="8",
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(_tokens_per_s, daemon)  # warm
+        speed_before = await asyncio.to_thread(_tokens_per_s, daemon)
+        memory_before = _rss_bytes(daemon)
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOOD, daemon.target, "500", stdout=subprocess.PIPE,
+            env={"PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        assert flood.stdout is not None
+        assert await asyncio.wait_for(flood.stdout.readline(), 120) == b"open\n"
+        during = await asyncio.to_thread(_scrape, port)
+        flood.send_signal(signal.SIGKILL)
+        await flood.wait()
+        killed = time.monotonic()
+        for _ in range(200):
+            after = await asyncio.to_thread(_scrape, port)
+            if (after["edgeagent_engine_requests_running"], after["edgeagent_requests_running"],
+                    after["edgeagent_engine_requests_waiting"]) == (0, 0, 0):  # fmt: skip
+                break
+            await asyncio.sleep(0.05)
+        idle_after_s = time.monotonic() - killed
+        memory_after = _rss_bytes(daemon)
+        speed_after = await asyncio.to_thread(_tokens_per_s, daemon)
+    finally:
+        daemon.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(daemon.wait, 60) == 0
+    refused = sum(v for k, v in during.items() if k.startswith("edgeagent_requests_refused_total"))
+    assert during["edgeagent_engine_requests_running"] == 8
+    assert refused >= 500 - 8 - 64
+    assert idle_after_s < 5
+    assert memory_after < memory_before * 1.1
+    assert speed_after > 0.8 * speed_before
+    print(f"\nflood of 500: {refused:.0f} refused at once; idle {idle_after_s:.2f} s after the "
+          f"client died; memory {memory_before / 2**20:.0f} -> {memory_after / 2**20:.0f} MiB; "
+          f"{speed_before:.0f} -> {speed_after:.0f} tok/s")  # fmt: skip
