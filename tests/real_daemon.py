@@ -3,7 +3,9 @@ need its signals, its processes or its exit code."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -27,9 +29,17 @@ class RunningDaemon:
         return self.target.replace("edgeagent.sock", "admin.sock")
 
     def children(self) -> list[int]:
-        found: list[int] = []
-        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
-            found += [int(pid) for pid in (task / "children").read_text().split()]
+        return children_of(self.process.pid)
+
+    def descendants(self) -> list[int]:
+        """Every live process below the daemon, children's children included."""
+        found, frontier = [], self.children()
+        while frontier:
+            pid = frontier.pop()
+            if is_zombie(pid):
+                continue
+            found.append(pid)
+            frontier += children_of(pid)
         return found
 
     def engine_core(self) -> int:
@@ -45,9 +55,17 @@ class RunningDaemon:
             return self.process.wait(timeout=within_s)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
             raise AssertionError(
                 f"daemon still running after {within_s} s; log:\n{self.tail()}"
             ) from None
+
+    def terminate(self, within_s: float) -> int:
+        """SIGTERM, then its exit code; one still running after `within_s` is killed (and
+        reaped, so no test leaves a process behind) and the test fails."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(within_s)
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-40:])
@@ -84,8 +102,19 @@ def start_daemon(
             client.wait_until_serving(timeout=480, daemon=process)
         except (RuntimeError, TimeoutError) as error:
             process.kill()
+            process.wait()
             raise AssertionError(f"{error}; log:\n{daemon.tail()}") from None
     return daemon
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(FileNotFoundError):  # the process itself may be gone
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            # A thread can end between the listing and the read.
+            with contextlib.suppress(FileNotFoundError):
+                found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def is_zombie(pid: int) -> bool:

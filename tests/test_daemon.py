@@ -55,6 +55,10 @@ def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[DaemonFactory]:
             daemon.process.wait()
 
 
+def _running(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}") and not is_zombie(pid)]
+
+
 def _any_alive(pids: list[int]) -> bool:
     return any(os.path.exists(f"/proc/{pid}") for pid in pids)
 
@@ -216,8 +220,8 @@ async def test_empty_store_builds_the_embedded_model_and_serves_it(
             assert answer.completion_tokens == 8
             await asyncio.to_thread(systemd.wait_for, "READY=1")
         finally:
-            daemon.process.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(daemon.wait, 60) == 0
+            exit_code = await asyncio.to_thread(daemon.terminate, 60)
+        assert exit_code == 0
     assert ModelStore(tmp_path / "state" / "models").refs().current == tiny_4bit.version
     texts = systemd.texts()
     ready = next(i for i, text in enumerate(texts) if text.startswith("READY=1"))
@@ -239,6 +243,39 @@ async def test_engine_death_stops_the_daemon_with_exit_1(daemon_factory: DaemonF
     for pid in daemon.children():
         os.kill(pid, signal.SIGKILL)
     assert await asyncio.to_thread(daemon.wait, 30) == 1
+
+
+async def test_a_sigkilled_daemon_leaves_no_engine_process_behind(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """1. A serving daemon, outside systemd (no cgroup to clean up after it). 2. SIGKILL, as
+    an OOM kill or an operator's `kill -9` does. 3. Within seconds none of the processes it
+    had started (vLLM's engine core and what that started) is still running. 4. A daemon
+    started at once on the same state serves."""
+    daemon = await asyncio.to_thread(start_daemon, tmp_path, 10.0, tiny_model)
+    engine_processes = daemon.descendants()
+    daemon.process.kill()
+    daemon.process.wait()
+    killed = time.monotonic()
+    for _ in range(100):
+        if not _running(engine_processes):
+            break
+        await asyncio.sleep(0.1)
+    left = _running(engine_processes)
+    gone_after_s = time.monotonic() - killed
+    restarted = await asyncio.to_thread(start_daemon, tmp_path, 10.0, None)
+    try:
+        with Client(restarted.target, timeout=60) as client:
+            answer = await asyncio.to_thread(
+                client.generate, "Hello again", Parameters(max_tokens=4, temperature=0)
+            )
+    finally:
+        exit_code = await asyncio.to_thread(restarted.terminate, 60)
+    assert engine_processes, "the daemon had no engine process to leave behind"
+    assert left == [], f"still running after the daemon's SIGKILL: {left}"
+    assert answer.completion_tokens == 4
+    assert exit_code == 0
+    print(f"\n{len(engine_processes)} engine processes gone {gone_after_s:.1f} s after SIGKILL")
 
 
 async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_rolls_back(
@@ -271,8 +308,8 @@ async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_
                 client.generate, "Still here?", Parameters(max_tokens=4, temperature=0)
             )
     finally:
-        daemon.process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(daemon.wait, 60) == 0
+        exit_code = await asyncio.to_thread(daemon.terminate, 60)
+    assert exit_code == 0
     assert "restart" in update.stdout
     assert on_other.model_version == other.version
     assert status.version == tiny_4bit.version
@@ -319,8 +356,8 @@ async def test_a_failed_restart_leaves_the_old_version_answering(
             )
         health = await _health(daemon.target)
     finally:
-        daemon.process.send_signal(signal.SIGTERM)
-    assert await asyncio.to_thread(daemon.wait, 60) == 0
+        exit_code = await asyncio.to_thread(daemon.terminate, 60)
+    assert exit_code == 0
     assert update.returncode == 11, update.stdout + update.stderr
     assert "rolled_back" in update.stdout
     assert "non-finite" in update.stdout or "smoke test" in update.stdout

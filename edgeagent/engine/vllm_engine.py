@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgeagent.engine import orphans
 from edgeagent.engine.interface import (
     ChatMessage,
     Delta,
@@ -49,6 +50,7 @@ class VllmEngine:
         # vLLM reports usage statistics to its authors' server unless told not to; an edge box
         # sends nothing anywhere it was not configured to (an operator may still opt in).
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        orphans.mark_daemon()
         stats = _LatestStats()
         return cls._launch(_engine_args(config), config, stats)
 
