@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from edgeagent.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/edgeagent/edgeagent.toml")
 MiB = 1 << 20
@@ -291,10 +294,20 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         credentials = os.environ.get("CREDENTIALS_DIRECTORY")
         if credentials and Path(credentials).is_dir():
+            if not os.access(credentials, os.R_OK | os.X_OK):
+                raise ConfigError(
+                    f"cannot read the credentials directory {credentials} "
+                    "($CREDENTIALS_DIRECTORY): run as the user it was made for"
+                )
             sources.append(SecretsSettingsSource(settings_cls, credentials, env_prefix=""))
         config_file = config_file_path()
         if config_file.is_file():
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+            except tomllib.TOMLDecodeError as error:
+                raise ConfigError(
+                    f"bad configuration: {config_file} is not valid TOML ({error})"
+                ) from None
         return tuple(sources)
 
     def redacted(self) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import grpc
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from edgeagent.cli import admin, fit, models, serving
 from edgeagent.client import describe_rpc_error
@@ -29,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.handler(args)
     except ValidationError as invalid:
         print(f"error: {configuration_problems(invalid)}", file=sys.stderr)
+        return ConfigError.exit_code
+    except SettingsError as unreadable:
+        print(f"error: bad configuration: {unreadable}", file=sys.stderr)
         return ConfigError.exit_code
     except EdgeAgentError as error:
         print(f"error: {error}", file=sys.stderr)

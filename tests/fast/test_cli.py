@@ -114,3 +114,26 @@ def test_client_commands_without_a_daemon_say_so_with_exit_3(
     assert result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: no edgeagent daemon answers")
     assert "is it running?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("config_text", "env", "named"),
+    [
+        pytest.param('log_level = "INFO\n', {}, "edgeagent.toml", id="toml-syntax"),
+        pytest.param("", {"EDGEAGENT_SERVER": "not json"}, 'field "server"', id="env-not-json"),
+    ],
+)
+def test_an_unreadable_configuration_is_one_line_and_exit_2(
+    box: Box, capsys: pytest.CaptureFixture[str], config_text: str, env: dict[str, str],
+    named: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from edgeagent.cli import main
+
+    config = box.root / "edgeagent.toml"
+    config.write_text(config_text)
+    for name, value in {**box.environment(), "EDGEAGENT_CONFIG": str(config), **env}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: bad configuration: ")
+    assert stderr.count("\n") == 1, stderr
