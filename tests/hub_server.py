@@ -96,7 +96,7 @@ class HubRepo:
 
 
 class HubServer:
-    def __init__(self, tokens: set[str] | None = None) -> None:
+    def __init__(self, tokens: set[str] | None = None, port: int = 0) -> None:
         self.repos: dict[str, HubRepo] = {}
         self.tokens = tokens or set()
         self.corrupt: set[tuple[str, str]] = set()  # (repo, path) served with one byte flipped
@@ -104,7 +104,7 @@ class HubServer:
         self.hostile = Hostile()
         self.stalled = threading.Event()  # set to let stalled bodies end
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(self))
         self._http.daemon_threads = True
         self._thread = threading.Thread(
             target=self._http.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -314,3 +314,24 @@ def _range_start(header: str | None) -> int:
     if not header or not header.startswith("bytes="):
         return 0
     return int(header.removeprefix("bytes=").split("-")[0] or 0)
+
+
+def main(argv: list[str]) -> None:
+    """`hub_server.py PORT ORG/NAME=MODEL_DIR ...`: serve each directory as one commit (in
+    order, on main) of its repo on 127.0.0.1:PORT, in whatever network namespace this runs in
+    (a booted system's); print one line `serving ENDPOINT COMMIT...`; run until killed."""
+    port, *repos = argv
+    with HubServer(port=int(port)) as hub:
+        commits = []
+        for spec in repos:
+            repo_id, _, model_dir = spec.partition("=")
+            repo = hub.repos.get(repo_id) or hub.add_repo(repo_id)
+            commits.append(repo.commit(Path(model_dir)))
+        print("serving", hub.endpoint, *commits, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

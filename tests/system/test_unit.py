@@ -1,0 +1,341 @@
+"""The real unit (systemd/edgeagent.service, every sandboxing option applied) under a real
+systemd, installed by deploy/install.sh as an operator would, serving the real CPU engine.
+
+One booted system for the module: installing builds the embedded model with AutoRound inside
+the unit and compiles vLLM's graphs, which is the expensive part. The tests run in file order
+and each leaves the unit serving for the next; uninstalling comes last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from real_daemon import start_daemon
+
+from edgeagent.artifacts.manifest import Manifest
+from system.booted import EDGEAGENT, REPO_INSIDE, BootedSystem, booted, wait_for
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nsenter"),
+                       reason="boots systemd in new namespaces: needs root and util-linux"),
+]  # fmt: skip
+
+TOKEN = "sys-test-token-7f3a9c"  # the api_token credential: must never reach the journal
+CONFIG = """\
+log_level = "INFO"
+[server]
+tcp_address = "127.0.0.1:50051"
+drain_grace_s = 30.0
+[model]
+source = "embedded"
+kv_cache_gib = 0.25
+max_num_seqs = 8
+health_check_s = 2.0
+[metrics]
+address = "127.0.0.1:9464"
+[updates]
+probation_s = 0
+hold_s = 30.0
+"""
+# A watchdog test must not wait the unit's 60 s, and these tests crash and restart the unit more
+# often than the start limit allows a box in 10 minutes; everything else is the shipped unit.
+DROP_IN = "[Unit]\nStartLimitBurst=50\n[Service]\nWatchdogSec=15\n"
+UNIT = "edgeagent.service"
+
+
+@dataclass
+class Installed:
+    system: BootedSystem
+    install: subprocess.CompletedProcess[str]
+    ready_s: float  # `systemctl start` (by install.sh) to READY, on an empty store
+    statuses: list[str] = field(default_factory=list)  # StatusText seen while starting
+
+
+@pytest.fixture(scope="module")
+def installed() -> Iterator[Installed]:
+    with booted("unit") as system:
+        system.write("/etc/edgeagent/edgeagent.toml", CONFIG)
+        system.write("/etc/edgeagent/credentials/api_token", TOKEN, mode=0o600)
+        system.write(f"/etc/systemd/system/{UNIT}.d/test.conf", DROP_IN)
+        statuses: list[str] = []
+        watching = threading.Event()
+        watcher = threading.Thread(target=_collect_statuses, args=(system, statuses, watching))
+        watcher.start()
+        started = time.monotonic()
+        try:
+            install = system.run(
+                "bash", f"{REPO_INSIDE}/deploy/install.sh", "--exec", EDGEAGENT,
+                "--health-wait", "600", check=False, timeout=700,
+            )  # fmt: skip
+        finally:
+            watching.set()
+            watcher.join()
+        ready_s = _ready_after(system) or time.monotonic() - started
+        assert install.returncode == 0, install.stdout + install.stderr + system.journal()
+        system.run("useradd", "--system", "-G", "edgeagent-clients", "app")
+        system.run("useradd", "--system", "outsider")
+        yield Installed(system, install, ready_s, statuses)
+
+
+def _collect_statuses(system: BootedSystem, into: list[str], stop: threading.Event) -> None:
+    while not stop.wait(0.3):
+        text = system.show("StatusText")
+        if text and (not into or into[-1] != text):
+            into.append(text)
+
+
+def _ready_after(system: BootedSystem) -> float | None:
+    """Seconds from the unit's start to READY, by systemd's own monotonic timestamps."""
+    started = int(system.show("ExecMainStartTimestampMonotonic") or 0)
+    ready = int(system.show("ActiveEnterTimestampMonotonic") or 0)
+    return (ready - started) / 1e6 if started and ready > started else None
+
+
+def _served_version(system: BootedSystem) -> str:
+    status = system.cli("status").stdout
+    match = re.search(r"^serving\s+\S+ (\S+) \(", status, re.MULTILINE)
+    return match.group(1) if match else ""
+
+
+def _generate(system: BootedSystem, user: str = "app", *extra: str) -> str:
+    """The CLI's closing line (on stderr): `--- N prompt tokens, M generated in ...`."""
+    return system.cli("generate", "Hello", "--max-tokens", "8", *extra, user=user).stderr
+
+
+def test_install_starts_the_unit_which_builds_with_autoround_and_reaches_ready(
+    installed: Installed, tiny_4bit: Manifest
+) -> None:
+    """The unit starts on an empty store and builds the embedded model with AutoRound inside
+    the sandbox: from the same base as the test session's build. (Not to the same bytes: the
+    built-in calibration text is the running Python's standard library, and the unit runs the
+    system's Python, another patch release than the tests'.)"""
+    system = installed.system
+    served = json.loads(system.cli("models", "show", "current").stdout)
+    assert served["version"] == _served_version(system)
+    assert served["source"]["kind"] == "build"
+    assert served["source"]["tool"].startswith("auto-round")
+    assert served["source"]["base_digest"] == tiny_4bit.source.base_digest  # type: ignore[union-attr]
+    assert system.show("ActiveState") == "active"
+    assert system.show("Type") == "notify"
+    assert system.show("StatusText").startswith("serving ")
+    building = [s for s in installed.statuses if s.startswith("job='build ")]
+    assert building, installed.statuses  # STATUS= shows the build's progress
+    starting = [s for s in installed.statuses if s.startswith("starting the engine on")]
+    assert starting, installed.statuses
+    assert installed.statuses.index(building[0]) < installed.statuses.index(starting[0])
+    assert "edgeagent install: started edgeagent.service" in installed.install.stdout
+    print(f"\nunder systemd: start -> READY {installed.ready_s:.1f} s on an empty store "
+          f"(build included); statuses seen: {len(installed.statuses)}")  # fmt: skip
+
+
+def test_a_member_of_the_socket_group_is_served_and_an_outsider_is_refused(
+    installed: Installed,
+) -> None:
+    system = installed.system
+    socket = system.run("stat", "-c", "%a %U %G", "/run/edgeagent/edgeagent.sock").stdout.split()
+    assert socket == ["660", "edgeagent", "edgeagent-clients"]
+    assert "--- " in _generate(system, "app")
+    refused = system.cli("generate", "Hello", user="outsider", check=False)
+    assert refused.returncode == 3
+    assert "permission denied" in refused.stderr.lower(), refused.stderr
+
+
+def test_the_token_comes_from_load_credential_and_never_reaches_the_journal(
+    installed: Installed,
+) -> None:
+    system = installed.system
+    target = ("--target", "127.0.0.1:50051")
+    denied = system.cli("generate", "Hello", *target, user="app", check=False)
+    allowed = system.run(
+        "env", f"EDGEAGENT_CLIENT_TOKEN={TOKEN}", EDGEAGENT, "generate", "Hello",
+        "--max-tokens", "4", *target, user="app",
+    )  # fmt: skip
+    assert denied.returncode == 3
+    assert "bearer token" in denied.stderr
+    assert "--- " in allowed.stderr
+    assert TOKEN not in system.run("journalctl", "--no-pager", "-b").stdout
+
+
+def test_the_unit_exposure_stays_low(installed: Installed) -> None:
+    analysed = installed.system.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
+    exposure = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", analysed)[1])  # type: ignore[index]
+    assert exposure <= 2.0
+    print(f"\nexposure of the running unit: {exposure}")
+
+
+def test_a_dropped_update_is_hot_swapped_inside_the_unit(
+    installed: Installed, tiny_model_b: Path, tiny_4bit_b: Manifest
+) -> None:
+    system = installed.system
+    staged = system.path("/var/lib/edgeagent/drop/next.partial")
+    shutil.copytree(tiny_model_b, staged, symlinks=False)
+    system.run("chown", "-R", "edgeagent:edgeagent", "/var/lib/edgeagent/drop/next.partial")
+    (staged / "READY").touch()
+    staged.rename(staged.with_name("next"))
+    wait_for("the dropped version served",
+             lambda: _served_version(system) == tiny_4bit_b.version, within_s=300)  # fmt: skip
+    assert "--- " in _generate(system)
+    assert system.show("NRestarts") == "0"
+
+
+def test_a_hub_fetch_runs_inside_the_unit(
+    installed: Installed, tiny_fp16_b: Path, tiny_4bit_b: Manifest
+) -> None:
+    """The hub runs on loopback in the system's network namespace; the unit (no
+    PrivateNetwork) reaches it. Its poller finds the commit, fetches it and swaps to it: a
+    model of another layout (fp16), so the engine restarts inside the unit."""
+    system = installed.system
+    hub = system.popen(
+        sys.executable, str(Path(__file__).parents[1] / "hub_server.py"), "18080",
+        f"edge/tiny={tiny_fp16_b}", network_only=True,
+    )  # fmt: skip
+    try:
+        assert hub.stdout is not None
+        assert hub.stdout.readline().startswith("serving http://127.0.0.1:18080")
+        system.write(
+            "/etc/edgeagent/edgeagent.toml",
+            CONFIG.replace('source = "embedded"', 'source = "hub"')
+            + "hub_poll_interval_s = 2.0\n"
+            + '[hub]\nrepo = "edge/tiny"\nendpoint = "http://127.0.0.1:18080"\n',
+        )
+        system.systemctl("restart", UNIT)
+        wait_for("the hub's version served",
+                 lambda: _served_version(system) not in {"", tiny_4bit_b.version}, 300)  # fmt: skip
+    finally:
+        _stop(hub)
+    manifest = system.cli("models", "show", "current").stdout
+    assert '"edge/tiny"' in manifest
+    assert _served_version(system) in manifest
+    assert "--- " in _generate(system)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    process.kill()
+    process.communicate()
+
+
+def test_the_watchdog_restarts_a_stopped_daemon(installed: Installed) -> None:
+    system = installed.system
+    restarts = int(system.show("NRestarts"))
+    stopped = time.monotonic()
+    system.run("kill", "-STOP", system.show("MainPID"))
+    wait_for("a restart by the watchdog",
+             lambda: int(system.show("NRestarts")) > restarts, within_s=15 + 5 + 30)  # fmt: skip
+    restarted_after = time.monotonic() - stopped
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+    assert "--- " in _generate(system)
+    assert "Watchdog timeout" in system.journal()
+    print(
+        f"\nwatchdog: restarted {restarted_after:.1f} s after SIGSTOP",
+        "(WatchdogSec=15, RestartSec=5)",
+    )
+
+
+def test_an_engine_death_is_restarted_by_systemd_and_journaled(installed: Installed) -> None:
+    system = installed.system
+    restarts = int(system.show("NRestarts"))
+    core = system.run("pgrep", "-f", "VLLM::EngineCor").stdout.split()
+    assert core, "no engine core process"
+    system.run("kill", "-KILL", *core)
+    wait_for("a restart after the engine died",
+             lambda: int(system.show("NRestarts")) > restarts, within_s=60)  # fmt: skip
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+    assert "--- " in _generate(system)
+    assert "engine died" in system.journal("-p", "err")
+
+
+def test_a_sigkilled_daemon_takes_its_engine_processes_with_it(installed: Installed) -> None:
+    system = installed.system
+    before = set(system.run("pgrep", "-u", "edgeagent").stdout.split())
+    restarts = int(system.show("NRestarts"))
+    system.run("kill", "-KILL", system.show("MainPID"))
+    wait_for("a restart after SIGKILL",
+             lambda: int(system.show("NRestarts")) > restarts, within_s=60)  # fmt: skip
+    left = before & set(system.run("pgrep", "-u", "edgeagent", check=False).stdout.split())
+    assert not left, f"processes of the killed daemon still running: {left}"
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+    assert "--- " in _generate(system)
+
+
+def _stream(system: BootedSystem, prompt: str) -> subprocess.Popen[str]:
+    argv = [EDGEAGENT, "generate", prompt, "--max-tokens", "200", "--temperature", "0"]
+    return subprocess.Popen(
+        system.command(*argv, user="app"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def test_stop_under_eight_streams_drains_them_and_exits_0(installed: Installed) -> None:
+    system = installed.system
+    streams = [_stream(system, f"Stream {i}") for i in range(8)]
+    time.sleep(3)  # every stream admitted and generating
+    stopping = time.monotonic()
+    system.systemctl("stop", UNIT)
+    stop_s = time.monotonic() - stopping
+    results = [stream.communicate(timeout=60) for stream in streams]
+    codes = [stream.returncode for stream in streams]
+    journal = system.journal()
+    system.systemctl("start", UNIT)
+    assert codes == [0] * 8, results
+    assert all("--- " in err for _, err in results)
+    assert system.show("Result") == "success"
+    assert "SIGKILL" not in journal.split("Stopping")[-1]
+    print(f"\nstop under 8 streams: {stop_s:.1f} s, all 8 finished")
+
+
+def test_the_journal_carries_priorities(installed: Installed) -> None:
+    system = installed.system
+    wait_for("serving", lambda: system.show("StatusText").startswith("serving"), 300)
+    warnings = system.journal("-p", "warning")
+    everything = system.journal()
+    assert "engine died" in warnings  # logged at error by the earlier test
+    assert "serving" in everything
+    info_only = [line for line in everything.splitlines() if "effective configuration" in line]
+    assert info_only
+    assert not any(line in warnings for line in info_only)
+
+
+def test_start_to_ready_under_systemd_and_bare(
+    installed: Installed, tmp_path: Path, tiny_model: Path
+) -> None:
+    """Both warm (the store holds the model, vLLM's compile cache is filled): the unit
+    restarted, and the bare daemon's second start on the same state."""
+    system = installed.system
+    system.systemctl("restart", UNIT)
+    under_systemd = _ready_after(system)
+    bare_s = 0.0
+    for served in (tiny_model, None):
+        started = time.monotonic()
+        bare = start_daemon(tmp_path, 10.0, served)
+        bare_s = time.monotonic() - started
+        assert bare.terminate(60) == 0
+    assert under_systemd is not None
+    print(f"\nstart -> READY, warm: under systemd {under_systemd:.1f} s, bare {bare_s:.1f} s")
+
+
+def test_uninstall_leaves_only_what_was_asked_to_keep(installed: Installed) -> None:
+    system = installed.system
+    system.run("bash", f"{REPO_INSIDE}/deploy/uninstall.sh")
+    assert system.systemctl("is-active", UNIT, check=False).stdout.strip() == "inactive"
+    assert not system.path(f"/etc/systemd/system/{UNIT}").exists()
+    assert not system.path("/usr/local/bin/edgeagent").exists()
+    assert system.path("/var/lib/edgeagent/models").is_dir()  # kept
+    assert system.path("/etc/edgeagent/edgeagent.toml").is_file()  # kept
+    system.run("bash", f"{REPO_INSIDE}/deploy/uninstall.sh", "--purge")
+    for gone in ("/var/lib/edgeagent", "/var/cache/edgeagent", "/etc/edgeagent"):
+        assert not system.path(gone).exists(), gone
+    assert "edgeagent:" not in system.path("/etc/passwd").read_text()
+    assert not system.run("pgrep", "-u", "edgeagent", check=False).stdout
