@@ -28,6 +28,7 @@ from edgeagent.artifacts.fetch import HubTarget
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.prepare import acquire_default, hub_fetcher, open_store
 from edgeagent.artifacts.store import ModelStore
+from edgeagent.engine import orphans
 from edgeagent.engine.interface import EngineFactory
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import Serving, ServingSlot
@@ -322,6 +323,7 @@ class Daemon:
             self._stop_metrics()
         if slot.serving is not None and self._loader is not None:
             await slot.swap(self._release, hold_s=None)
+        orphans.stop_resource_tracker()
         if self._journal is not None:
             self._journal.stopped_cleanly()
         self._notifier.close()

@@ -66,3 +66,16 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, owned by someone else (a reused pid: treat as gone)
         return False
     return True
+
+
+def stop_resource_tracker() -> None:
+    """Stop the helper process multiprocessing starts for vLLM's engine (and waits for it).
+    Left to end on its own, it outlives the daemon by a moment, and under systemd
+    (`KillMode=mixed`) every orderly stop ended with a SIGKILL to it in the journal. It is
+    started again on demand if anything needs it later."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)  # private, in CPython since 3.8
+    if stop is not None:
+        stop()

@@ -180,13 +180,17 @@ def test_a_dropped_update_is_hot_swapped_inside_the_unit(
     installed: Installed, tiny_model_b: Path, tiny_4bit_b: Manifest
 ) -> None:
     system = installed.system
-    staged = system.path("/var/lib/edgeagent/drop/next.partial")
+    # As an OTA agent does: the files and READY written beside the drop directory (same file
+    # system), then the finished directory renamed in.
+    staged = system.path("/var/lib/edgeagent/incoming/next")
     shutil.copytree(tiny_model_b, staged, symlinks=False)
-    system.run("chown", "-R", "edgeagent:edgeagent", "/var/lib/edgeagent/drop/next.partial")
     (staged / "READY").touch()
-    staged.rename(staged.with_name("next"))
+    system.run("chown", "-R", "edgeagent:edgeagent", "/var/lib/edgeagent/incoming")
+    staged.rename(system.path("/var/lib/edgeagent/drop/next"))
     wait_for("the dropped version served",
              lambda: _served_version(system) == tiny_4bit_b.version, within_s=300)  # fmt: skip
+    wait_for("the drop filed as done",
+             lambda: system.path("/var/lib/edgeagent/drop/done/next").is_dir(), 60)  # fmt: skip
     assert "--- " in _generate(system)
     assert system.show("NRestarts") == "0"
 
