@@ -285,7 +285,9 @@ def _stream(system: BootedSystem, prompt: str) -> subprocess.Popen[str]:
 def test_stop_under_eight_streams_drains_them_and_exits_0(installed: Installed) -> None:
     system = installed.system
     streams = [_stream(system, f"Stream {i}") for i in range(8)]
-    time.sleep(3)  # every stream admitted and generating
+    for stream in streams:  # every stream admitted and generating before the stop
+        assert stream.stdout is not None
+        assert stream.stdout.read(1), stream.communicate()
     stopping = time.monotonic()
     system.systemctl("stop", UNIT)
     stop_s = time.monotonic() - stopping
