@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from conftest import REPO
 
 BOOT = Path(__file__).with_name("boot-systemd.sh")
@@ -36,6 +39,10 @@ ROOTS = Path("/var/tmp/edgeagent-system")  # never under /tmp: see the module's 
 VENV = "/opt/edgeagent/venv"
 EDGEAGENT = f"{VENV}/bin/edgeagent"
 T = TypeVar("T")
+NEEDS_ROOT = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("nsenter"),
+    reason="boots systemd in new namespaces: needs root and util-linux",
+)
 
 
 def inside(host_path: Path) -> str:
@@ -89,6 +96,27 @@ class BootedSystem:
 
     def show(self, prop: str, unit: str = "edgeagent") -> str:
         return self.systemctl("show", unit, "-p", prop, "--value").stdout.strip()
+
+    def served_version(self) -> str:
+        """The version `edgeagent status` says the daemon serves; "" while it serves none."""
+        status = self.cli("status", check=False).stdout
+        match = re.search(r"^serving\s+\S+ (\S+) \(", status, re.MULTILINE)
+        return match.group(1) if match else ""
+
+    @contextlib.contextmanager
+    def hub(self, port: int, *specs: str) -> Iterator[list[str]]:
+        """The loopback hub (`tests/hub_server.py`) in this system's network namespace, each
+        spec `ORG/NAME=MODEL_DIR` one commit; yields the commits; killed on the way out."""
+        server = self.popen(sys.executable, str(REPO / "tests/hub_server.py"), str(port), *specs,
+                            network_only=True)  # fmt: skip
+        try:
+            assert server.stdout is not None
+            words = server.stdout.readline().split()
+            assert words[:2] == ["serving", f"http://127.0.0.1:{port}"], words
+            yield words[2:]
+        finally:
+            server.kill()
+            server.communicate()
 
     def journal(self, *args: str, unit: str = "edgeagent") -> str:
         return self.run("journalctl", "--no-pager", "-o", "cat", "-u", unit, *args).stdout

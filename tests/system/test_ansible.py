@@ -9,43 +9,25 @@ with the host, so the modules it writes are there for the wrapper to run inside.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from edgeagent.artifacts.manifest import Manifest
-from system.booted import EDGEAGENT, ROOTS, BootedSystem, booted, wait_for
+from system.booted import EDGEAGENT, NEEDS_ROOT, ROOTS, BootedSystem, booted, wait_for
 
 pytestmark = [
     pytest.mark.system,
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nsenter"),
-                       reason="boots systemd in new namespaces: needs root and util-linux"),
+    NEEDS_ROOT,
 ]  # fmt: skip
-REPO = Path(__file__).resolve().parents[2]
-HUB_PORT = "18080"
-
-
-@contextlib.contextmanager
-def _hub_inside(system: BootedSystem, *specs: str) -> Iterator[list[str]]:
-    """The loopback hub in a box's network namespace; yields the commits, one per spec."""
-    hub = system.popen(sys.executable, str(REPO / "tests/hub_server.py"), HUB_PORT, *specs,
-                       network_only=True)  # fmt: skip
-    try:
-        assert hub.stdout is not None
-        words = hub.stdout.readline().split()
-        assert words[:2] == ["serving", f"http://127.0.0.1:{HUB_PORT}"], words
-        yield words[2:]
-    finally:
-        hub.kill()
-        hub.communicate()
+HUB_PORT = 18080
 
 
 def _interpreter(directory: Path, system: BootedSystem, name: str) -> Path:
@@ -53,12 +35,6 @@ def _interpreter(directory: Path, system: BootedSystem, name: str) -> Path:
     wrapper.write_text(f'#!/bin/sh\nexec nsenter -t {system.pid} -a /usr/bin/python3 "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
-
-
-def _served_version(system: BootedSystem) -> str:
-    status = system.cli("status", check=False).stdout
-    match = re.search(r"^serving\s+\S+ (\S+) \(", status, re.MULTILINE)
-    return match.group(1) if match else ""
 
 
 def test_the_role_rolls_out_canary_first_and_a_second_run_changes_nothing(
@@ -71,13 +47,13 @@ def test_the_role_rolls_out_canary_first_and_a_second_run_changes_nothing(
     try:
         with (
             booted("canary", shared) as canary, booted("rest", shared) as rest,
-            _hub_inside(canary, *specs) as commits, _hub_inside(rest, *specs),
+            canary.hub(HUB_PORT, *specs) as commits, rest.hub(HUB_PORT, *specs),
         ):  # fmt: skip
             old, new = commits
             first = _playbook(tmp_path, shared, canary, rest, fleet=old, canary_revision=new)
             second = _playbook(tmp_path, shared, canary, rest, fleet=old, canary_revision=new)
-            canary_serves = wait_for("the canary serving", lambda: _served_version(canary), 60)
-            rest_serves = wait_for("the rest serving", lambda: _served_version(rest), 60)
+            canary_serves = wait_for("the canary serving", lambda: canary.served_version(), 60)
+            rest_serves = wait_for("the rest serving", lambda: rest.served_version(), 60)
             canary_active = canary.show("ActiveState")
     finally:
         shutil.rmtree(shared, ignore_errors=True)

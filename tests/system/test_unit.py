@@ -9,11 +9,9 @@ and each leaves the unit serving for the next; uninstalling comes last.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +22,12 @@ import pytest
 from real_daemon import start_daemon
 
 from edgeagent.artifacts.manifest import Manifest
-from system.booted import EDGEAGENT, REPO_INSIDE, BootedSystem, booted, wait_for
+from system.booted import EDGEAGENT, NEEDS_ROOT, REPO_INSIDE, BootedSystem, booted, wait_for
 
 pytestmark = [
     pytest.mark.system,
     pytest.mark.timeout(900),
-    pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nsenter"),
-                       reason="boots systemd in new namespaces: needs root and util-linux"),
+    NEEDS_ROOT,
 ]  # fmt: skip
 
 TOKEN = "sys-test-token-7f3a9c"  # the api_token credential: must never reach the journal
@@ -104,12 +101,6 @@ def _ready_after(system: BootedSystem) -> float | None:
     return (ready - started) / 1e6 if started and ready > started else None
 
 
-def _served_version(system: BootedSystem) -> str:
-    status = system.cli("status").stdout
-    match = re.search(r"^serving\s+\S+ (\S+) \(", status, re.MULTILINE)
-    return match.group(1) if match else ""
-
-
 def _generate(system: BootedSystem, user: str = "app", *extra: str) -> str:
     """The CLI's closing line (on stderr): `--- N prompt tokens, M generated in ...`."""
     return system.cli("generate", "Hello", "--max-tokens", "8", *extra, user=user).stderr
@@ -124,7 +115,7 @@ def test_install_starts_the_unit_which_builds_with_autoround_and_reaches_ready(
     system's Python, another patch release than the tests'.)"""
     system = installed.system
     served = json.loads(system.cli("models", "show", "current").stdout)
-    assert served["version"] == _served_version(system)
+    assert served["version"] == system.served_version()
     assert served["source"]["kind"] == "build"
     assert served["source"]["tool"].startswith("auto-round")
     assert served["source"]["base_digest"] == tiny_4bit.source.base_digest  # type: ignore[union-attr]
@@ -188,7 +179,7 @@ def test_a_dropped_update_is_hot_swapped_inside_the_unit(
     system.run("chown", "-R", "edgeagent:edgeagent", "/var/lib/edgeagent/incoming")
     staged.rename(system.path("/var/lib/edgeagent/drop/next"))
     wait_for("the dropped version served",
-             lambda: _served_version(system) == tiny_4bit_b.version, within_s=300)  # fmt: skip
+             lambda: system.served_version() == tiny_4bit_b.version, within_s=300)  # fmt: skip
     wait_for("the drop filed as done",
              lambda: system.path("/var/lib/edgeagent/drop/done/next").is_dir(), 60)  # fmt: skip
     assert "--- " in _generate(system)
@@ -202,13 +193,7 @@ def test_a_hub_fetch_runs_inside_the_unit(
     PrivateNetwork) reaches it. Its poller finds the commit, fetches it and swaps to it: a
     model of another layout (fp16), so the engine restarts inside the unit."""
     system = installed.system
-    hub = system.popen(
-        sys.executable, str(Path(__file__).parents[1] / "hub_server.py"), "18080",
-        f"edge/tiny={tiny_fp16_b}", network_only=True,
-    )  # fmt: skip
-    try:
-        assert hub.stdout is not None
-        assert hub.stdout.readline().startswith("serving http://127.0.0.1:18080")
+    with system.hub(18080, f"edge/tiny={tiny_fp16_b}"):
         system.write(
             "/etc/edgeagent/edgeagent.toml",
             CONFIG.replace('source = "embedded"', 'source = "hub"')
@@ -217,18 +202,11 @@ def test_a_hub_fetch_runs_inside_the_unit(
         )
         system.systemctl("restart", UNIT)
         wait_for("the hub's version served",
-                 lambda: _served_version(system) not in {"", tiny_4bit_b.version}, 300)  # fmt: skip
-    finally:
-        _stop(hub)
+                 lambda: system.served_version() not in {"", tiny_4bit_b.version}, 300)  # fmt: skip
     manifest = system.cli("models", "show", "current").stdout
     assert '"edge/tiny"' in manifest
-    assert _served_version(system) in manifest
+    assert system.served_version() in manifest
     assert "--- " in _generate(system)
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    process.kill()
-    process.communicate()
 
 
 def test_the_watchdog_restarts_a_stopped_daemon(installed: Installed) -> None:
