@@ -186,13 +186,12 @@ def test_a_dropped_update_is_hot_swapped_inside_the_unit(
     assert system.show("NRestarts") == "0"
 
 
-def test_a_hub_fetch_runs_inside_the_unit(
-    installed: Installed, tiny_fp16_b: Path, tiny_4bit_b: Manifest
-) -> None:
+def test_a_hub_fetch_runs_inside_the_unit(installed: Installed, tiny_fp16_b: Path) -> None:
     """The hub runs on loopback in the system's network namespace; the unit (no
     PrivateNetwork) reaches it. Its poller finds the commit, fetches it and swaps to it: a
     model of another layout (fp16), so the engine restarts inside the unit."""
     system = installed.system
+    before = system.served_version()
     with system.hub(18080, f"edge/tiny={tiny_fp16_b}"):
         system.write(
             "/etc/edgeagent/edgeagent.toml",
@@ -202,7 +201,7 @@ def test_a_hub_fetch_runs_inside_the_unit(
         )
         system.systemctl("restart", UNIT)
         wait_for("the hub's version served",
-                 lambda: system.served_version() not in {"", tiny_4bit_b.version}, 300)  # fmt: skip
+                 lambda: system.served_version() not in {"", before}, 300)  # fmt: skip
     manifest = system.cli("models", "show", "current").stdout
     assert '"edge/tiny"' in manifest
     assert system.served_version() in manifest
