@@ -61,6 +61,17 @@ def _rss_bytes(daemon: RunningDaemon) -> int:
     return total
 
 
+def _speed_regained(daemon: RunningDaemon, normal: float, attempts: int = 5) -> float:
+    """The best speed of a few tries: a 2-core machine's noise (CI's) can slow one try, while
+    work the killed client left in the engine would slow every try."""
+    best = 0.0
+    for _ in range(attempts):
+        best = max(best, _tokens_per_s(daemon))
+        if best > normal:
+            break
+    return best
+
+
 def _tokens_per_s(daemon: RunningDaemon) -> float:
     """The best of three 64-token answers: one answer is too short to time alone."""
     speeds = []
@@ -102,7 +113,7 @@ async def test_a_flood_from_a_killed_client_leaves_the_engine_idle(
             await asyncio.sleep(0.05)
         idle_after_s = time.monotonic() - killed
         memory_after = _rss_bytes(daemon)
-        speed_after = await asyncio.to_thread(_tokens_per_s, daemon)
+        speed_after = await asyncio.to_thread(_speed_regained, daemon, 0.8 * speed_before)
     finally:
         exit_code = await asyncio.to_thread(daemon.terminate, 60)
     assert exit_code == 0
