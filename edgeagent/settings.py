@@ -105,6 +105,12 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        default="fcfs", description="priority: requests' priority field orders the queue"
+    )
+    structured_output_backend: Literal["auto", "xgrammar", "guidance"] = Field(
+        default="auto", description="vLLM's; auto tries xgrammar, then guidance"
+    )
     health_check_s: float = Field(
         default=5.0, gt=0, description="how often the daemon asks the engine whether it is alive"
     )
@@ -209,6 +215,14 @@ class LimitSettings(BaseModel):
     max_queued_prompt_tokens: int = Field(
         default=131072, ge=1, description="prompt tokens of all requests under way together"
     )
+    max_constraint_bytes: int = Field(
+        default=64 * 1024, ge=1, description="a JSON schema, regex, grammar or all choices"
+    )
+    max_choices: int = Field(default=256, ge=2)
+    max_top_n_tokens: int = Field(
+        default=5, ge=0, le=20, description="alternatives per token (vLLM's max_logprobs is 20)"
+    )
+    max_n: int = Field(default=8, ge=1, description="completions per request")
 
 
 class Settings(BaseSettings):

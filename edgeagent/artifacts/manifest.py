@@ -107,6 +107,10 @@ class Manifest(_Frozen):
         return Path(source.origin).name
 
     @property
+    def digest(self) -> str:
+        return files_digest(list(self.files))
+
+    @property
     def source_label(self) -> str:
         source = self.source
         if isinstance(source, HubSource):
@@ -116,11 +120,16 @@ class Manifest(_Frozen):
         return f"import of {source.origin}"
 
 
-def version_id(files: list[FileEntry]) -> str:
+def files_digest(files: list[FileEntry]) -> str:
+    """sha256 over every file's path, digest and size: equal digests, identical files."""
     digest = hashlib.sha256()
     for entry in sorted(files, key=lambda e: e.path):
         digest.update(f"{entry.path}\0{entry.sha256}\0{entry.size}\n".encode())
-    return digest.hexdigest()[:VERSION_ID_HEX]
+    return digest.hexdigest()
+
+
+def version_id(files: list[FileEntry]) -> str:
+    return files_digest(files)[:VERSION_ID_HEX]
 
 
 def new_manifest(model_dir: Path, files: list[FileEntry], source: Source) -> Manifest:

@@ -23,6 +23,19 @@ class EngineConfig:
     gpu_memory_utilization: float | None = None  # vLLM checks it against free memory at start
     dtype: str = "auto"
     enforce_eager: bool = False
+    scheduling_policy: str = "fcfs"  # "priority": SamplingOptions.priority orders the queue
+    structured_output_backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the output must match; exactly one field is set."""
+
+    json_schema: str | None = None  # JSON text
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF or Lark
 
 
 @dataclass(frozen=True)
@@ -31,9 +44,23 @@ class SamplingOptions:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    logprobs: bool = False  # the sampled tokens' log-probabilities in each delta
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_sequence: bool = False
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    n: int = 1
+    # None: no token details; 0: each generated token's id, text and log-probability; k > 0:
+    # and its k most likely alternatives. prompt_logprobs: the same for the prompt's tokens.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
+    priority: int = 0  # lower first; needs EngineConfig.scheduling_policy "priority"
 
 
 class FinishReason(enum.Enum):
@@ -42,17 +69,44 @@ class FinishReason(enum.Enum):
     STOP_SEQUENCE = "stop_sequence"
     CANCELLED = "cancelled"
     TOKEN_LIMIT = "token_limit"
+    TIME_LIMIT = "time_limit"  # set by the server, which aborts the request
+    ERROR = "error"  # the engine ended the request itself, e.g. a grammar it could not compile
+
+
+@dataclass(frozen=True)
+class TopToken:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenDetail:
+    """One token with what the engine said of it; logprob is None for a prompt's first."""
+
+    id: int
+    text: str
+    logprob: float | None = None
+    rank: int | None = None
+    top: tuple[TopToken, ...] = ()
 
 
 @dataclass(frozen=True)
 class Delta:
-    """Text produced since the last delta; counts are totals so far."""
+    """Text one completion (`index`) produced since its last delta; counts are totals so far."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
     stop_sequence: str | None = None
-    logprobs: tuple[float, ...] = ()  # of this delta's tokens, when asked for
+    tokens: tuple[TokenDetail, ...] = ()  # this delta's tokens, when logprobs were asked for
+    index: int = 0
+    prompt_tokens: tuple[TokenDetail, ...] = ()  # in the first delta, when asked for
+    cached_prompt_tokens: int = 0  # prefix cache hits, from the first delta on
+
+    @property
+    def logprobs(self) -> tuple[float, ...]:
+        return tuple(t.logprob for t in self.tokens if t.logprob is not None)
 
 
 @dataclass(frozen=True)
@@ -73,6 +127,9 @@ class ModelFacts:
     max_num_seqs: int
     architecture: str
     quantization: str
+    vocab_size: int = 0
+    prefix_caching: bool = False
+    vllm_version: str = ""
 
 
 class ChatMessage(Protocol):
@@ -84,6 +141,7 @@ class Engine(Protocol):
     """What the server and the daemon need of an engine; `VllmEngine` is the real one."""
 
     facts: ModelFacts
+    config: EngineConfig
 
     def encode(self, text: str) -> list[int]:
         """A raw prompt's token ids; special-token strings in it are control tokens (the
@@ -94,6 +152,14 @@ class Engine(Protocol):
         """The chat as the model's template renders it, ready for an answer. Message contents
         are data: special-token strings in them are encoded as text, never as control tokens
         (a user cannot open a system turn)."""
+        ...
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """The text of `token_ids`; an id outside the vocabulary is InvalidRequestError."""
+        ...
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text."""
         ...
 
     def stream(

@@ -123,7 +123,7 @@ class EngineLoader:
                 timings.smoke_s = time.perf_counter() - started
 
     async def _generate_finite(self, engine: Engine) -> None:
-        options = SamplingOptions(max_tokens=SMOKE_TOKENS, temperature=0.0, logprobs=True)
+        options = SamplingOptions(max_tokens=SMOKE_TOKENS, temperature=0.0, logprobs=0)
         tokens, logprobs = 0, list[float]()
         request_id = f"smoke-{uuid.uuid4().hex}"
         try:
@@ -148,4 +148,6 @@ class EngineLoader:
             gpu_memory_utilization=fit.device_fraction if fit.device.kind == "gpu" else None,
             dtype=model.dtype,
             enforce_eager=model.enforce_eager,
+            scheduling_policy=model.scheduling_policy,
+            structured_output_backend=model.structured_output_backend,
         )

@@ -18,12 +18,15 @@ from typing import Any
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import (
     ChatMessage,
+    Constraint,
     Delta,
     EngineConfig,
     EngineLoad,
     FinishReason,
     ModelFacts,
     SamplingOptions,
+    TokenDetail,
+    TopToken,
 )
 from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
 
@@ -36,10 +39,13 @@ PLACEHOLDER = "\ue000"  # a private-use character: no template or tokenizer give
 class VllmEngine:
     """The real engine: vLLM's `AsyncLLM` in this process, its engine core in a child process."""
 
-    def __init__(self, llm: Any, facts: ModelFacts, stats: _LatestStats | None = None) -> None:
+    def __init__(
+        self, llm: Any, config: EngineConfig, facts: ModelFacts, stats: _LatestStats | None = None
+    ) -> None:
         self._llm_or_none: Any = llm
         self._stats = stats or _LatestStats()
         self._tokenizer = llm.get_tokenizer()
+        self.config = config
         self.facts = facts
 
     @classmethod
@@ -59,6 +65,7 @@ class VllmEngine:
         """The engine itself. Its own frame: vLLM's first import happened in `_engine_args`,
         whose frames some library keeps in a stored traceback; the `AsyncLLM` must not be a
         local of any of them, or it outlives its shutdown until interpreter exit."""
+        from vllm import __version__ as vllm_version
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
@@ -70,9 +77,12 @@ class VllmEngine:
             max_num_seqs=config.max_num_seqs,
             architecture=(model_config.architectures or ["unknown"])[0],
             quantization=str(model_config.quantization or "none"),
+            vocab_size=len(llm.get_tokenizer()),
+            prefix_caching=bool(llm.vllm_config.cache_config.enable_prefix_caching),
+            vllm_version=vllm_version,
         )
         logger.info("engine started in %.1f s: %s", time.perf_counter() - started, facts)
-        return cls(llm, facts, stats)
+        return cls(llm, config, facts, stats)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
@@ -106,42 +116,79 @@ class VllmEngine:
         )
         return ids
 
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        self._check_ids(token_ids)
+        text: str = self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        self._check_ids(token_ids)
+        return [self._tokenizer.decode([token]) for token in token_ids]
+
+    def _check_ids(self, token_ids: Sequence[int]) -> None:
+        for position, token in enumerate(token_ids):
+            if not 0 <= token < self.facts.vocab_size:
+                raise InvalidRequestError(
+                    f"token_ids[{position}]",
+                    f"{token} is not a token id (the vocabulary has {self.facts.vocab_size})",
+                )
+
     async def stream(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
     ) -> AsyncGenerator[Delta, None]:
-        """Yield deltas until the request finishes. Closing the iterator aborts the request."""
-        from vllm import SamplingParams
-        from vllm.sampling_params import RequestOutputKind
+        """Yield deltas (each of one completion: `Delta.index`) until every completion has
+        finished. Closing the iterator aborts the request."""
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        try:  # vLLM's own checks of the options: the request's fault, said as such
-            params = SamplingParams(
-                max_tokens=options.max_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k,
-                seed=options.seed,
-                stop=list(options.stop) or None,
-                logprobs=0 if options.logprobs else None,  # 0: only the sampled token's
-                output_kind=RequestOutputKind.DELTA,
-            )
-        except ValueError as error:
-            raise InvalidRequestError("sampling", str(error)) from None
-        completion_tokens = 0
+        params = _sampling_params(options)
+        generated: dict[int, int] = {}  # tokens so far, by completion index
         prompt = {"prompt_token_ids": prompt_token_ids}
+        first = True
         try:
-            async for output in self._llm.generate(prompt, params, request_id):
-                completion = output.outputs[0]
-                completion_tokens += len(completion.token_ids)
-                finish = None
-                if output.finished:
-                    total = len(prompt_token_ids) + completion_tokens
-                    finish = self._finish_reason(completion, total)
-                stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
-                logprobs = _sampled_logprobs(completion) if options.logprobs else ()
-                yield Delta(completion.text, completion_tokens, finish, stop, logprobs)
+            async for output in self._llm.generate(
+                prompt, params, request_id, priority=options.priority
+            ):
+                if first:
+                    cached = int(output.num_cached_tokens or 0)
+                    prompt_details = self._prompt_details(prompt_token_ids, output, options)
+                first = False
+                for completion in output.outputs:
+                    index = completion.index
+                    generated[index] = generated.get(index, 0) + len(completion.token_ids)
+                    yield self._delta(completion, generated[index], len(prompt_token_ids),
+                                      options, prompt_details, cached)  # fmt: skip
+                    prompt_details = ()
         except VllmEngineDeadError as exc:
             raise EngineDeadError(f"the engine died: {exc}") from exc
+        except _CLIENT_ERRORS as exc:  # vLLM's own checks: the request's fault, said as such
+            field = "constraint" if options.constraint is not None else "request"
+            raise InvalidRequestError(field, str(exc)) from None
+
+    def _delta(
+        self, completion: Any, generated: int, prompt_tokens: int, options: SamplingOptions,
+        prompt_details: tuple[TokenDetail, ...], cached: int,
+    ) -> Delta:  # fmt: skip
+        finish = None
+        if completion.finish_reason is not None:
+            finish = self._finish_reason(completion, prompt_tokens + generated)
+        stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+        top_n = options.logprobs
+        tokens = _generated_details(completion, top_n) if top_n is not None else ()
+        return Delta(completion.text, generated, finish, stop, tokens, completion.index,
+                     prompt_details, cached)  # fmt: skip
+
+    def _prompt_details(
+        self, prompt_token_ids: list[int], output: Any, options: SamplingOptions
+    ) -> tuple[TokenDetail, ...]:
+        top_n = options.prompt_logprobs
+        if top_n is None:
+            return ()
+        entries = output.prompt_logprobs or [None] * len(prompt_token_ids)
+        texts = self.token_texts(prompt_token_ids)
+        return tuple(
+            _detail(token, text, entry, top_n)
+            for token, text, entry in zip(prompt_token_ids, texts, entries, strict=False)
+        )
 
     def _finish_reason(self, completion: Any, total_tokens: int) -> FinishReason:
         reason = completion.finish_reason
@@ -151,7 +198,9 @@ class VllmEngine:
         if reason == "stop":
             if isinstance(completion.stop_reason, str):
                 return FinishReason.STOP_SEQUENCE
-            return FinishReason.EOS_TOKEN
+            return FinishReason.EOS_TOKEN  # or one of the request's stop_token_ids
+        if reason == "error":
+            return FinishReason.ERROR
         return FinishReason.CANCELLED
 
     async def abort(self, request_id: str) -> None:
@@ -246,6 +295,7 @@ class _LatestStats:
 
 def _engine_args(config: EngineConfig) -> Any:
     """vLLM's engine arguments for `config` (the first import of vLLM happens here)."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine import async_llm  # noqa: F401  # loaded here, not in _launch's frame
 
@@ -257,6 +307,10 @@ def _engine_args(config: EngineConfig) -> Any:
         enforce_eager=config.enforce_eager,
         disable_log_stats=True,
         worker_extension_cls=WORKER_EXTENSION,
+        scheduling_policy=config.scheduling_policy,  # type: ignore[arg-type]  # checked by Settings
+        structured_outputs_config=StructuredOutputsConfig(
+            backend=config.structured_output_backend  # type: ignore[arg-type]  # as above
+        ),
     )
     if config.max_model_len is not None:
         args.max_model_len = config.max_model_len
@@ -267,10 +321,85 @@ def _engine_args(config: EngineConfig) -> Any:
     return args
 
 
-def _sampled_logprobs(completion: Any) -> tuple[float, ...]:
-    """The log-probability vLLM gave each sampled token of this delta."""
+def _client_errors() -> tuple[type[Exception], ...]:
+    """vLLM's errors that blame the request: ValueError up to 0.26, VLLMClientError since."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
+
+
+_CLIENT_ERRORS = _client_errors()
+
+
+def _sampling_params(options: SamplingOptions) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    try:
+        return SamplingParams(
+            n=options.n,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            min_p=options.min_p,
+            repetition_penalty=options.repetition_penalty,
+            presence_penalty=options.presence_penalty,
+            frequency_penalty=options.frequency_penalty,
+            seed=options.seed,
+            stop=list(options.stop) or None,
+            stop_token_ids=list(options.stop_token_ids) or None,
+            include_stop_str_in_output=options.include_stop_sequence,
+            min_tokens=options.min_tokens,
+            ignore_eos=options.ignore_eos,
+            logprobs=options.logprobs,
+            prompt_logprobs=options.prompt_logprobs,
+            structured_outputs=_structured_outputs(options.constraint),
+            output_kind=RequestOutputKind.DELTA,
+        )
+    except _CLIENT_ERRORS as error:
+        raise InvalidRequestError("sampling", str(error)) from None
+
+
+def _structured_outputs(constraint: Constraint | None) -> Any:
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(
+        json=constraint.json_schema,
+        json_object=constraint.json_object or None,
+        regex=constraint.regex,
+        choice=list(constraint.choice) if constraint.choice is not None else None,
+        grammar=constraint.grammar,
+    )
+
+
+def _generated_details(completion: Any, top_n: int) -> tuple[TokenDetail, ...]:
+    """Each token of this delta with its log-probability and the alternatives vLLM gave."""
     entries = completion.logprobs or []
     return tuple(
-        float(entry[token].logprob)
+        _detail(token, None, entry, top_n)
         for token, entry in zip(completion.token_ids, entries, strict=False)
     )
+
+
+def _detail(token: int, text: str | None, entry: Any, top_n: int) -> TokenDetail:
+    """`token` with vLLM's log-probability entry for its position (None: the first prompt
+    token, which nothing predicts). The entry holds the `top_n` most likely tokens (ranks 1 to
+    top_n) and the token itself, whatever its rank."""
+    if entry is None:
+        return TokenDetail(int(token), text or "")
+    top = tuple(
+        TopToken(int(alternative), logprob.decoded_token or "", float(logprob.logprob))
+        for alternative, logprob in sorted(entry.items(), key=lambda item: item[1].rank or 0)
+        if logprob.rank is not None and logprob.rank <= top_n
+    )
+    chosen = entry.get(token)
+    if chosen is None:
+        return TokenDetail(int(token), text or "", top=top)
+    rank = int(chosen.rank) if chosen.rank is not None else None
+    text = text if text is not None else (chosen.decoded_token or "")
+    return TokenDetail(int(token), text, float(chosen.logprob), rank, top)

@@ -51,6 +51,14 @@ class Admission:
             )
         slot.note_prompt(lease.request_id, prompt_tokens)
 
+    def queue_timeout(self, waited_s: float, batch: int) -> ResourceExhaustedError:
+        """The refusal of a request that waited its `max_queue_ms` without a first token."""
+        self._refuse("queue_timeout")
+        return ResourceExhaustedError(
+            f"no first token within max_queue_ms ({waited_s * 1000:.0f} ms): the engine is "
+            f"busy; retry later", self._retry_hint_s(1, batch),
+        )  # fmt: skip
+
     def finished(self, duration_s: float) -> None:
         """A request ended after `duration_s`: what the retry hints are made of."""
         self._typical_s += SMOOTHING * (duration_s - self._typical_s)

@@ -11,16 +11,20 @@ from dataclasses import dataclass, replace
 
 from edgeagent.engine.interface import Engine, SamplingOptions
 from edgeagent.errors import InvalidRequestError
+from edgeagent.server.constraints import constraint_from
 from edgeagent.settings import LimitSettings
 from edgeagent.v1 import generation_pb2 as pb
 
 CHAT_ROLES = ("system", "user", "assistant")
+DEADLINE_MARGIN_S = 0.05  # ends a request this much before the gRPC deadline, to answer in time
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
     prompt_token_ids: list[int]
     options: SamplingOptions
+    time_limit_s: float | None = None  # from admission to the last token
+    max_queue_s: float | None = None  # from admission to the first token
 
     @property
     def prompt_tokens(self) -> int:
@@ -28,19 +32,47 @@ class PreparedRequest:
 
 
 def prepare_request(
-    request: pb.GenerateRequest, engine: Engine, limits: LimitSettings
+    request: pb.GenerateRequest,
+    engine: Engine,
+    limits: LimitSettings,
+    deadline_s: float | None = None,
 ) -> PreparedRequest:
-    """Check `request` against `limits` and the model's context; tokenize its input."""
-    sampling = _sampling(request.sampling)
-    stop = _stop_sequences(request.stopping, limits)
+    """Check `request` against `limits` and the model's context; tokenize its input.
+    `deadline_s` is the time the caller's gRPC deadline leaves, if it set one."""
+    options = _with_response(
+        _with_stopping(_sampling(request.sampling), request.stopping, limits),
+        request.response, limits,
+    )  # fmt: skip
     prompt_token_ids = _prompt_ids(request, engine, limits)
     max_tokens = _max_tokens(
         request.stopping, len(prompt_token_ids), engine.facts.max_model_len, limits
     )
-    return PreparedRequest(prompt_token_ids, replace(sampling, max_tokens=max_tokens, stop=stop))
+    if options.min_tokens > max_tokens:
+        raise InvalidRequestError(
+            "stopping.min_tokens", f"{options.min_tokens} is more than max_tokens ({max_tokens})"
+        )
+    options = replace(
+        options,
+        max_tokens=max_tokens,
+        n=_n(request, limits),
+        priority=_priority(request.priority, engine),
+        constraint=constraint_from(request.constraint, limits),
+    )
+    max_queue_s = request.max_queue_ms / 1000 if request.max_queue_ms else None
+    return PreparedRequest(
+        prompt_token_ids, options, _time_limit_s(request.stopping, deadline_s), max_queue_s
+    )
 
 
-def _prompt_ids(request: pb.GenerateRequest, engine: Engine, limits: LimitSettings) -> list[int]:
+def tokenize(request: pb.GenerateRequest | pb.TokenizeRequest, engine: Engine,
+             limits: LimitSettings) -> list[int]:  # fmt: skip
+    """The prompt's token ids, as Generate sends them to the engine."""
+    return _prompt_ids(request, engine, limits)
+
+
+def _prompt_ids(
+    request: pb.GenerateRequest | pb.TokenizeRequest, engine: Engine, limits: LimitSettings
+) -> list[int]:
     kind = request.WhichOneof("input")
     if kind == "prompt":
         _check_size("prompt", len(request.prompt.encode()), limits.max_input_bytes)
@@ -73,7 +105,7 @@ def _check_size(field: str, size: int, limit: int) -> None:
 
 
 def _sampling(sampling: pb.SamplingParameters) -> SamplingOptions:
-    """The sampling options; max_tokens and stop are filled in by the caller."""
+    """The sampling options; the stopping and response fields are filled in by the caller."""
     temperature = sampling.temperature if sampling.HasField("temperature") else 1.0
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidRequestError("sampling.temperature", f"must be >= 0; got {temperature}")
@@ -85,8 +117,78 @@ def _sampling(sampling: pb.SamplingParameters) -> SamplingOptions:
         raise InvalidRequestError("sampling.top_k", f"must be >= 0 (0: off); got {top_k}")
     seed = sampling.seed if sampling.HasField("seed") else None
     return SamplingOptions(
-        max_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+        max_tokens=1, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+        min_p=_bounded(sampling, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_bounded(sampling, "repetition_penalty", 1.0, 0.0, 2.0, low_open=True),
+        presence_penalty=_bounded(sampling, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_bounded(sampling, "frequency_penalty", 0.0, -2.0, 2.0),
+    )  # fmt: skip
+
+
+def _bounded(sampling: pb.SamplingParameters, name: str, default: float, low: float,
+             high: float, low_open: bool = False) -> float:  # fmt: skip
+    if not sampling.HasField(name):
+        return default
+    value: float = getattr(sampling, name)
+    above_low = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above_low and value <= high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidRequestError(f"sampling.{name}", f"must be in {interval}; got {value}")
+    return value
+
+
+def _with_stopping(
+    options: SamplingOptions, stopping: pb.StoppingCriteria, limits: LimitSettings
+) -> SamplingOptions:
+    """The stopping options but max_tokens (which needs the prompt's length)."""
+    return replace(
+        options,
+        stop=_stop_sequences(stopping, limits),
+        stop_token_ids=tuple(stopping.stop_token_ids),
+        include_stop_sequence=stopping.include_stop_sequence,
+        min_tokens=stopping.min_tokens,
+        ignore_eos=stopping.ignore_eos,
     )
+
+
+def _with_response(
+    options: SamplingOptions, response: pb.ResponseOptions, limits: LimitSettings
+) -> SamplingOptions:
+    """Which token details to ask the engine for."""
+    top = response.top_n_tokens
+    if top > limits.max_top_n_tokens:
+        raise InvalidRequestError(
+            "response.top_n_tokens", f"{top}; the limit is {limits.max_top_n_tokens}"
+        )
+    return replace(
+        options,
+        logprobs=top if response.generated_tokens else None,
+        prompt_logprobs=top if response.input_tokens else None,
+    )
+
+
+def _n(request: pb.GenerateRequest, limits: LimitSettings) -> int:
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= limits.max_n:
+        raise InvalidRequestError("n", f"must be in [1, {limits.max_n}]; got {n}")
+    return n
+
+
+def _priority(priority: int, engine: Engine) -> int:
+    policy = engine.config.scheduling_policy
+    if priority and policy != "priority":
+        raise InvalidRequestError(
+            "priority", f"the engine schedules {policy!r}; a priority other than 0 needs "
+            f"model.scheduling_policy = \"priority\""
+        )  # fmt: skip
+    return priority
+
+
+def _time_limit_s(stopping: pb.StoppingCriteria, deadline_s: float | None) -> float | None:
+    limits = [stopping.time_limit_ms / 1000] if stopping.time_limit_ms else []
+    if deadline_s is not None:
+        limits.append(max(0.0, deadline_s - DEADLINE_MARGIN_S))
+    return min(limits, default=None)
 
 
 def _stop_sequences(stopping: pb.StoppingCriteria, limits: LimitSettings) -> tuple[str, ...]:

@@ -32,8 +32,10 @@ from edgeagent.engine.interface import (
     FinishReason,
     ModelFacts,
     SamplingOptions,
+    TokenDetail,
+    TopToken,
 )
-from edgeagent.errors import EngineDeadError, EngineError
+from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
 from edgeagent.gpu import DeviceMemory
 
 BEHAVIOUR_FILE = "fake-engine.json"
@@ -151,7 +153,7 @@ class FakeEngine:
     def __init__(self, config: EngineConfig, behaviour: Behaviour) -> None:
         self.config, self.behaviour = config, behaviour
         self.facts = ModelFacts(config.model_path, config.max_model_len or 4096,
-                                config.max_num_seqs, "Phi3ForCausalLM", "fake")  # fmt: skip
+                                config.max_num_seqs, "Phi3ForCausalLM", "fake", 256)  # fmt: skip
         self.closed = self.dead = False
         self.running: set[str] = set()
         self._aborted: set[str] = set()
@@ -164,36 +166,76 @@ class FakeEngine:
         turns = "".join(f"<|im_start|>{m.role}<|im_sep|>{m.content}<|im_end|>" for m in messages)
         return self.encode(turns + "<|im_start|>assistant<|im_sep|>")
 
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        for position, token in enumerate(token_ids):
+            if not 0 <= token < self.facts.vocab_size:
+                raise InvalidRequestError(f"token_ids[{position}]", f"{token} is not a token id")
+        return bytes(token_ids).decode(errors="replace")
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        return [self.decode([token]) for token in token_ids]
+
     async def stream(
         self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str
     ) -> AsyncGenerator[Delta, None]:
+        """Words chosen by a hash, one per step for each of the request's n completions."""
         self._check_alive()
         if self.behaviour.stream_error is not None:
             raise EngineError(self.behaviour.stream_error)
         self.running.add(request_id)
         try:
-            text = ""
+            texts = [""] * options.n
+            unfinished = set(range(options.n))
             room = self.facts.max_model_len - len(prompt_token_ids)
-            for index in range(min(options.max_tokens, room)):
+            prompt_details = self._prompt_details(prompt_token_ids, options)
+            for step in range(min(options.max_tokens, room)):
                 await asyncio.sleep(self.behaviour.token_s)
                 self._check_alive()
                 if request_id in self._aborted:
-                    yield Delta("", index, FinishReason.CANCELLED)
+                    for index in sorted(unfinished):
+                        yield Delta("", step, FinishReason.CANCELLED, index=index)
                     return
-                piece = " " + self._word(prompt_token_ids, index, options)
-                text += piece
-                stop = next((s for s in options.stop if s in text), None)
-                finish = self._finish(index + 1, options, room, stop)
-                logprobs = (self.behaviour.logprob,) if options.logprobs else ()
-                yield Delta(piece, index + 1, finish, stop, logprobs)
-                if finish is not None:
+                for index in sorted(unfinished):
+                    piece = " " + self._word(prompt_token_ids, step, options, index)
+                    texts[index] += piece
+                    stop = next((s for s in options.stop if s in texts[index]), None)
+                    finish = self._finish(step + 1, options, room, stop)
+                    yield Delta(piece, step + 1, finish, stop, self._details(piece, options),
+                                index, prompt_details)  # fmt: skip
+                    prompt_details = ()
+                    if finish is not None:
+                        unfinished.discard(index)
+                if not unfinished:
                     return
         finally:
             self.running.discard(request_id)
             self._aborted.discard(request_id)
 
-    def _word(self, prompt: list[int], index: int, options: SamplingOptions) -> str:
+    def _details(self, piece: str, options: SamplingOptions) -> tuple[TokenDetail, ...]:
+        """A word is one token here: its first byte is its id."""
+        if options.logprobs is None:
+            return ()
+        top = tuple(TopToken(ord(piece[1]) + i, piece, self.behaviour.logprob)
+                    for i in range(options.logprobs))  # fmt: skip
+        return (TokenDetail(ord(piece[1]), piece, self.behaviour.logprob, 1, top),)
+
+    def _prompt_details(
+        self, prompt_token_ids: list[int], options: SamplingOptions
+    ) -> tuple[TokenDetail, ...]:
+        if options.prompt_logprobs is None:
+            return ()
+        texts = self.token_texts(prompt_token_ids)
+        first = (TokenDetail(prompt_token_ids[0], texts[0]),)
+        pairs = zip(prompt_token_ids[1:], texts[1:], strict=True)
+        rest = tuple(TokenDetail(token, text, -1.0, 1) for token, text in pairs)
+        return first + rest
+
+    def _word(
+        self, prompt: list[int], index: int, options: SamplingOptions, completion: int = 0
+    ) -> str:
         key = f"{self.behaviour.seed}|{prompt[-16:]}|{index}"
+        if completion:
+            key += f"|n{completion}"
         if options.temperature > 0:
             key += f"|{options.seed if options.seed is not None else time.monotonic_ns()}"
         digest = hashlib.sha256(key.encode()).digest()
