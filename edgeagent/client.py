@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -27,12 +27,58 @@ Message = tuple[str, str]  # (role, content)
 
 @dataclass(frozen=True)
 class Parameters:
+    """What a `GenerateRequest` asks for besides its input; None (or empty, or False) leaves a
+    field unset, so the server's default applies. The fields are documented in docs/api.md."""
+
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
     seed: int | None = None
     stop: Sequence[str] = ()
+    _: KW_ONLY
+    # sampling
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    # stopping
+    min_tokens: int | None = None
+    time_limit_ms: int | None = None
+    include_stop_sequence: bool = False
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    # the request
+    n: int | None = None
+    priority: int | None = None
+    max_queue_ms: int | None = None
+    # token details: None none; 0 each generated token's id, text and log-probability; k > 0
+    # also its k most likely alternatives (at most the server's limits.max_top_n_tokens)
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # the prompt's tokens too (with logprobs' alternatives)
+    # a constraint on the output: at most one of these
+    json_schema: str | None = None  # a JSON Schema as JSON text
+    json_object: bool = False
+    regex: str | None = None
+    choice: Sequence[str] = ()
+    grammar: str | None = None  # EBNF (GBNF) or Lark
+
+    def constraints(self) -> list[str]:
+        """The names of the constraint fields that are set."""
+        set_ = {
+            "json_schema": self.json_schema is not None,
+            "json_object": self.json_object,
+            "regex": self.regex is not None,
+            "choice": bool(self.choice),
+            "grammar": self.grammar is not None,
+        }
+        return [name for name, is_set in set_.items() if is_set]
+
+
+_SAMPLING = (
+    "temperature", "top_p", "top_k", "seed",
+    "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
 
 
 def build_request(
@@ -40,20 +86,71 @@ def build_request(
     messages: Iterable[Message] | None = None,
     params: Parameters = Parameters(),
 ) -> pb.GenerateRequest:
-    """A `GenerateRequest` from a raw prompt or chat messages; unset parameters stay unset."""
+    """A `GenerateRequest` from a raw prompt or chat messages; unset parameters stay unset.
+    Raises ValueError when `params` sets more than one constraint."""
+    constraints = params.constraints()
+    if len(constraints) > 1:
+        raise ValueError(f"at most one constraint per request; got {', '.join(constraints)}")
     request = pb.GenerateRequest()
     if messages is not None:
         request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
     elif prompt is not None:
         request.prompt = prompt
-    for name in ("temperature", "top_p", "top_k", "seed"):
+    for name in _SAMPLING:
         value = getattr(params, name)
         if value is not None:
             setattr(request.sampling, name, value)
-    if params.max_tokens is not None:
-        request.stopping.max_tokens = params.max_tokens
-    request.stopping.stop.extend(params.stop)
+    _set_stopping(request.stopping, params)
+    if params.n is not None:
+        request.n = params.n
+    if params.priority is not None:
+        request.priority = params.priority
+    if params.max_queue_ms is not None:
+        request.max_queue_ms = params.max_queue_ms
+    if params.logprobs is not None:
+        request.response.generated_tokens = True
+        request.response.top_n_tokens = params.logprobs
+    if params.prompt_logprobs:
+        request.response.input_tokens = True
+    _set_constraint(request.constraint, params)
     return request
+
+
+def _set_stopping(stopping: pb.StoppingCriteria, params: Parameters) -> None:
+    if params.max_tokens is not None:
+        stopping.max_tokens = params.max_tokens
+    if params.stop:
+        stopping.stop.extend(_strings("stop", params.stop))
+    if params.min_tokens is not None:
+        stopping.min_tokens = params.min_tokens
+    if params.time_limit_ms is not None:
+        stopping.time_limit_ms = params.time_limit_ms
+    if params.include_stop_sequence:
+        stopping.include_stop_sequence = True
+    if params.stop_token_ids:
+        stopping.stop_token_ids.extend(params.stop_token_ids)
+    if params.ignore_eos:
+        stopping.ignore_eos = True
+
+
+def _set_constraint(constraint: pb.Constraint, params: Parameters) -> None:
+    if params.json_schema is not None:
+        constraint.json_schema = params.json_schema
+    elif params.json_object:
+        constraint.json_object = True
+    elif params.regex is not None:
+        constraint.regex = params.regex
+    elif params.choice:
+        constraint.choice.choices.extend(_strings("choice", params.choice))
+    elif params.grammar is not None:
+        constraint.grammar = params.grammar
+
+
+def _strings(name: str, values: Sequence[str]) -> Sequence[str]:
+    """A sequence of strings, not one string (whose characters would each become one)."""
+    if isinstance(values, str):
+        raise TypeError(f"{name} takes a sequence of strings, not one string: [{values!r}]")
+    return values
 
 
 def describe_rpc_error(error: grpc.RpcError) -> str:
@@ -65,7 +162,26 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
             f"no edgeagent daemon answers ({details}); is it running? "
             f"(`systemctl status edgeagent`, or `edgeagent serve`)"
         )
-    return f"{code.name}: {details}"
+    retry = retry_after_ms(error)
+    hint = f" (retry after {retry} ms)" if retry is not None else ""
+    return f"{code.name}: {details}{hint}"
+
+
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a RESOURCE_EXHAUSTED refusal
+
+
+def retry_after_ms(error: grpc.RpcError) -> int | None:
+    """When the server suggests trying again, for a refusal that has a hint."""
+    try:
+        trailing = error.trailing_metadata() or ()
+    except AttributeError:  # an error that is no call (raised by a test, say)
+        return None
+    for item in trailing:
+        if item.key == RETRY_AFTER_KEY:
+            value: str | bytes = item.value
+            text = value.decode() if isinstance(value, bytes) else value
+            return int(text) if text.isdigit() else None
+    return None
 
 
 SYSTEM_RUNTIME_DIR = Path("/run/edgeagent")  # the systemd unit's RuntimeDirectory
@@ -153,10 +269,11 @@ class Client:
         return responses
 
     def generate(self, prompt: str, params: Parameters = Parameters()) -> pb.GenerateResponse:
+        return self.generate_request(build_request(prompt=prompt, params=params))
+
+    def generate_request(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         response: pb.GenerateResponse = self._stub.Generate(
-            build_request(prompt=prompt, params=params),
-            timeout=self.timeout,
-            metadata=self._metadata,
+            request, timeout=self.timeout, metadata=self._metadata
         )
         return response
 
@@ -165,6 +282,40 @@ class Client:
             pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self._metadata
         )
         return info
+
+    def server_info(self) -> pb.ServerInfo:
+        """The model, the engine's configuration and load now, and the request limits."""
+        info: pb.ServerInfo = self._stub.GetServerInfo(
+            pb.GetServerInfoRequest(), timeout=self.timeout, metadata=self._metadata
+        )
+        return info
+
+    def tokenize(
+        self,
+        prompt: str | None = None,
+        messages: Iterable[Message] | None = None,
+        return_tokens: bool = False,
+    ) -> pb.TokenizeResponse:
+        """The token ids of a raw prompt or chat messages, as Generate would send them."""
+        request = pb.TokenizeRequest(return_tokens=return_tokens)
+        if messages is not None:
+            request.chat.messages.extend(pb.ChatMessage(role=r, content=c) for r, c in messages)
+        elif prompt is not None:
+            request.prompt = prompt
+        response: pb.TokenizeResponse = self._stub.Tokenize(
+            request, timeout=self.timeout, metadata=self._metadata
+        )
+        return response
+
+    def detokenize(
+        self, ids: Iterable[int], skip_special_tokens: bool = False
+    ) -> pb.DetokenizeResponse:
+        response: pb.DetokenizeResponse = self._stub.Detokenize(
+            pb.DetokenizeRequest(token_ids=ids, skip_special_tokens=skip_special_tokens),
+            timeout=self.timeout,
+            metadata=self._metadata,
+        )
+        return response
 
     def status(self) -> admin_pb2.Status:
         status: admin_pb2.Status = self._admin.GetStatus(

@@ -111,6 +111,10 @@ class ModelSettings(BaseModel):
     structured_output_backend: Literal["auto", "xgrammar", "guidance"] = Field(
         default="auto", description="vLLM's; auto tries xgrammar, then guidance"
     )
+    json_max_whitespace: int = Field(
+        default=4, ge=0, description="whitespace characters in a row in constrained JSON "
+        "(unbounded, a model can loop on spaces until max_tokens)",
+    )  # fmt: skip
     health_check_s: float = Field(
         default=5.0, gt=0, description="how often the daemon asks the engine whether it is alive"
     )

@@ -94,6 +94,7 @@ def engine(tiny_model: Path) -> Iterator[VllmEngine]:
         kv_cache_bytes=128 << 20,
         max_num_seqs=8,
         max_model_len=TEST_CONTEXT,
+        scheduling_policy="priority",  # requests' priority field is tested against it
     )
     engine = VllmEngine.start(config)
     yield engine

@@ -25,6 +25,7 @@ class EngineConfig:
     enforce_eager: bool = False
     scheduling_policy: str = "fcfs"  # "priority": SamplingOptions.priority orders the queue
     structured_output_backend: str = "auto"
+    json_max_whitespace: int = 4  # whitespace characters in a row in constrained JSON
 
 
 @dataclass(frozen=True)

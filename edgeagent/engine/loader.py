@@ -150,4 +150,5 @@ class EngineLoader:
             enforce_eager=model.enforce_eager,
             scheduling_policy=model.scheduling_policy,
             structured_output_backend=model.structured_output_backend,
+            json_max_whitespace=model.json_max_whitespace,
         )

@@ -6,6 +6,7 @@ sizes, token ids and sampling options, and yields text deltas with token counts.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import multiprocessing
@@ -18,7 +19,6 @@ from typing import Any
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import (
     ChatMessage,
-    Constraint,
     Delta,
     EngineConfig,
     EngineLoad,
@@ -28,6 +28,7 @@ from edgeagent.engine.interface import (
     TokenDetail,
     TopToken,
 )
+from edgeagent.engine.structured import structured_outputs
 from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,12 @@ class VllmEngine:
         finished. Closing the iterator aborts the request."""
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        params = _sampling_params(options)
+        structured = None
+        if options.constraint is not None:  # compiling a schema takes a while: off the loop
+            structured = await asyncio.to_thread(
+                structured_outputs, options.constraint, self.config
+            )
+        params = _sampling_params(options, structured)
         generated: dict[int, int] = {}  # tokens so far, by completion index
         prompt = {"prompt_token_ids": prompt_token_ids}
         first = True
@@ -170,7 +176,9 @@ class VllmEngine:
     ) -> Delta:  # fmt: skip
         finish = None
         if completion.finish_reason is not None:
-            finish = self._finish_reason(completion, prompt_tokens + generated)
+            finish = self._finish_reason(
+                completion, prompt_tokens + generated, options.stop_token_ids
+            )
         stop = completion.stop_reason if isinstance(completion.stop_reason, str) else None
         top_n = options.logprobs
         tokens = _generated_details(completion, top_n) if top_n is not None else ()
@@ -190,15 +198,18 @@ class VllmEngine:
             for token, text, entry in zip(prompt_token_ids, texts, entries, strict=False)
         )
 
-    def _finish_reason(self, completion: Any, total_tokens: int) -> FinishReason:
+    def _finish_reason(
+        self, completion: Any, total_tokens: int, stop_token_ids: tuple[int, ...]
+    ) -> FinishReason:
         reason = completion.finish_reason
         if reason == "length":
             at_limit = total_tokens >= self.facts.max_model_len
             return FinishReason.TOKEN_LIMIT if at_limit else FinishReason.MAX_TOKENS
-        if reason == "stop":
-            if isinstance(completion.stop_reason, str):
+        if reason == "stop":  # stop_reason: a stop string or token id (the model's EOS ids too)
+            stop = completion.stop_reason
+            if isinstance(stop, str) or (stop is not None and stop in stop_token_ids):
                 return FinishReason.STOP_SEQUENCE
-            return FinishReason.EOS_TOKEN  # or one of the request's stop_token_ids
+            return FinishReason.EOS_TOKEN
         if reason == "error":
             return FinishReason.ERROR
         return FinishReason.CANCELLED
@@ -333,7 +344,7 @@ def _client_errors() -> tuple[type[Exception], ...]:
 _CLIENT_ERRORS = _client_errors()
 
 
-def _sampling_params(options: SamplingOptions) -> Any:
+def _sampling_params(options: SamplingOptions, structured_outputs: Any) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -356,25 +367,11 @@ def _sampling_params(options: SamplingOptions) -> Any:
             ignore_eos=options.ignore_eos,
             logprobs=options.logprobs,
             prompt_logprobs=options.prompt_logprobs,
-            structured_outputs=_structured_outputs(options.constraint),
+            structured_outputs=structured_outputs,
             output_kind=RequestOutputKind.DELTA,
         )
     except _CLIENT_ERRORS as error:
         raise InvalidRequestError("sampling", str(error)) from None
-
-
-def _structured_outputs(constraint: Constraint | None) -> Any:
-    if constraint is None:
-        return None
-    from vllm.sampling_params import StructuredOutputsParams
-
-    return StructuredOutputsParams(
-        json=constraint.json_schema,
-        json_object=constraint.json_object or None,
-        regex=constraint.regex,
-        choice=list(constraint.choice) if constraint.choice is not None else None,
-        grammar=constraint.grammar,
-    )
 
 
 def _generated_details(completion: Any, top_n: int) -> tuple[TokenDetail, ...]:
