@@ -17,7 +17,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from edgeagent.cli import admin, fit, models, serving
+from edgeagent.cli import admin, fit, generation, models, serving
 from edgeagent.client import describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serving.add_commands(commands)
+    generation.add_commands(commands)
     models.add_commands(commands)
     fit.add_commands(commands)
     admin.add_commands(commands)

@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from edgeagent.cli import build_parser, main
-from edgeagent.cli.serving import generate_request
+from edgeagent.cli.generation import generate_request
 from edgeagent.client import Client, Parameters, build_request, describe_rpc_error
 from edgeagent.v1 import generation_pb2 as pb
 from fast.fakes import Behaviour
