@@ -46,7 +46,49 @@ def requests(draw: st.DrawFn) -> pb.GenerateRequest:
     if draw(st.booleans()):
         request.stopping.max_tokens = draw(st.one_of(int32, st.integers(1, 64)))
     request.stopping.stop.extend(draw(st.lists(texts, max_size=12)))
+    if draw(st.booleans()):
+        _grown_fields(draw, request)
     return request
+
+
+uint32 = st.integers(0, 2**32 - 1)
+schemas = st.one_of(
+    texts,
+    st.sampled_from(['{}', '{"type": "object"}', '{"type": "strnig"}', '{"enum": [1, "a"]}',
+                     '{"$ref": "#/nowhere"}', '{"type": "array", "items": {"$ref": "#"}}']),
+)  # fmt: skip
+
+
+def _grown_fields(draw: st.DrawFn, request: pb.GenerateRequest) -> None:
+    """The fields the API gained with structured output, token details and limits."""
+    for name in ("min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        if draw(st.booleans()):
+            setattr(request.sampling, name, draw(floats))
+    stopping = request.stopping
+    stopping.min_tokens = draw(st.one_of(st.integers(0, 8), uint32))
+    stopping.time_limit_ms = draw(st.one_of(st.integers(0, 2000), uint32))
+    stopping.include_stop_sequence = draw(st.booleans())
+    stopping.ignore_eos = draw(st.booleans())
+    stopping.stop_token_ids.extend(draw(st.lists(uint32, max_size=4)))
+    request.response.generated_tokens = draw(st.booleans())
+    request.response.input_tokens = draw(st.booleans())
+    request.response.top_n_tokens = draw(st.one_of(st.integers(0, 8), uint32))
+    if draw(st.booleans()):
+        request.n = draw(st.one_of(st.integers(0, 4), uint32))
+    request.priority = draw(st.one_of(st.just(0), int32))
+    if draw(st.booleans()):
+        request.max_queue_ms = draw(st.one_of(st.integers(0, 2000), uint32))
+    kind = draw(st.sampled_from(["none", "json_schema", "json_object", "regex", "choice",
+                                 "grammar"]))  # fmt: skip
+    constraint = request.constraint
+    if kind == "json_schema":
+        constraint.json_schema = draw(schemas)
+    elif kind == "json_object":
+        constraint.json_object = draw(st.booleans())
+    elif kind in ("regex", "grammar"):
+        setattr(constraint, kind, draw(texts))
+    elif kind == "choice":
+        constraint.choice.choices.extend(draw(st.lists(texts, max_size=5)))
 
 
 def huge(kind: str) -> pb.GenerateRequest:

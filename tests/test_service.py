@@ -271,7 +271,7 @@ def _first_stream_message(stub: Stub):  # type: ignore[no-untyped-def]
     return call
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(request=requests())
 async def test_fuzzed_requests_get_a_code_a_client_can_act_on(
