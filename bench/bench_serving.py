@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -153,7 +153,11 @@ def prepare_store(state_dir: Path, model: Path | None, reuse: bool) -> Path:
 
 
 def start_daemon(
-    workdir: Path, state_dir: Path, cache_dir: Path, sizes: Sizes
+    workdir: Path,
+    state_dir: Path,
+    cache_dir: Path,
+    sizes: Sizes,
+    extra_env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     env = {
         **os.environ,
@@ -168,6 +172,7 @@ def start_daemon(
     }
     if sizes.max_model_len is not None:
         env["EDGEAGENT_MODEL__MAX_MODEL_LEN"] = str(sizes.max_model_len)
+    env.update(extra_env or {})
     log = (workdir / "daemon.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
@@ -181,7 +186,11 @@ def start_daemon(
     return process, target
 
 
-def start_raw(model: Path, sizes: Sizes) -> AsyncLLM:
+def start_raw(model: Path, sizes: Sizes, structured_output_backend: str = "auto") -> AsyncLLM:
+    """vLLM's engine with the daemon's arguments (edgeagent/engine/vllm_engine.py `_engine_args`):
+    dtype, enforce_eager and scheduling_policy left at vLLM's defaults, which are the daemon's
+    too, and no worker extension (its methods serve weight reloads only)."""
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -191,6 +200,9 @@ def start_raw(model: Path, sizes: Sizes) -> AsyncLLM:
         max_num_seqs=sizes.max_num_seqs,
         max_num_batched_tokens=sizes.max_num_batched_tokens,
         disable_log_stats=True,
+        structured_outputs_config=StructuredOutputsConfig(
+            backend=structured_output_backend  # type: ignore[arg-type]  # a Literal in vLLM
+        ),
     )
     if sizes.max_model_len is not None:
         args.max_model_len = sizes.max_model_len

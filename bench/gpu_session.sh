@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
+#   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -62,6 +63,15 @@ update)  # a second version of the same layout: in-place reloads
     ;;
 restart)  # 32 layers instead of 40: another architecture, so the engine restarts
     swaps /tmp/phi4c 32 2 bench-restart.txt --updates 2 --every-s 5
+    ;;
+constrained)
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
+    python3 bench/bench_constrained.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
+        --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
+        --streams 1 8 --max-tokens 128 "${@:2}" 2>&1 | tee "$OUT/bench-constrained.txt" \
+        | grep -v "^INFO\|^(" || true
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32

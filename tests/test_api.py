@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -79,6 +80,37 @@ async def test_json_schema_outputs_validate(stub: Stub) -> None:
         assert response.finish_reason == pb.FINISH_REASON_EOS_TOKEN, response
         jsonschema.validate(json.loads(response.text), PERSON)
         assert not re.search(r"\s{5,}", response.text), "whitespace runs are bounded (4)"
+
+
+@pytest.mark.parametrize("backend", ["auto", "xgrammar"])
+def test_the_json_grammar_bounds_whitespace_and_refuses_control_characters(backend: str) -> None:
+    """What the engine sends vLLM for a schema, checked with xgrammar's own matcher: runs of
+    whitespace are bounded and bounded-length strings hold no raw control character (both
+    traps make outputs no JSON parser accepts)."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string as accepts
+
+    from edgeagent.engine.interface import Constraint, EngineConfig
+    from edgeagent.engine.structured import structured_outputs
+
+    config = EngineConfig(Path("."), 0, 1, structured_output_backend=backend)
+    params = structured_outputs(Constraint(json_schema=json.dumps(PERSON)), config)
+    grammar = xgrammar.Grammar.from_ebnf(params.grammar)
+    good = '{"name": "ada", "age": 36, "admin": true, "role": "owner", "tags": ["x"]}'
+    assert accepts(grammar, good)
+    assert not accepts(grammar, good.replace('"ada"', '"a\x12a"'))
+    assert accepts(grammar, good.replace(": 36", ":    36"))
+    assert not accepts(grammar, good.replace(": 36", ":     36"))
+
+
+def test_other_backends_get_the_schema_itself() -> None:
+    from edgeagent.engine.interface import Constraint, EngineConfig
+    from edgeagent.engine.structured import structured_outputs
+
+    config = EngineConfig(Path("."), 0, 1, structured_output_backend="guidance")
+    params = structured_outputs(Constraint(json_schema=json.dumps(PERSON)), config)
+    assert json.loads(params.json)["x-guidance"] == {"whitespace_flexible": False}
+    assert params.grammar is None
 
 
 async def test_a_recursive_schema_ends_valid_or_at_max_tokens(stub: Stub) -> None:

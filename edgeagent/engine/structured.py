@@ -7,6 +7,11 @@ whitespace options do nothing (#19945). So for the xgrammar backend (and "auto",
 xgrammar first) a JSON constraint is compiled here into xgrammar's EBNF with whitespace runs
 bounded, and sent to vLLM as a grammar. A schema xgrammar cannot compile goes to vLLM as a
 schema (under "auto" vLLM then picks guidance), told to allow no free whitespace.
+
+A second trap, in xgrammar 0.2.7-0.2.8 (mlc-ai/xgrammar#800): a string with maxLength compiles
+to a character class that admits raw control characters, which JSON forbids, so a model can
+produce output that no JSON parser accepts. The class is replaced by the one xgrammar uses for
+other strings (no escapes are possible in such strings either way).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from edgeagent.engine.interface import Constraint, EngineConfig
 logger = logging.getLogger(__name__)
 
 OBJECT_SCHEMA = '{"type": "object"}'
+BOUNDED_STRING_CHARACTER = r"[^\"\\\r\n]"  # as xgrammar writes it for maxLength strings
+JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"  # as it writes it for other strings
 
 
 def structured_outputs(constraint: Constraint | None, config: EngineConfig) -> Any:
@@ -56,7 +63,7 @@ def _bounded_json_grammar(schema: str, config: EngineConfig) -> str | None:
     except Exception as error:  # xgrammar raises RuntimeError and others for what it lacks
         logger.debug("xgrammar cannot compile the schema (%s); vLLM will choose", error)
         return None
-    return str(grammar)
+    return str(grammar).replace(BOUNDED_STRING_CHARACTER, JSON_STRING_CHARACTER)
 
 
 def _without_free_whitespace(schema: str) -> str:
