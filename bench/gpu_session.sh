@@ -14,6 +14,9 @@ STATE=/tmp/ea-state CACHE=/tmp/ea-cache
 SIZES=(EDGEAGENT_MODEL__MAX_NUM_SEQS=32 EDGEAGENT_MODEL__MAX_MODEL_LEN=4096)
 python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
     proto/edgeagent/v1/generation.proto proto/edgeagent/v1/admin.proto
+# The bundle's grpcio-tools may be newer than the host's grpcio; the stubs use nothing newer.
+sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '$(python3 -c \
+    'import grpc; print(grpc.__version__)')'/" edgeagent/v1/*_grpc.py
 # Version A (/tmp/phi4) serves; CHECKPOINT (LAYERS layers, SEED) is stored beside it; clients
 # stream while bench_update.py swaps A -> it -> A ...; its report goes to $OUT/OUTFILE.
 swaps() {

@@ -16,6 +16,7 @@ other strings (no escapes are possible in such strings either way).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from typing import Any
@@ -54,11 +55,16 @@ def _bounded_json_grammar(schema: str, config: EngineConfig) -> str | None:
     characters in a row, or None where xgrammar is not the backend or cannot compile it."""
     if config.structured_output_backend not in ("auto", "xgrammar"):
         return None
+    return _xgrammar_ebnf(schema, config.json_max_whitespace)
+
+
+@functools.lru_cache(maxsize=256)  # apps send the same few schemas again and again
+def _xgrammar_ebnf(schema: str, max_whitespace: int) -> str | None:
     import xgrammar
 
     try:
         grammar = xgrammar.Grammar.from_json_schema(
-            schema, any_whitespace=True, max_whitespace_cnt=config.json_max_whitespace
+            schema, any_whitespace=True, max_whitespace_cnt=max_whitespace
         )
     except Exception as error:  # xgrammar raises RuntimeError and others for what it lacks
         logger.debug("xgrammar cannot compile the schema (%s); vLLM will choose", error)

@@ -10,6 +10,7 @@ feature it does not support) it judges, and the engine says so in the same terms
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -82,8 +83,13 @@ def _choices(choices: Any, limits: LimitSettings) -> tuple[str, ...]:
 
 
 def _json_schema(text: str, limits: LimitSettings) -> Constraint:
+    _text("constraint.json_schema", text, limits)
+    return _checked_schema(text)
+
+
+@functools.lru_cache(maxsize=256)  # apps send the same few schemas; checking one takes ~2 ms
+def _checked_schema(text: str) -> Constraint:
     field = "constraint.json_schema"
-    _text(field, text, limits)
     try:
         schema = json.loads(text)
     except json.JSONDecodeError as error:
