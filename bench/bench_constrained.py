@@ -8,14 +8,13 @@ constrained/free ratios of each side.
     .venv/bin/python bench/bench_constrained.py [--model DIR | --state DIR] [--rounds 5]
         [--streams 1 8] [--kv-cache-gib 0.5] [--max-num-seqs 16] [--max-model-len N]
         [--max-tokens 128] [--schema JSON] [--raw-constraint json|daemon]
-        [--constrained-ignore-eos]
 
 Free requests set ignore_eos, so each makes exactly --max-tokens tokens. A constrained request
 ends where its grammar does (the grammar then allows only end-of-sequence), so its length
 varies: decode tokens/s is (tokens - 1) / (time after the first token), and the table gives the
 tokens counted, how many requests ended at --max-tokens, and how many outputs parse as JSON.
-With --constrained-ignore-eos constrained requests set ignore_eos too; vLLM then goes on past
-the grammar's end-of-sequence *without* a constraint, so most of those tokens are free ones.
+Constrained requests cannot set ignore_eos: vLLM would go on past the grammar's end without a
+constraint (the daemon refuses the combination).
 
 The raw side sends the schema as vLLM's `StructuredOutputsParams(json=...)`, as an app calling
 vLLM would. The daemon sends it compiled into xgrammar EBNF with whitespace runs bounded
@@ -242,7 +241,6 @@ async def main() -> None:
         default="json",
         help="raw side: the schema as vLLM's json= (default), or the daemon's grammar for it",
     )
-    parser.add_argument("--constrained-ignore-eos", action="store_true")
     parser.add_argument(
         "--structured-output-backend",
         choices=["auto", "xgrammar", "guidance"],
@@ -285,7 +283,7 @@ async def main() -> None:
         llm = engine = start_raw(model, sizes, backend)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
-            m, eos = args.max_tokens, args.constrained_ignore_eos
+            m, eos = args.max_tokens, False
             runners: dict[tuple[str, str], RunOne] = {
                 ("free", "raw"): lambda s: raw_stream(engine, m, s, True, None),
                 ("free", "daemon"): lambda s: daemon_stream(stub, m, s, True, None),

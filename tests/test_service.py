@@ -14,6 +14,7 @@ from conftest import (
     wait_until_engine_idle,
 )
 from fuzz_requests import ALLOWED, requests
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
@@ -244,9 +245,12 @@ async def test_health_and_reflection(api_target: str) -> None:
         for service in ("", "edgeagent.v1.GenerationService"):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
-    services = await asyncio.to_thread(_reflected_services, api_target)
+    services, methods, constraint_kinds = await asyncio.to_thread(_reflected, api_target)
     assert "edgeagent.v1.GenerationService" in services
     assert "grpc.health.v1.Health" in services
+    assert {"Generate", "GenerateStream", "GetModelInfo", "GetServerInfo", "Tokenize",
+            "Detokenize"} <= set(methods)  # fmt: skip
+    assert constraint_kinds == ["json_schema", "json_object", "regex", "choice", "grammar"]
 
 
 async def _assert_still_serving(stub: Stub) -> None:
@@ -256,10 +260,19 @@ async def _assert_still_serving(stub: Stub) -> None:
     assert response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
 
 
-def _reflected_services(target: str) -> list[str]:
-    """What a reflection client (as grpcurl uses) lists; blocking, so run off the event loop."""
+def _reflected(target: str) -> tuple[list[str], list[str], list[str]]:
+    """What a reflection client (as grpcurl uses) sees: the services, the generation service's
+    methods and the constraint kinds; blocking, so run off the event loop."""
     with grpc.insecure_channel(target) as channel:
-        return list(ProtoReflectionDescriptorDatabase(channel).get_services())
+        database = ProtoReflectionDescriptorDatabase(channel)
+        pool = descriptor_pool.DescriptorPool(database)
+        service = pool.FindServiceByName("edgeagent.v1.GenerationService")
+        constraint = pool.FindMessageTypeByName("edgeagent.v1.Constraint")
+        return (
+            list(database.get_services()),
+            [method.name for method in service.methods],
+            [field.name for field in constraint.oneofs_by_name["kind"].fields],
+        )
 
 
 def _first_stream_message(stub: Stub):  # type: ignore[no-untyped-def]

@@ -58,6 +58,11 @@ def prepare_request(
         priority=_priority(request.priority, engine),
         constraint=constraint_from(request.constraint, limits),
     )
+    if options.ignore_eos and options.constraint is not None:
+        raise InvalidRequestError(
+            "stopping.ignore_eos", "cannot be combined with a constraint: past the constraint's "
+            "end vLLM would go on generating, unconstrained"
+        )  # fmt: skip
     max_queue_s = request.max_queue_ms / 1000 if request.max_queue_ms else None
     return PreparedRequest(
         prompt_token_ids, options, _time_limit_s(request.stopping, deadline_s), max_queue_s

@@ -50,6 +50,7 @@ def prepare(policy: str = "fcfs", deadline_s: float | None = None, **fields: Any
         ({"constraint": {"json_object": False}}, "constraint.json_object"),
         ({"constraint": {"choice": {"choices": []}}}, "constraint.choice.choices"),
         ({"constraint": {"choice": {"choices": ["a", ""]}}}, "constraint.choice.choices[1]"),
+        ({"stopping": {"ignore_eos": True}, "constraint": {"regex": "a+"}}, "stopping.ignore_eos"),
     ],
 )
 def test_bad_fields_are_refused_by_name(fields: dict[str, Any], named: str) -> None:
@@ -65,7 +66,7 @@ def test_fields_reach_the_engine_options() -> None:
         stopping={"max_tokens": 9, "min_tokens": 2, "stop_token_ids": [7, 8],
                   "include_stop_sequence": True, "ignore_eos": True},
         response={"generated_tokens": True, "input_tokens": True, "top_n_tokens": 2},
-        n=3, priority=-4, constraint={"regex": "[ab]+"},
+        n=3, priority=-4,
     ).options  # fmt: skip
     assert (options.min_p, options.repetition_penalty) == pytest.approx((0.2, 1.3))
     assert (options.presence_penalty, options.frequency_penalty) == (0.5, -0.5)
@@ -74,7 +75,7 @@ def test_fields_reach_the_engine_options() -> None:
     assert options.ignore_eos
     assert (options.logprobs, options.prompt_logprobs) == (2, 2)
     assert (options.n, options.priority) == (3, -4)
-    assert options.constraint == Constraint(regex="[ab]+")
+    assert prepare(constraint={"regex": "[ab]+"}).options.constraint == Constraint(regex="[ab]+")
 
 
 @pytest.mark.parametrize("schema", [{}, {"title": "anything"}, True])
