@@ -205,3 +205,48 @@ async def test_tcp_needs_the_bearer_token(box: Box) -> None:
     assert anonymous.json()["error"]["type"] == "authentication_error"
     assert health.status_code == 200
     assert models.data[0].id
+
+
+async def _http_streams_until(box: Box, stop: asyncio.Event, failures: list[str]) -> int:
+    completed, body = 0, {"messages": MESSAGES, "max_tokens": 6, "stream": True}
+    async with http(box) as raw:
+        while not stop.is_set():
+            async with raw.stream("POST", "/v1/chat/completions", json=body) as response:
+                lines = [line async for line in response.aiter_lines() if line]
+            if response.status_code != 200 or lines[-1] != "data: [DONE]" or "error" in lines[-2]:
+                failures.append(f"{response.status_code}: {lines[-2:]}")
+            completed += 1
+    return completed
+
+
+async def _grpc_streams_until(box: Box, stop: asyncio.Event, failures: list[str]) -> int:
+    completed, request = 0, build_request(PROMPT, params=Parameters(max_tokens=6))
+    async with grpc.aio.insecure_channel(box.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        while not stop.is_set():
+            try:
+                _ = [message async for message in stub.GenerateStream(request)]
+            except grpc.aio.AioRpcError as error:
+                failures.append(f"{error.code().name}: {error.details()}")
+            completed += 1
+    return completed
+
+
+async def test_http_and_grpc_streams_through_hot_swaps_fail_nothing(box: Box) -> None:
+    """Three HTTP and three gRPC clients stream while A → B → A → B swap (0.3 s reloads)."""
+    box.add("c", Behaviour(seed=1, token_s=0.005, reload_s=0.3), current=True)
+    box.add("d", Behaviour(seed=2, token_s=0.005, reload_s=0.3))
+    d = box.versions["d"].version
+    async with in_process(box) as daemon:
+        stop, failures = asyncio.Event(), list[str]()
+        runs = (_http_streams_until, _grpc_streams_until) * 3
+        clients = [asyncio.create_task(run(box, stop, failures)) for run in runs]
+        await asyncio.sleep(0.3)
+        results = [(await daemon.update(d)).result, (await daemon.rollback()).result]
+        results.append((await daemon.update(d)).result)
+        await asyncio.sleep(0.3)
+        stop.set()
+        counts = await asyncio.gather(*clients)
+    assert results == [1, 1, 1]
+    assert failures == []
+    assert min(counts) > 0
