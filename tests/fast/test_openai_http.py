@@ -159,6 +159,28 @@ async def test_a_dropped_stream_is_aborted_in_the_engine(box: Box) -> None:
         assert len(daemon.daemon.slot) == 0
 
 
+async def test_a_dropped_unary_request_is_aborted_in_the_engine(box: Box) -> None:
+    box.add("slow", Behaviour(seed=3, token_s=0.01), current=True)
+    async with in_process(box) as daemon:
+        body = {"prompt": PROMPT, "max_tokens": 500}
+        async with http(box) as raw:
+            request = asyncio.create_task(raw.post("/v1/completions", json=body))
+            for _ in range(500):
+                if daemon.engine.num_unfinished_requests():
+                    break
+                await asyncio.sleep(0.01)
+            assert daemon.engine.num_unfinished_requests() == 1
+            request.cancel()  # closes the connection
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        for _ in range(200):
+            if daemon.engine.num_unfinished_requests() == 0 and not len(daemon.daemon.slot):
+                break
+            await asyncio.sleep(0.01)
+        assert daemon.engine.num_unfinished_requests() == 0
+        assert len(daemon.daemon.slot) == 0
+
+
 async def test_health_ready_and_drain(box: Box) -> None:
     box.add("slow", Behaviour(seed=3, token_s=0.01), current=True)
     async with in_process(box) as daemon, http(box) as raw:
