@@ -203,6 +203,22 @@ async def test_health_ready_and_drain(box: Box) -> None:
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
+async def test_a_stream_cut_by_the_drain_ends_with_an_error_event(box: Box) -> None:
+    box.add("slow", Behaviour(seed=3, token_s=0.01), current=True)
+    async with in_process(box, EDGEAGENT_SERVER__DRAIN_GRACE_S="0.2") as daemon, http(box) as raw:
+        body = {"prompt": PROMPT, "max_tokens": 500, "stream": True}
+        async with raw.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.aiter_lines()
+            await anext(lines)
+            daemon.daemon.should_exit = True
+            rest = [line async for line in lines if line]
+        assert await daemon.exit_code() == 0
+    assert rest[-1] == "data: [DONE]"
+    error = json.loads(rest[-2][6:])["error"]
+    assert error["type"] == "service_unavailable_error"
+    assert "0.2 s drain grace period" in error["message"]
+
+
 async def _until_draining(daemon: InProcess) -> None:
     for _ in range(500):
         if daemon.daemon.slot.state == "draining":
