@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from edgeagent.errors import InvalidRequestError
+from edgeagent.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from edgeagent.server.error_codes import http_error_for
+from edgeagent.server.openai.errors import error_body
 from edgeagent.server.openai.requests import ChatRequest, CompletionRequest, openai_param
 from edgeagent.v1 import generation_pb2 as pb
 
@@ -97,3 +105,30 @@ def test_grpc_field_names_become_openai_names() -> None:
     assert openai_param("sampling.top_p") == "top_p"
     assert openai_param("stopping.max_tokens") == "max_tokens"
     assert openai_param("constraint.regex") == "response_format.regex"
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "headers"),
+    [
+        (InvalidRequestError("stopping.stop", "bad"), 400, {}),
+        (ResourceExhaustedError("busy", retry_after_s=2.2), 429, {"Retry-After": "3"}),
+        (ResourceExhaustedError("busy", retry_after_s=0.01), 429, {"Retry-After": "1"}),
+        (ResourceExhaustedError("too big as it is"), 413, {}),
+        (UnavailableError("draining"), 503, {}),
+        (UnauthenticatedError("no token"), 401, {}),
+        (NotFoundError("no such model"), 404, {}),
+        (RuntimeError("a bug"), 500, {}),
+    ],
+)
+def test_http_statuses_come_from_the_same_table_as_grpc_codes(
+    error: Exception, status: int, headers: dict[str, str]
+) -> None:
+    mapped = http_error_for(error)
+    assert (mapped.status, mapped.headers) == (status, headers)
+    body = error_body(mapped)["error"]
+    assert isinstance(body, dict)
+    if isinstance(error, InvalidRequestError):
+        assert body["param"] == "stop"
+        assert body["message"] == "stop: bad"
+    if status == 500:
+        assert "a bug" not in body["message"]

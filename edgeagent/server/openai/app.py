@@ -10,10 +10,17 @@ from typing import Any
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeagent.engine.slot import ServingSlot
-from edgeagent.errors import EdgeAgentError, NotFoundError, UnauthenticatedError
+from edgeagent.errors import (
+    EdgeAgentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+)
 from edgeagent.server.error_codes import http_error_for
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.errors import error_response, invalid_body, not_routed
@@ -60,8 +67,9 @@ def create_app(core: GenerationCore, api_token: str | None = None,
     app.add_exception_handler(EdgeAgentError, _edgeagent_error)
     app.add_exception_handler(RequestValidationError, invalid_body)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, not_routed)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _edgeagent_error)  # unexpected: 500, logged
     if max_body_bytes is not None:
-        app.middleware("http")(_body_limit(max_body_bytes))
+        app.add_middleware(_BodyLimit, limit=max_body_bytes)
     return app
 
 
@@ -88,18 +96,20 @@ def _bearer(token: str) -> Any:
     return check
 
 
-def _body_limit(limit: int) -> Any:
-    async def middleware(request: Request, call_next: Any) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return error_response(http_error_for(_too_big(int(length), limit)))
-        response: Response = await call_next(request)
-        return response
+class _BodyLimit:
+    """ASGI middleware: a body whose Content-Length passes `limit` is refused with 413 before
+    it is read (gRPC's `max_message_bytes`, for the same server)."""
 
-    return middleware
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app, self._limit = app, limit
 
-
-def _too_big(length: int, limit: int) -> Exception:
-    from edgeagent.errors import ResourceExhaustedError
-
-    return ResourceExhaustedError(f"the body is {length} bytes; the limit is {limit} bytes")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = Headers(scope=scope).get("content-length", "")
+            if length.isdigit() and int(length) > self._limit:
+                refusal = ResourceExhaustedError(
+                    f"the body is {length} bytes; the limit is {self._limit} bytes"
+                )
+                await error_response(http_error_for(refusal))(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
