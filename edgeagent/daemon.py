@@ -50,6 +50,7 @@ from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
 from edgeagent.server.health import SlotHealth
+from edgeagent.server.openai.listen import HttpApi
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import Settings
 from edgeagent.systemd import Notifier, StatusHandler
@@ -88,6 +89,7 @@ class Daemon:
         self._journal: UpdateJournal | None = None
         self.updater: Updater | None = None
         self.api: ApiServer | None = None
+        self.http: HttpApi | None = None
         self._cancel = threading.Event()
         self._stop_metrics: Callable[[], None] | None = None
         self._notifier = Notifier()
@@ -220,14 +222,19 @@ class Daemon:
         assert self.updater is not None
         settings = self.settings
         tokens = Tokens(settings.api_token_value, settings.admin_token_value)
+        service = GenerationService(self.slot, settings.limits, metrics,
+                                    settings.server.stream_write_timeout_s)  # fmt: skip
         self.api = ApiServer(
-            GenerationService(self.slot, settings.limits, metrics,
-                              settings.server.stream_write_timeout_s),
+            service,
             SlotHealth(self.slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings.server,
             settings.socket_path, AdminService(self.slot, self.updater),
             settings.admin_socket_path, tokens,
         )  # fmt: skip
         await self.api.start()
+        if settings.server.http_enabled:
+            self.http = HttpApi(service.core, settings.server, settings.http_socket_path,
+                                settings.api_token_value)  # fmt: skip
+            await self.http.start()
         if settings.metrics.address:
             metrics.watch_device(self._probe)
             self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
@@ -317,6 +324,8 @@ class Daemon:
                 f"the server shut down; the request was still running "
                 f"after the {grace:g} s drain grace period"
             )
+        if self.http is not None:
+            await self.http.stop(grace_s=1.0)
         if self.api is not None:
             await self.api.stop(grace=1.0)
         if self._stop_metrics is not None:

@@ -97,6 +97,10 @@ class UnavailableError(EdgeAgentError):
     """The service cannot take work now (starting, draining, shutting down); retry later."""
 
 
+class UnauthenticatedError(EdgeAgentError):
+    """A TCP caller presented no bearer token, or the wrong one."""
+
+
 class RequestCancelledError(EdgeAgentError):
     """The server cancelled a request in flight; `reason` says why."""
 

@@ -79,6 +79,15 @@ class ServerSettings(BaseModel):
     tls_client_ca_file: Path | None = Field(
         default=None, description="require client certificates signed by this CA (mTLS)"
     )
+    http_socket_path: Path | None = Field(
+        default=None, description="Unix socket of the OpenAI-compatible HTTP API (same mode "
+        "and group as the gRPC one); default RUNTIME_DIR/openai.sock",
+    )  # fmt: skip
+    http_enabled: bool = Field(default=True, description="serve the OpenAI-compatible HTTP API")
+    http_tcp_address: str | None = Field(
+        default=None, description="also serve the HTTP API on HOST:PORT; TLS and api_token as "
+        "for tcp_address",
+    )  # fmt: skip
     max_message_bytes: int = Field(default=4 * MiB, ge=64 * 1024)
     drain_grace_s: float = Field(default=10.0, ge=0, description="in-flight time on shutdown")
     stream_write_timeout_s: float = Field(
@@ -270,6 +279,10 @@ class Settings(BaseSettings):
         return self.server.admin_socket_path or self.runtime_dir / "admin.sock"
 
     @property
+    def http_socket_path(self) -> Path:
+        return self.server.http_socket_path or self.runtime_dir / "openai.sock"
+
+    @property
     def models_dir(self) -> Path:
         return self.state_dir / "models"
 
@@ -333,4 +346,5 @@ class Settings(BaseSettings):
         data: dict[str, Any] = json.loads(self.model_dump_json())
         data["server"]["socket_path"] = str(self.socket_path)
         data["server"]["admin_socket_path"] = str(self.admin_socket_path)
+        data["server"]["http_socket_path"] = str(self.http_socket_path)
         return data

@@ -121,7 +121,7 @@ class ApiServer:
 
     async def _start_unix(self, server: grpc.aio.Server, listener: UnixListener) -> None:
         path = listener.path
-        _claim_socket_path(path)
+        claim_socket_path(path)
         if server.add_insecure_port(f"unix:{path}") == 0:
             raise ConfigError(f"cannot listen on unix socket {path}")
         # The socket file is created with the umask's mode: never wider than the configured one.
@@ -170,7 +170,7 @@ def check_socket_path(path: Path) -> None:
         raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
 
 
-def _claim_socket_path(path: Path) -> None:
+def claim_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     check_socket_path(path)
     path.unlink(missing_ok=True)  # a socket left behind by a process that died

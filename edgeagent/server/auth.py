@@ -94,18 +94,24 @@ def check_tcp_callers(settings: ServerSettings, api_token: str | None) -> None:
     """Every TCP caller must prove who it is: with the bearer token, or a client certificate
     from our CA (mutual TLS). TLS alone only hides the traffic; without TLS the token crosses
     the network in clear, which only loopback may allow."""
-    address = settings.tcp_address
+    check_tcp_address(settings, api_token, settings.tcp_address, "server.tcp_address")
+
+
+def check_tcp_address(
+    settings: ServerSettings, api_token: str | None, address: str | None, name: str
+) -> None:
+    """The rules of `check_tcp_callers` for the TCP listener `address` (setting `name`)."""
     if address is None:
         return
     if api_token is None and settings.tls_client_ca_file is None:
         raise ConfigError(
-            f"server.tcp_address {address} lets anyone call: set an api_token "
+            f"{name} {address} lets anyone call: set an api_token "
             f"credential (bearer token) or mutual TLS (server.tls_client_ca_file with "
             f"server.tls_cert_file and tls_key_file)"
         )
     if settings.tls_cert_file is None and not _is_loopback(address):
         raise ConfigError(
-            f"server.tcp_address {address} is reachable from the network without TLS: anyone "
+            f"{name} {address} is reachable from the network without TLS: anyone "
             f"on it could read the bearer token; set server.tls_cert_file and tls_key_file, "
             f"or listen on 127.0.0.1"
         )

@@ -1,10 +1,13 @@
-"""The one place where edgeagent's errors become gRPC status codes."""
+"""The one place where edgeagent's errors become gRPC status codes, and HTTP statuses for the
+OpenAI-compatible API."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -17,6 +20,7 @@ from edgeagent.errors import (
     NotFoundError,
     RequestCancelledError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
     UpdateRefusedError,
 )
@@ -33,7 +37,46 @@ _CODES: tuple[tuple[type[EdgeAgentError], grpc.StatusCode], ...] = (
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (UpdateRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
 )
+
+
+# HTTP status and OpenAI error `type` for each gRPC code.
+_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (408, "timeout_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """What an error becomes over HTTP: status, OpenAI error body fields, and headers."""
+
+    status: int
+    type: str
+    message: str
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def http_error_for(exc: BaseException) -> HttpError:
+    """The HTTP status, OpenAI error type and headers for `exc`, from the same table as gRPC's;
+    a refusal for load says when to retry in `Retry-After` (whole seconds, at least 1)."""
+    code, message = status_for(exc)
+    status, kind = _HTTP.get(code, (500, "internal_server_error"))
+    headers = {}
+    if isinstance(exc, ResourceExhaustedError):
+        if exc.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        else:
+            status = 413  # too big as it is: retrying will not help
+    param = exc.field if isinstance(exc, InvalidRequestError) else None
+    return HttpError(status, kind, message, param, headers)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import socket
+import ssl
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,11 +36,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeagent.client import Client, Parameters, Tls
 from edgeagent.errors import ConfigError
+from edgeagent.metrics import Metrics
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
 from edgeagent.server.auth import check_tcp_callers, server_credentials
+from edgeagent.server.generation import GenerationCore
 from edgeagent.server.health import SlotHealth
+from edgeagent.server.openai.listen import HttpApi
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import LimitSettings, ServerSettings
 from edgeagent.v1 import admin_pb2 as admin_pb
@@ -327,3 +332,45 @@ def _connect_as(uid: int, gid: int, path: Path) -> str:
         answer = pipe.read()
     os.waitpid(pid, 0)
     return answer
+
+
+async def test_http_api_follows_the_same_rules(box: Box, pki: Pki, tmp_path: Path) -> None:
+    """The OpenAI-compatible API: its socket has the app socket's mode; on TCP, mutual TLS from
+    the same files lets in only our CA's clients; plaintext off loopback is refused at start."""
+    slot, _ = await slot_and_updater(box)
+    core = GenerationCore(slot, LimitSettings(), Metrics())
+    with pytest.raises(ConfigError, match="without TLS"):
+        await HttpApi(core, ServerSettings(http_tcp_address="0.0.0.0:0"), tmp_path / "x.sock",
+                      API_TOKEN).start()  # fmt: skip
+    settings = ServerSettings(
+        http_tcp_address="127.0.0.1:0", tls_cert_file=pki.server_cert,
+        tls_key_file=pki.server_key, tls_client_ca_file=pki.ca,
+    )  # fmt: skip
+    api = HttpApi(core, settings, tmp_path / "openai.sock")
+    await api.start()
+    try:
+        mode = stat.S_IMODE((tmp_path / "openai.sock").stat().st_mode)
+        url = f"https://localhost:{api.tcp_port}/v1/models"
+        ours = await _https_get(url, _tls_context(pki, pki.client_cert, pki.client_key))
+        stranger = await _https_get(url, _tls_context(pki, pki.stranger_cert, pki.stranger_key))
+        no_cert = await _https_get(url, _tls_context(pki))
+    finally:
+        await api.stop()
+    assert mode == 0o660
+    assert ours == 200
+    assert stranger == no_cert == "refused"
+
+
+def _tls_context(pki: Pki, cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca)
+    if cert is not None:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+async def _https_get(url: str, context: ssl.SSLContext) -> int | str:
+    async with httpx.AsyncClient(verify=context, timeout=10) as client:
+        try:
+            return (await client.get(url)).status_code
+        except httpx.HTTPError:
+            return "refused"
