@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
+#   bash bench/gpu_session.sh http     # a fresh host: daemon over HTTP vs gRPC vs raw, 1/32 streams
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -74,6 +75,15 @@ constrained)
     python3 bench/bench_constrained.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
         --streams 1 8 --max-tokens 128 "${@:2}" 2>&1 | tee "$OUT/bench-constrained.txt" \
+        | grep -v "^INFO\|^(" || true
+    ;;
+http)
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
+    python3 bench/bench_http.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
+        --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
+        --streams 1 32 --max-tokens 256 "${@:2}" 2>&1 | tee "$OUT/bench-http.txt" \
         | grep -v "^INFO\|^(" || true
     ;;
 bench)

@@ -1,0 +1,221 @@
+"""The daemon over its OpenAI-compatible HTTP API (server-sent events of /v1/completions) vs the
+daemon over gRPC vs vLLM's `AsyncLLM` called directly: same model, same run, interleaved.
+
+Prints a Markdown table of decode tokens/s per stream, aggregate tokens/s, time to first token,
+the gRPC/raw and HTTP/raw ratios and what HTTP adds to gRPC's time to first token, at 1 and 32
+concurrent streams (others with --streams).
+
+    .venv/bin/python bench/bench_http.py [--model DIR | --state DIR] [--rounds 5] [--streams 1 32]
+        [--kv-cache-gib 0.5] [--max-num-seqs 32] [--max-model-len N] [--prompt-tokens N]
+
+The three sides get the same sizes, prompts and seeds, and take turns going first. The HTTP
+side is one shared httpx client on the daemon's Unix socket (`RUNTIME_DIR/openai.sock`); its
+time to first token is that of the first event carrying text, and its tokens are the final
+usage event's `completion_tokens`. The functions and options are bench_serving.py's.
+
+Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from bench_serving import (
+    REPO,
+    Prompts,
+    RunOne,
+    Sample,
+    Sizes,
+    Trial,
+    daemon_stream,
+    prepare_store,
+    raw_stream,
+    start_daemon,
+    start_raw,
+    trial,
+)
+
+from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+try:
+    import httpx
+except ImportError:  # a host without httpx may have its fork, same API
+    import httpx2 as httpx  # type: ignore[import-not-found, no-redef]
+
+READY_WITHIN_S = 60.0
+
+
+def http_client(socket_path: Path) -> httpx.AsyncClient:
+    """One client for every stream: enough connections for 32 at once, and no read timeout
+    short enough to cut a stream that waits for its turn in the engine."""
+    return httpx.AsyncClient(
+        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+        base_url="http://localhost",
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        timeout=httpx.Timeout(600.0),
+    )
+
+
+async def wait_http_ready(
+    client: httpx.AsyncClient, daemon: subprocess.Popen[bytes], socket_path: Path
+) -> str:
+    """Wait until GET /ready answers 200 (the HTTP API starts just after gRPC's); return the
+    served model's id from GET /v1/models."""
+    deadline = time.monotonic() + READY_WITHIN_S
+    while True:
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited ({daemon.returncode}) before {socket_path} was up")
+        try:
+            if (await client.get("/ready")).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass  # the socket is not there yet
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{socket_path}: GET /ready not 200 within {READY_WITHIN_S:.0f} s")
+        await asyncio.sleep(0.1)
+    models = (await client.get("/v1/models")).raise_for_status().json()
+    return str(models["data"][0]["id"])
+
+
+async def http_stream(
+    client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int, seed: int
+) -> Sample:
+    body = {
+        "model": model_id,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    started = time.perf_counter()
+    first, chunks, usage_tokens = 0.0, 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"POST /v1/completions: {response.status_code} {response.text}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[len("data: ") :]
+            if data == "[DONE]":
+                break
+            event: dict[str, Any] = json.loads(data)
+            if "error" in event:
+                raise RuntimeError(f"POST /v1/completions: {event['error']}")
+            if event.get("usage"):
+                usage_tokens = event["usage"]["completion_tokens"]
+            for choice in event.get("choices") or ():
+                if choice.get("text"):
+                    if chunks == 0:
+                        first = time.perf_counter() - started
+                    chunks += 1
+    tokens = usage_tokens if usage_tokens is not None else chunks
+    return Sample(first, tokens, time.perf_counter() - started)
+
+
+def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Trial]) -> str:
+    def per_stream(trials: list[Trial], key: str) -> float:
+        return statistics.median(getattr(s, key) for t in trials for s in t.samples)
+
+    def aggregate(trials: list[Trial]) -> float:
+        return statistics.median(t.aggregate_tok_s for t in trials)
+
+    r_dec, g_dec, h_dec = (per_stream(t, "decode_tok_s") for t in (raw, over_grpc, over_http))
+    r_agg, g_agg, h_agg = (aggregate(t) for t in (raw, over_grpc, over_http))
+    r_ttft, g_ttft, h_ttft = (per_stream(t, "ttft_s") * 1000 for t in (raw, over_grpc, over_http))
+    return (
+        f"| {label} | {r_dec:.0f} | {g_dec:.0f} | {g_dec / r_dec:.3f} | {h_dec:.0f} | "
+        f"{h_dec / r_dec:.3f} | {r_agg:.0f} | {g_agg:.0f} | {g_agg / r_agg:.3f} | {h_agg:.0f} | "
+        f"**{h_agg / r_agg:.3f}** | {r_ttft:.1f} | {g_ttft:.1f} | {h_ttft:.1f} | "
+        f"{h_ttft - g_ttft:+.1f} |"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
+    parser.add_argument("--state", type=Path, help="serve this state dir's current version")
+    parser.add_argument("--cache", type=Path, default=REPO / ".cache", help="EDGEAGENT_CACHE_DIR")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=0)
+    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--gpu-memory-utilization", type=float, help="raw engine, GPU only")
+    args = parser.parse_args()
+    sizes = Sizes(
+        args.kv_cache_gib,
+        args.max_num_seqs,
+        args.max_model_len,
+        args.max_num_batched_tokens,
+        args.gpu_memory_utilization,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
+    state_dir = args.state or workdir / "state"
+    model = prepare_store(state_dir, args.model, reuse=args.state is not None)
+    prompts = Prompts(model, args.prompt_tokens)
+    http_socket = workdir / "run" / "openai.sock"  # start_daemon's runtime dir; said explicitly
+    http_env = {
+        "EDGEAGENT_SERVER__HTTP_ENABLED": "true",
+        "EDGEAGENT_SERVER__HTTP_SOCKET_PATH": str(http_socket),
+    }
+    daemon, target = start_daemon(workdir, state_dir, args.cache, sizes, extra_env=http_env)
+    results: dict[int, tuple[list[Trial], ...]] = {n: ([], [], []) for n in args.streams}
+    llm, model_id = None, ""
+    try:
+        async with (
+            http_client(http_socket) as client,
+            grpc.aio.insecure_channel(target) as channel,
+        ):
+            model_id = await wait_http_ready(client, daemon, http_socket)
+            llm = start_raw(model, sizes)
+            stub = pb_grpc.GenerationServiceStub(channel)
+            runners: tuple[RunOne, ...] = (
+                lambda m, s: raw_stream(llm, prompts(s), m, s),
+                lambda m, s: daemon_stream(stub, prompts(s), m, s),
+                lambda m, s: http_stream(client, model_id, prompts(s), m, s),
+            )
+            for warm in runners:
+                await trial(warm, max(args.streams), args.max_tokens, 0)
+            for round_ in range(1, args.rounds + 1):
+                for streams in args.streams:
+                    shift = round_ % len(runners)  # rotate who goes first
+                    for side in (*range(shift, len(runners)), *range(shift)):
+                        result = await trial(runners[side], streams, args.max_tokens, round_)
+                        results[streams][side].append(result)
+    finally:
+        if llm is not None:
+            llm.shutdown()
+        daemon.terminate()
+        daemon.wait(timeout=60)
+    print(
+        f"\n{args.rounds} interleaved rounds (raw, gRPC, HTTP in rotating order), "
+        f"{args.max_tokens} tokens per stream, {args.prompt_tokens or 'short'} prompt tokens, "
+        f"{sizes}, model {model} (served as {model_id!r})"
+    )
+    print(
+        "| streams | raw decode tok/s/stream | gRPC | gRPC/raw | HTTP | HTTP/raw | "
+        "raw aggregate tok/s | gRPC | gRPC/raw | HTTP | HTTP/raw | raw TTFT ms | gRPC TTFT ms | "
+        "HTTP TTFT ms | HTTP-gRPC TTFT ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for streams, (raw, over_grpc, over_http) in results.items():
+        print(row(str(streams), raw, over_grpc, over_http))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
