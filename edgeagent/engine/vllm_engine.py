@@ -7,6 +7,7 @@ sizes, token ids and sampling options, and yields text deltas with token counts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import multiprocessing
@@ -166,7 +167,7 @@ class VllmEngine:
                     prompt_details = ()
         except VllmEngineDeadError as exc:
             raise EngineDeadError(f"the engine died: {exc}") from exc
-        except _CLIENT_ERRORS as exc:  # vLLM's own checks: the request's fault, said as such
+        except _client_errors() as exc:  # vLLM's own checks: the request's fault, said as such
             field = "constraint" if options.constraint is not None else "request"
             raise InvalidRequestError(field, str(exc)) from None
 
@@ -332,16 +333,16 @@ def _engine_args(config: EngineConfig) -> Any:
     return args
 
 
+@functools.cache
 def _client_errors() -> tuple[type[Exception], ...]:
-    """vLLM's errors that blame the request: ValueError up to 0.26, VLLMClientError since."""
+    """vLLM's errors that blame the request: ValueError up to 0.26, VLLMClientError since.
+    Asked for on first use: importing vLLM at module import would cost every process that
+    merely imports this module (the fake engines' daemons too) seconds of torch import."""
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError:
         return (ValueError,)
     return (ValueError, VLLMClientError)
-
-
-_CLIENT_ERRORS = _client_errors()
 
 
 def _sampling_params(options: SamplingOptions, structured_outputs: Any) -> Any:
@@ -370,7 +371,7 @@ def _sampling_params(options: SamplingOptions, structured_outputs: Any) -> Any:
             structured_outputs=structured_outputs,
             output_kind=RequestOutputKind.DELTA,
         )
-    except _CLIENT_ERRORS as error:
+    except _client_errors() as error:
         raise InvalidRequestError("sampling", str(error)) from None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,14 @@ async def test_a_previous_marked_bad_is_not_fallen_back_to(box_b_current: Box) -
     daemon = Daemon(box.settings(), FakeEngines(), FakeProbe())
     with pytest.raises(NoServableVersionError, match="previous: marked bad: failed its probation"):
         await asyncio.wait_for(daemon.serve(handle_signals=False), 10)
+
+
+def test_the_daemon_imports_neither_vllm_nor_torch_until_it_starts_an_engine() -> None:
+    """A daemon's import must stay cheap: vLLM pulls torch in (~6 s on a small box), which the
+    fake engines' daemons, the CLI and the tests started at once cannot all afford."""
+    code = (
+        "import sys, edgeagent.daemon, edgeagent.cli; "
+        "print(sorted({'vllm', 'torch'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
