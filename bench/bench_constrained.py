@@ -26,7 +26,6 @@ Not a test: nothing here asserts a time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -40,7 +39,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
-from bench_serving import REPO, Sample, Sizes, prepare_store, start_daemon, start_raw
+from bench_serving import (
+    Sample,
+    prepare_store,
+    serving_parser,
+    sizes_of,
+    start_daemon,
+    start_raw,
+)
 
 from edgeagent.engine.interface import Constraint, EngineConfig
 from edgeagent.engine.structured import structured_outputs
@@ -222,18 +228,7 @@ def cost(streams: int, results: dict[Key, list[Trial]]) -> str:
 
 async def main() -> None:
     defaults = ModelSettings.model_fields
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
-    parser.add_argument("--state", type=Path, help="serve this state dir's current version")
-    parser.add_argument("--cache", type=Path, default=REPO / ".cache", help="EDGEAGENT_CACHE_DIR")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument("--max-num-seqs", type=int, default=16)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--gpu-memory-utilization", type=float, help="raw engine, GPU only")
+    parser = serving_parser(streams=8, max_num_seqs=16)
     parser.add_argument("--schema", default=SCHEMA, help="JSON schema text")
     parser.add_argument(
         "--raw-constraint",
@@ -250,13 +245,7 @@ async def main() -> None:
         "--json-max-whitespace", type=int, default=defaults["json_max_whitespace"].default
     )
     args = parser.parse_args()
-    sizes = Sizes(
-        args.kv_cache_gib,
-        args.max_num_seqs,
-        args.max_model_len,
-        args.max_num_batched_tokens,
-        args.gpu_memory_utilization,
-    )
+    sizes = sizes_of(args)
     schema = json.dumps(json.loads(args.schema))  # fails early on a typo
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
     state_dir = args.state or workdir / "state"

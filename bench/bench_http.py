@@ -18,7 +18,6 @@ Not a test: nothing here asserts a time.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import statistics
@@ -30,15 +29,15 @@ from typing import Any
 
 import grpc
 from bench_serving import (
-    REPO,
     Prompts,
     RunOne,
     Sample,
-    Sizes,
     Trial,
     daemon_stream,
     prepare_store,
     raw_stream,
+    serving_parser,
+    sizes_of,
     start_daemon,
     start_raw,
     trial,
@@ -143,27 +142,10 @@ def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Tr
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
-    parser.add_argument("--state", type=Path, help="serve this state dir's current version")
-    parser.add_argument("--cache", type=Path, default=REPO / ".cache", help="EDGEAGENT_CACHE_DIR")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--max-tokens", type=int, default=128)
+    parser = serving_parser(streams=32, max_num_seqs=32)
     parser.add_argument("--prompt-tokens", type=int, default=0)
-    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument("--max-num-seqs", type=int, default=32)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--gpu-memory-utilization", type=float, help="raw engine, GPU only")
     args = parser.parse_args()
-    sizes = Sizes(
-        args.kv_cache_gib,
-        args.max_num_seqs,
-        args.max_model_len,
-        args.max_num_batched_tokens,
-        args.gpu_memory_utilization,
-    )
+    sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
     state_dir = args.state or workdir / "state"
     model = prepare_store(state_dir, args.model, reuse=args.state is not None)

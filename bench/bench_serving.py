@@ -228,28 +228,39 @@ def row(label: str, raw: list[Trial], daemon: list[Trial]) -> str:
     )
 
 
-async def main() -> None:
+def serving_parser(streams: int, max_num_seqs: int) -> argparse.ArgumentParser:
+    """The options the serving benchmarks share: what to serve, how long, how engines are sized
+    (both sides get the same sizes); `streams` is the larger default concurrency."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path, help="default: the embedded tiny model")
     parser.add_argument("--state", type=Path, help="serve this state dir's current version")
     parser.add_argument("--cache", type=Path, default=REPO / ".cache", help="EDGEAGENT_CACHE_DIR")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, streams])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=0)
     parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--max-num-seqs", type=int, default=max_num_seqs)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--gpu-memory-utilization", type=float, help="raw engine, GPU only")
-    args = parser.parse_args()
-    sizes = Sizes(
+    return parser
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    return Sizes(
         args.kv_cache_gib,
         args.max_num_seqs,
         args.max_model_len,
         args.max_num_batched_tokens,
         args.gpu_memory_utilization,
     )
+
+
+async def main() -> None:
+    parser = serving_parser(streams=8, max_num_seqs=16)
+    parser.add_argument("--prompt-tokens", type=int, default=0)
+    args = parser.parse_args()
+    sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
     state_dir = args.state or workdir / "state"
     model = prepare_store(state_dir, args.model, reuse=args.state is not None)
