@@ -272,12 +272,12 @@ async def main() -> None:
         llm = engine = start_raw(model, sizes, backend)
         async with grpc.aio.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)  # type: ignore[no-untyped-call]
-            m, eos = args.max_tokens, False
+            m = args.max_tokens
             runners: dict[tuple[str, str], RunOne] = {
                 ("free", "raw"): lambda s: raw_stream(engine, m, s, True, None),
                 ("free", "daemon"): lambda s: daemon_stream(stub, m, s, True, None),
-                ("json", "raw"): lambda s: raw_stream(engine, m, s, eos, structured),
-                ("json", "daemon"): lambda s: daemon_stream(stub, m, s, eos, schema),
+                ("json", "raw"): lambda s: raw_stream(engine, m, s, False, structured),
+                ("json", "daemon"): lambda s: daemon_stream(stub, m, s, False, schema),
             }
             for warm in runners.values():  # compiles, caches the grammar, fills the graphs
                 await trial(warm, max(args.streams), 0)
@@ -296,7 +296,7 @@ async def main() -> None:
         daemon.wait(timeout=60)
     print(
         f"\n{args.rounds} interleaved rounds, at most {args.max_tokens} tokens per stream "
-        f"(free: ignore_eos; json: {'ignore_eos' if eos else 'ends with its grammar'}), "
+        "(free: ignore_eos; json: ends with its grammar), "
         f"raw constraint {args.raw_constraint}, backend {backend}, json_max_whitespace "
         f"{args.json_max_whitespace}, {sizes}, model {model}\nschema {schema}"
     )

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from edgeagent.engine.interface import Delta, FinishReason, TokenDetail
 from edgeagent.server.generation import Admitted
+from edgeagent.server.replies import CompletionParts
 
 FINISH_REASONS: dict[FinishReason | None, str | None] = {
     None: None,
@@ -84,21 +85,7 @@ def _chat_token(token: TokenDetail) -> JsonDict:
     }  # fmt: skip
 
 
-@dataclass
-class Gathered:
-    """One completion of a unary request, gathered delta by delta."""
-
-    texts: list[str] = field(default_factory=list)
-    tokens: list[TokenDetail] = field(default_factory=list)
-    last: Delta | None = None
-
-    def add(self, delta: Delta) -> None:
-        self.texts.append(delta.text)
-        self.tokens += delta.tokens
-        self.last = delta
-
-
-def unary_body(reply: Reply, parts: list[Gathered]) -> JsonDict:
+def unary_body(reply: Reply, parts: list[CompletionParts]) -> JsonDict:
     choices, completion_tokens = [], 0
     for index, part in enumerate(parts):
         last = part.last or Delta("", 0)

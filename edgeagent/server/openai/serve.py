@@ -16,8 +16,9 @@ from starlette.types import Receive, Scope, Send
 from edgeagent.server.error_codes import http_error_for, status_for
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.errors import error_body
-from edgeagent.server.openai.replies import Gathered, Reply, chunk, sse, unary_body, usage_chunk
+from edgeagent.server.openai.replies import Reply, chunk, sse, unary_body, usage_chunk
 from edgeagent.server.openai.requests import ChatRequest, CompletionRequest
+from edgeagent.server.replies import CompletionParts
 
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 
@@ -48,7 +49,7 @@ class Generation:
         return response
 
     async def _unary(self, reply: Reply, request: Request) -> Response:
-        parts = [Gathered() for _ in range(reply.admitted.prepared.options.n)]
+        parts = [CompletionParts(index) for index in range(reply.admitted.prepared.options.n)]
 
         async def gather() -> None:
             async for delta in self._core.deltas(reply.admitted):
