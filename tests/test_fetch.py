@@ -143,6 +143,24 @@ def test_corrupt_file_is_refused_and_only_it_is_fetched_again(
     assert fetched.count("config.json") == 1
 
 
+def test_a_file_finished_by_an_interrupted_fetch_is_hashed_at_the_commit(
+    hub: HubServer, store: ModelStore, tiny_fp16: Path
+) -> None:
+    """Downloaded bytes are hashed once, as they arrive; a file an earlier process finished
+    was not hashed by this one, so the commit reads it: one altered on disk since is caught."""
+    commit = hub.add_repo("org/resumed").commit(tiny_fp16)
+    staged = store.staging_root / f"fetch-org--resumed-{commit}"
+    staged.mkdir(parents=True)
+    weights = (tiny_fp16 / "model.safetensors").read_bytes()
+    (staged / "model.safetensors").write_bytes(bytes(len(weights)))  # right size, other bytes
+    with pytest.raises(CorruptArtifactError, match=r"model.safetensors: sha256 .* refused"):
+        HubFetcher(store, endpoint=hub.endpoint).fetch(HubTarget.parse("org/resumed"))
+    assert store.manifests() == []
+
+    manifest = HubFetcher(store, endpoint=hub.endpoint).fetch(HubTarget.parse("org/resumed"))
+    store.verify(manifest.version)
+
+
 def test_missing_repo_and_revision_are_not_found(hub: HubServer, store: ModelStore) -> None:
     fetcher = HubFetcher(store, endpoint=hub.endpoint)
     with pytest.raises(NotFoundError, match="no such repo"):

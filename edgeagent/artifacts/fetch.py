@@ -109,12 +109,12 @@ class HubFetcher:
             )
             self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
             with self.store.staging(key) as staged, _cleaned_up_when_the_disk_fills(staged):
-                self._download(target.repo, commit, files, staged, cancel)
+                hashed = self._download(target.repo, commit, files, staged, cancel)
                 source = HubSource(
                     repo=target.repo, revision=target.revision, commit=commit,
                     endpoint=self.endpoint,
                 )  # fmt: skip
-                return self.store.commit(staged, source, _expected(files))
+                return self.store.commit(staged, source, _expected(files), hashed)
 
     def resolve(self, target: HubTarget) -> str:
         """The commit `target.revision` names on the hub now (one small API call)."""
@@ -172,38 +172,45 @@ class HubFetcher:
         files: list[RepoFile],
         staged: Path,
         cancel: threading.Event | None,
-    ) -> None:
+    ) -> dict[str, str]:
+        """Stage `files`; the sha256 of each file hashed (or linked from a blob) on the way."""
         total = sum(f.size for f in files)
         progress = Progress(f"fetch {repo}", total)
         progress.start_at(sum(_staged_bytes(staged, f.path) for f in files))
+        hashed: dict[str, str] = {}
         with _watch_progress(progress, staged, files):
             for file in files:
-                self._download_file(repo, commit, file, staged, cancel)
+                if sha256 := self._download_file(repo, commit, file, staged, cancel):
+                    hashed[file.path] = sha256
         progress.finish()
         logger.info(
             "fetched %s@%s: %d files, %d bytes in %.1f s (%.0f MiB/s)",
             repo, commit[:10], len(files), total, progress.elapsed_s, progress.rate / (1 << 20),
         )  # fmt: skip
+        return hashed
 
     def _download_file(
         self, repo: str, commit: str, file: RepoFile, staged: Path, cancel: threading.Event | None
-    ) -> None:
+    ) -> str | None:
+        """Stage one file; its sha256 when known without reading it again (None for a file an
+        interrupted fetch finished: the commit hashes that one)."""
         final = staged / file.path
         if not final.resolve().is_relative_to(staged.resolve()):  # checked paths; and again
             raise CorruptArtifactError(f"{file.path!r} would be written outside staging")
         if final.is_file() and final.stat().st_size == file.size:
-            return  # finished by an earlier, interrupted fetch
+            return None  # finished by an earlier, interrupted fetch
         final.parent.mkdir(parents=True, exist_ok=True)
         if file.lfs is not None and self.store.has_blob(file.lfs.sha256):
             os.link(self.store.blobs / file.lfs.sha256, final)  # same bytes as another version
-            return
+            return file.lfs.sha256  # a blob's name is its verified sha256
         part = final.with_name(final.name + ".part")
         url = hf_hub_url(repo, file.path, revision=commit, endpoint=self.endpoint)
         if part.exists():
             logger.info("resuming %s at byte %d of %d", file.path, part.stat().st_size, file.size)
         headers = build_hf_headers(token=self._token)
-        download(url, part, _expected([file])[file.path], headers, self._policy, cancel)
+        digests = download(url, part, _expected([file])[file.path], headers, self._policy, cancel)
         part.rename(final)
+        return digests.sha256
 
 
 def _expected(files: list[RepoFile]) -> dict[str, Expected]:
