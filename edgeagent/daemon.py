@@ -30,7 +30,7 @@ from edgeagent.artifacts.prepare import acquire_default, hub_fetcher, open_store
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import EngineFactory
-from edgeagent.engine.loader import EngineLoader
+from edgeagent.engine.loader import EngineLoader, LoadTimings
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.errors import (
@@ -55,6 +55,7 @@ from edgeagent.server.service import GenerationService
 from edgeagent.settings import Settings
 from edgeagent.systemd import Notifier, StatusHandler
 from edgeagent.tasks import Supervisor
+from edgeagent.timeline import StartTimeline
 from edgeagent.updates.drop_dir import DropDirectory, take_drop
 from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.journal import UpdateJournal
@@ -94,6 +95,7 @@ class Daemon:
         self._stop_metrics: Callable[[], None] | None = None
         self._notifier = Notifier()
         self._started_at = time.monotonic()
+        self.timeline = StartTimeline()
         self._announced: str | None = None
         self.should_exit = False
 
@@ -111,7 +113,8 @@ class Daemon:
             await self.shutdown()
 
     async def startup(self) -> None:
-        settings = self.settings
+        settings, timeline = self.settings, self.timeline
+        timeline.mark("interpreter, imports, settings")
         logger.info("effective configuration: %s", json.dumps(settings.redacted(), sort_keys=True))
         check_settings(settings)  # before anything slow: a bad setting costs a second
         # vLLM's compile cache: on an H100 it cuts a restart from ~85 s to ~18 s.
@@ -123,6 +126,7 @@ class Daemon:
         journal = self._journal = UpdateJournal(settings.state_dir / "updates.json")
         resumed = settle_interrupted(journal, store)
         loader = self._loader = EngineLoader(settings, store, self._engine_factory, self._probe)
+        timeline.mark("store open, interrupted update settled")
         ticker = asyncio.create_task(self._tick_while_starting(), name="startup-ticker")
         try:
             serving = await self._serve_first_servable(store, loader, journal)
@@ -142,8 +146,9 @@ class Daemon:
         await self._start_api(metrics)
         self._start_update_sources(store, self.updater)
         self._notifier.ready(self._serving_status())
-        logger.info("serving %s (%s) after %.1f s", serving.model_id, serving.version,
-                    time.monotonic() - self._started_at)  # fmt: skip
+        timeline.mark("servers up, READY")
+        logger.info("serving %s (%s) %.1f s after the process started:\n%s", serving.model_id,
+                    serving.version, timeline.total_s, timeline.table())  # fmt: skip
 
     async def _serve_first_servable(
         self, store: ModelStore, loader: EngineLoader, journal: UpdateJournal
@@ -157,11 +162,13 @@ class Daemon:
                     lambda: acquire_default(self.settings, store, self._cancel)
                 )
             store.activate(manifest.version)
+            self.timeline.mark("model fetched or built (empty store)")
         full = self.settings.store.verify_on_start == "full"
         failures = []
         for ref in ("current", "previous"):
             try:
                 manifest = await self._off_loop(lambda: store.verify(ref, full=full))  # noqa: B023
+                self.timeline.mark(f"verification ({'sha256' if full else 'sizes'}, {ref})")
                 if ref == "previous" and manifest.version in journal.bad:
                     raise LoadError(f"marked bad: {journal.bad[manifest.version]}")
                 return await self._load(loader, manifest)
@@ -175,6 +182,7 @@ class Daemon:
 
     async def _load(self, loader: EngineLoader, manifest: Manifest) -> Serving:
         fit = loader.plan(manifest)
+        self.timeline.mark("fit check")
         if not fit.fits:
             raise LoadError(f"version {manifest.version} does not fit: " + "; ".join(fit.problems))
         logger.info(
@@ -184,8 +192,13 @@ class Daemon:
             "".join(f"; {n}" for n in fit.notes),
         )  # fmt: skip
         self._notifier.status(f"starting the engine on {manifest.version}")
-        serving = await self.slot.swap(lambda _: loader.start(manifest, fit), hold_s=0)
+        timings = LoadTimings()
+        serving = await self.slot.swap(lambda _: loader.start(manifest, fit, timings), hold_s=0)
         assert serving is not None
+        self.timeline.split(
+            "engine start (vLLM: weights, compile, CUDA graphs, KV cache)", timings.load_s,
+            "warm-up (smoke test)",
+        )  # fmt: skip
         return serving
 
     @contextlib.contextmanager
@@ -227,7 +240,7 @@ class Daemon:
         self.api = ApiServer(
             service,
             SlotHealth(self.slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings.server,
-            settings.socket_path, AdminService(self.slot, self.updater),
+            settings.socket_path, AdminService(self.slot, self.updater, self.timeline),
             settings.admin_socket_path, tokens,
         )  # fmt: skip
         await self.api.start()

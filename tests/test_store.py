@@ -72,6 +72,22 @@ def test_same_bytes_are_one_version_and_blobs_are_shared(
     assert blobs < files  # tokenizer and config files are shared, weights are not
 
 
+def test_the_engine_sees_every_version_at_one_path(
+    store: ModelStore, tiny_fp16: Path, tiny_fp16_b: Path
+) -> None:
+    """vLLM's compile cache is keyed on the model's path: one path for every version."""
+    a, b = _import(store, tiny_fp16), _import(store, tiny_fp16_b)
+    path_a = store.engine_path(a)
+    assert path_a.resolve() == store.model_dir(a).resolve()
+    assert (path_a / "model.safetensors").read_bytes() == (
+        tiny_fp16 / "model.safetensors"
+    ).read_bytes()
+    path_b = store.engine_path(b)
+    assert path_b == path_a
+    assert path_b.resolve() == store.model_dir(b).resolve()
+    assert [p.name for p in store.root.iterdir() if p.name.startswith(".engine-model")] == []
+
+
 def test_activate_and_rollback_switch_current_and_previous(
     store: ModelStore, tiny_fp16: Path, tiny_fp16_b: Path
 ) -> None:

@@ -118,6 +118,21 @@ class ModelStore:
     def model_dir(self, version: str) -> Path:
         return self.versions / self.resolve(version) / "model"
 
+    def engine_path(self, version: str) -> Path:
+        """A path that does not change from version to version, pointed at `version`'s model.
+
+        vLLM keys its compile cache on the model's path among other things: started from
+        each version's own directory, the first start after every update recompiled (37 s of a
+        66 s warm start on an H200, against 24 s at the path the cache was made for). Through
+        this link every version of one layout finds the same cache. The engine reads the
+        files only while it starts, so the link may be repointed once it runs."""
+        link = self.root / "engine-model"
+        temporary = self.root / f".engine-model-{secrets.token_hex(4)}"
+        temporary.symlink_to(Path("versions") / self.resolve(version) / "model")
+        os.replace(temporary, link)
+        fsync_dir(self.root)
+        return link
+
     def find_hub_version(self, repo: str, revision: str) -> Manifest | None:
         """The newest stored version fetched from repo at revision (a ref name or a commit)."""
         for manifest in reversed(self.manifests()):

@@ -43,6 +43,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"bad       {version}: {reason}")
     for outcome in status.history:
         _print_outcome(outcome)
+    if status.start_timeline:
+        total = sum(phase.seconds for phase in status.start_timeline)
+        print(f"started in {total:.1f} s:")
+        for phase in status.start_timeline:
+            print(f"  {phase.seconds:7.2f} s  {phase.name}")
     return 0
 
 

@@ -140,7 +140,7 @@ class EngineLoader:
     def _config(self, manifest: Manifest, fit: Plan) -> EngineConfig:
         model = self._settings.model
         return EngineConfig(
-            model_path=self._store.model_dir(manifest.version),
+            model_path=self._store.engine_path(manifest.version),
             kv_cache_bytes=fit.kv_cache_bytes,
             max_num_seqs=model.max_num_seqs,
             max_model_len=fit.max_model_len,

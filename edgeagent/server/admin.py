@@ -6,6 +6,7 @@ import grpc
 
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.server.error_codes import Context, errors_as_status
+from edgeagent.timeline import StartTimeline
 from edgeagent.updates.journal import UpdateOutcome
 from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as pb
@@ -22,8 +23,11 @@ _RESULTS = {
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
-    def __init__(self, slot: ServingSlot, updater: Updater) -> None:
+    def __init__(
+        self, slot: ServingSlot, updater: Updater, timeline: StartTimeline | None = None
+    ) -> None:
         self._slot, self._updater = slot, updater
+        self._timeline = timeline or StartTimeline()
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Context) -> pb.Status:
         updater, serving = self._updater, self._slot.serving
@@ -37,6 +41,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
             candidate_version=updater.candidate or "",
             probation_left_s=updater.probation_left_s,
             bad_versions=updater.journal.bad,
+            start_timeline=[
+                pb.StartPhase(name=name, seconds=seconds) for name, seconds in self._timeline.phases
+            ],
         )
 
     async def Update(self, request: pb.UpdateRequest, context: Context) -> pb.UpdateOutcome:

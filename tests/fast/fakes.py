@@ -130,14 +130,15 @@ class FakeEngines:
     starts: Counter[Path] = field(default_factory=Counter)
 
     def __call__(self, config: EngineConfig) -> FakeEngine:
-        behaviour = Behaviour.read(config.model_path)
-        self.starts[config.model_path] += 1
+        model = config.model_path.resolve()  # the version behind the daemon's stable link
+        behaviour = Behaviour.read(model)
+        self.starts[model] += 1
         time.sleep(behaviour.start_s)
         if behaviour.start_error is not None:
             raise RuntimeError(behaviour.start_error)
         limit = behaviour.fail_starts_after
-        if limit is not None and self.starts[config.model_path] > limit:
-            raise RuntimeError(f"start {self.starts[config.model_path]} on this version fails")
+        if limit is not None and self.starts[model] > limit:
+            raise RuntimeError(f"start {self.starts[model]} on this version fails")
         engine = FakeEngine(config, behaviour)
         self.started.append(engine)
         return engine

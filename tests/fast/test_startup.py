@@ -40,6 +40,24 @@ async def test_current_serves_when_it_is_sound(box_b_current: Box) -> None:
     assert await _serves(box_b_current) == box_b_current.versions["b"].version
 
 
+async def test_the_start_timeline_accounts_for_the_start_phase_by_phase(box: Box) -> None:
+    """`edgeagent status` shows where a start's seconds went, from the process's start."""
+    async with in_process(box) as daemon:
+        phases = [(p.name, p.seconds) for p in (await daemon.status()).start_timeline]
+        since_start = daemon.daemon.timeline.total_s
+    names = [name for name, _ in phases]
+    assert names[0] == "interpreter, imports, settings"
+    assert names[1] == "store open, interrupted update settled"
+    assert names[2].startswith("verification (sha256, current)")
+    assert names[3:] == [
+        "fit check", "engine start (vLLM: weights, compile, CUDA graphs, KV cache)",
+        "warm-up (smoke test)", "servers up, READY",
+    ]  # fmt: skip
+    assert all(seconds >= 0 for _, seconds in phases)
+    assert phases[0][1] > 0.3  # this test process's interpreter and imports came before
+    assert sum(seconds for _, seconds in phases) == pytest.approx(since_start)
+
+
 async def test_a_corrupt_current_falls_back_to_previous(box_b_current: Box) -> None:
     box = box_b_current
     _flip_byte((box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve())
