@@ -96,6 +96,7 @@ class Daemon:
         self._notifier = Notifier()
         self._started_at = time.monotonic()
         self.timeline = StartTimeline()
+        self._hash_after_start: str | None = None  # trusted at start, to be hashed once serving
         self._announced: str | None = None
         self.should_exit = False
 
@@ -147,6 +148,9 @@ class Daemon:
         self._start_update_sources(store, self.updater)
         self._notifier.ready(self._serving_status())
         timeline.mark("servers up, READY")
+        if (version := self._hash_after_start) is not None:
+            self._tasks.start("check-after-start",
+                              lambda: self._hash_serving_version(store, version))  # fmt: skip
         logger.info("serving %s (%s) %.1f s after the process started:\n%s", serving.model_id,
                     serving.version, timeline.total_s, timeline.table())  # fmt: skip
 
@@ -163,12 +167,10 @@ class Daemon:
                 )
             store.activate(manifest.version)
             self.timeline.mark("model fetched or built (empty store)")
-        full = self.settings.store.verify_on_start == "full"
         failures = []
         for ref in ("current", "previous"):
             try:
-                manifest = await self._off_loop(lambda: store.verify(ref, full=full))  # noqa: B023
-                self.timeline.mark(f"verification ({'sha256' if full else 'sizes'}, {ref})")
+                manifest = await self._off_loop(lambda: self._verify_for_start(store, ref))  # noqa: B023
                 if ref == "previous" and manifest.version in journal.bad:
                     raise LoadError(f"marked bad: {journal.bad[manifest.version]}")
                 return await self._load(loader, manifest)
@@ -179,6 +181,36 @@ class Daemon:
             "no servable version: " + "; ".join(failures) + ". Fetch or build one that fits "
             "(`edgeagent fetch`, `edgeagent fit`), then `edgeagent models verify`"
         )
+
+    def _verify_for_start(self, store: ModelStore, ref: str) -> Manifest:
+        """`ref`'s manifest once its files check out as `store.verify_on_start` says; a version
+        whose files are as they were when last hashed is hashed again after serving starts."""
+        mode = self.settings.store.verify_on_start
+        if mode == "recorded" and (manifest := store.verified_unchanged(ref)) is not None:
+            self._hash_after_start = manifest.version
+            self.timeline.mark(f"verification (files as recorded when hashed, {ref})")
+            return manifest
+        manifest = store.verify(ref, full=mode != "size", cancel=self._cancel)
+        self._hash_after_start = None
+        self.timeline.mark(f"verification ({'sizes' if mode == 'size' else 'sha256'}, {ref})")
+        return manifest
+
+    async def _hash_serving_version(self, store: ModelStore, version: str) -> None:
+        """The full check a start skipped; a version that fails it is rolled back from."""
+        try:
+            await self._off_loop(lambda: store.verify(version, full=True, cancel=self._cancel))
+        except CorruptArtifactError as error:
+            logger.error("the serving version failed its check after the start: %s; rolling "
+                         "back to the previous version", error)  # fmt: skip
+            if self.updater is not None and self.updater.serving_version == version:
+                try:
+                    await self.updater.rollback()
+                except EdgeAgentError as failed:
+                    logger.error("cannot roll back (%s); %s keeps serving what it loaded "
+                                 "before the check", failed, version)  # fmt: skip
+            return
+        logger.info("version %s passed its full check (sha256 of every file) after the start",
+                    version)  # fmt: skip
 
     async def _load(self, loader: EngineLoader, manifest: Manifest) -> Serving:
         fit = loader.plan(manifest)

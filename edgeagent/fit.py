@@ -45,6 +45,7 @@ class FitRequest:
     kv_cache_bytes: int | None = None
     budget_bytes: int | None = None
     reserve_bytes: int = 512 * MiB
+    kv_dtype_bytes: int = KV_DTYPE_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FitRequest:
@@ -56,6 +57,7 @@ class FitRequest:
             kv_cache_bytes=_bytes(model.kv_cache_gib),
             budget_bytes=_bytes(memory.budget_gib),
             reserve_bytes=int(memory.reserve_gib * GiB),
+            kv_dtype_bytes=1 if model.kv_cache_dtype == "fp8" else KV_DTYPE_BYTES,
         )
 
 
@@ -86,8 +88,8 @@ class Plan:
         return min(1.0, (self.predicted_bytes + FRACTION_MARGIN) / self.device.total_bytes)
 
 
-def kv_bytes_per_token(arch: Architecture) -> int:
-    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * KV_DTYPE_BYTES
+def kv_bytes_per_token(arch: Architecture, dtype_bytes: int = KV_DTYPE_BYTES) -> int:
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * arch.head_dim * dtype_bytes
 
 
 def overhead_bytes(arch: Architecture, request: FitRequest, kind: str) -> int:
@@ -103,7 +105,7 @@ def plan(arch: Architecture, device: DeviceMemory, request: FitRequest) -> Plan:
     available = device.free_bytes - request.reserve_bytes
     if request.budget_bytes is not None:
         available = min(available, request.budget_bytes)
-    per_token = kv_bytes_per_token(arch)
+    per_token = kv_bytes_per_token(arch, request.kv_dtype_bytes)
     overhead = overhead_bytes(arch, request, device.kind)
     kv_room = available - arch.weight_bytes - overhead
     model_len = arch.max_position_embeddings

@@ -114,6 +114,22 @@ class ModelSettings(BaseModel):
     )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     enforce_eager: bool = Field(default=False, description="debugging only: ~3.6x slower decode")
+    quantized_kernel: Literal["auto", "marlin", "machete"] = Field(
+        default="auto",
+        description="4-bit GPTQ matmul kernel on Hopper: machete is vLLM's pick there; "
+        "auto: the daemon's measured choice (docs/benchmarks.md, engine options)",
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        default="auto", description="fp8: half the KV cache's bytes per token (2x the context)"
+    )
+    async_scheduling: bool | None = Field(
+        default=None, description="schedule the next step while this one runs; None: vLLM's"
+    )
+    speculative: dict[str, Any] | None = Field(
+        default=None,
+        description='vLLM\'s speculative_config (e.g. {method = "ngram", '
+        "num_speculative_tokens = 4}); off by default: judge it on a trained model",
+    )
     scheduling_policy: Literal["fcfs", "priority"] = Field(
         default="fcfs", description="priority: requests' priority field orders the queue"
     )
@@ -157,8 +173,11 @@ class StoreSettings(BaseModel):
 
     keep_versions: int = Field(default=3, ge=1, description="gc keeps these plus current/previous")
     min_free_gib: float = Field(default=1.0, ge=0, description="left free after a fetch or build")
-    verify_on_start: Literal["full", "size"] = Field(
-        default="full", description="full: sha256 of every file before loading (~1 GB/s)"
+    verify_on_start: Literal["recorded", "full", "size"] = Field(
+        default="recorded",
+        description="recorded: files unchanged since last hashed (inode, size, mtime) are "
+        "loaded at once and hashed after serving starts, the rest before; full: sha256 of "
+        "every file before loading (~1 GB/s); size: sizes only",
     )
 
 

@@ -7,6 +7,7 @@ real headers and sparse (unwritten) data, so 8.5 GiB of weights cost no disk.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from pathlib import Path
@@ -121,6 +122,14 @@ def test_12gb_edge_gpu_shortens_the_context(phi4: Architecture) -> None:
     assert verdict.notes == [f"context shortened from the model's 16384 to "
                              f"{verdict.max_model_len} tokens to fit"]  # fmt: skip
     assert verdict.predicted_bytes <= verdict.available_bytes
+
+
+def test_an_fp8_kv_cache_doubles_the_context_a_12gb_gpu_holds(phi4: Architecture) -> None:
+    fp16 = plan(phi4, _gpu(12.0, 11.6), REQUEST)
+    fp8 = plan(phi4, _gpu(12.0, 11.6), dataclasses.replace(REQUEST, kv_dtype_bytes=1))
+    assert kv_bytes_per_token(phi4, dtype_bytes=1) == 100 * 1024
+    assert fp8.kv_cache_bytes == fp16.kv_cache_bytes
+    assert fp8.max_model_len >= 2 * fp16.max_model_len - 16
 
 
 def test_an_explicit_context_that_cannot_fit_is_refused_with_the_number_that_would(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeagent.errors import CorruptArtifactError
+from edgeagent.errors import CorruptArtifactError, StoppedError
 
 MANIFEST_SCHEMA = 1
 VERSION_ID_HEX = 16
@@ -207,10 +208,12 @@ def safetensors_data_bytes(path: Path) -> tuple[int, int]:
     return end, len(tensors)
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, cancel: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(CHUNK):
+            if cancel is not None and cancel.is_set():
+                raise StoppedError(f"hashing {path} was cancelled")
             digest.update(chunk)
     return digest.hexdigest()
 

@@ -10,7 +10,7 @@ import enum
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # "priority": SamplingOptions.priority orders the queue
     structured_output_backend: str = "auto"
     json_max_whitespace: int = 4  # whitespace characters in a row in constrained JSON
+    quantized_kernel: str = "auto"  # "marlin", "machete", or the daemon's choice
+    kv_cache_dtype: str = "auto"
+    async_scheduling: bool | None = None
+    speculative: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

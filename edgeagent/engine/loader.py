@@ -151,4 +151,8 @@ class EngineLoader:
             scheduling_policy=model.scheduling_policy,
             structured_output_backend=model.structured_output_backend,
             json_max_whitespace=model.json_max_whitespace,
+            quantized_kernel=model.quantized_kernel,
+            kv_cache_dtype=model.kv_cache_dtype,
+            async_scheduling=model.async_scheduling,
+            speculative=model.speculative,
         )

@@ -330,7 +330,31 @@ def _engine_args(config: EngineConfig) -> Any:
         args.max_num_batched_tokens = config.max_num_batched_tokens
     if config.gpu_memory_utilization is not None:
         args.gpu_memory_utilization = config.gpu_memory_utilization
+    if config.kv_cache_dtype != "auto":
+        args.kv_cache_dtype = config.kv_cache_dtype  # type: ignore[assignment]  # by Settings
+    if config.async_scheduling is not None:
+        args.async_scheduling = config.async_scheduling
+    if config.speculative is not None:
+        args.speculative_config = dict(config.speculative)
+    _choose_quantized_kernel(config.quantized_kernel)
     return args
+
+
+# Measured on an H200 with the Phi-4-shaped 4-bit checkpoint (docs/benchmarks.md, "Engine
+# options"): see the table for why "auto" is what it is.
+AUTO_QUANTIZED_KERNEL = "marlin"
+KERNEL_CLASSES = {"marlin": "MarlinLinearKernel", "machete": "MacheteLinearKernel"}
+
+
+def _choose_quantized_kernel(choice: str) -> None:
+    """vLLM picks the first GPTQ kernel in its list that works on the GPU (Machete on Hopper,
+    Marlin elsewhere); disabling the other one picks ours. Read from the environment by the
+    engine's processes, which inherit it when they start."""
+    wanted = AUTO_QUANTIZED_KERNEL if choice == "auto" else choice
+    other = KERNEL_CLASSES["machete" if wanted == "marlin" else "marlin"]
+    disabled = [k for k in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if k]
+    disabled = [k for k in disabled if k not in KERNEL_CLASSES.values()] + [other]
+    os.environ["VLLM_DISABLED_KERNELS"] = ",".join(disabled)
 
 
 @functools.cache

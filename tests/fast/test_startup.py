@@ -48,7 +48,7 @@ async def test_the_start_timeline_accounts_for_the_start_phase_by_phase(box: Box
     names = [name for name, _ in phases]
     assert names[0] == "interpreter, imports, settings"
     assert names[1] == "store open, interrupted update settled"
-    assert names[2].startswith("verification (sha256, current)")
+    assert names[2] == "verification (files as recorded when hashed, current)"
     assert names[3:] == [
         "fit check", "engine start (vLLM: weights, compile, CUDA graphs, KV cache)",
         "warm-up (smoke test)", "servers up, READY",
@@ -62,6 +62,29 @@ async def test_a_corrupt_current_falls_back_to_previous(box_b_current: Box) -> N
     box = box_b_current
     _flip_byte((box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve())
     assert await _serves(box) == box.versions["a"].version
+
+
+async def test_a_start_trusts_files_as_recorded_then_hashes_them_and_rolls_back(
+    box_b_current: Box,
+) -> None:
+    """Bytes changed in place with the inode, size and mtime kept (what a disk's bit flip
+    looks like): the start trusts the record, the full check after READY finds the change and
+    the previous version serves."""
+    box = box_b_current
+    weights = (box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve()
+    before, text = weights.stat(), weights.read_text()
+    os.chmod(weights, 0o644)
+    weights.write_text(text.replace('"seed": 2', '"seed": 7'))  # still loads: another model
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.read_text() != text
+    assert weights.stat().st_ino == before.st_ino
+    async with in_process(box) as daemon:
+        assert daemon.daemon.timeline.phases[2][0].startswith("verification (files as recorded")
+        async with asyncio.timeout(20):
+            while (await daemon.status()).version != box.versions["a"].version:
+                await asyncio.sleep(0.1)
+        assert (await daemon.generate()).model_version == box.versions["a"].version
+    assert box.store.refs().current == box.versions["a"].version
 
 
 async def test_a_current_that_fails_to_load_falls_back_to_previous(box: Box) -> None:
