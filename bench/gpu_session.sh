@@ -8,6 +8,10 @@
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
 #   bash bench/gpu_session.sh http     # a fresh host: daemon over HTTP vs gRPC vs raw, 1/32 streams
+#   bash bench/gpu_session.sh start    # cold and warm start to a first token: daemon, then raw
+#   bash bench/gpu_session.sh start-after-update  # a new version of the same shape, then raw
+#   bash bench/gpu_session.sh options  # raw vLLM's speed under engine options (kernels, KV dtype)
+#   bash bench/gpu_session.sh ceiling  # a 12 GiB budget: 4k context, prediction vs NVML; 10 GiB
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -85,6 +89,38 @@ http)
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
         --streams 1 32 --max-tokens 256 "${@:2}" 2>&1 | tee "$OUT/bench-http.txt" \
         | grep -v "^INFO\|^(" || true
+    ;;
+start)
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee -a "$OUT/setup.txt"
+    python3 -m compileall -q -j 16 /tmp/site > /dev/null || true  # as pip would have
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    rm -rf "$STATE" "$CACHE" /tmp/raw-cache
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    for label in cold warm; do
+        python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label "$label" "${SIZES[@]}" \
+            EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
+    done
+    ;;
+start-after-update)  # B (same shape, other weights) made current: the start finds the cache
+    [ -d /tmp/phi4b ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4b 1
+    python3 bench/gpu_prepare.py /tmp/phi4b "$STATE" | tee -a "$OUT/setup.txt"
+    python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label after-update "${SIZES[@]}" \
+        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
+    for label in cold warm; do
+        python3 bench/bench_start.py raw /tmp/phi4 /tmp/raw-cache --label "$label" "${SIZES[@]}" \
+            EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
+    done
+    ;;
+options)
+    python3 bench/bench_options.py /tmp/phi4 /tmp/raw-cache/vllm --rounds 2 --max-tokens 256 \
+        "${@:2}" 2>&1 | tee "$OUT/options.txt" | grep "^|" || true
+    ;;
+ceiling)  # as a 12 GiB card would give: the context the fit check derives, and its prediction
+    python3 bench/gpu_memory.py "$STATE" "$CACHE" EDGEAGENT_MODEL__MAX_NUM_SEQS=4 \
+        EDGEAGENT_MODEL__MAX_MODEL_LEN=4096 EDGEAGENT_MEMORY__BUDGET_GIB=12 \
+        | tee "$OUT/memory-12gib.json"
+    EDGEAGENT_STATE_DIR=$STATE EDGEAGENT_CONFIG=/nonexistent EDGEAGENT_MODEL__MAX_NUM_SEQS=4 \
+        python3 -m edgeagent fit --budget-gib 10 | tee "$OUT/fit-10gib.txt" || true
     ;;
 bench)
     common=(--state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 --max-num-seqs 32
