@@ -140,7 +140,7 @@ def main() -> None:
     parser.add_argument("cache_dir")
     parser.add_argument("--label", default="")
     parser.add_argument("settings", nargs="*", help="EDGEAGENT_* KEY=VALUE")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     settings = dict(item.split("=", 1) for item in args.settings)
     run = run_daemon if args.side == "daemon" else run_raw
     result = {"side": args.side, "label": args.label, **run(args.source, args.cache_dir, settings)}
