@@ -4,6 +4,7 @@ client that vanishes or stops reading frees its engine slots."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -88,6 +89,29 @@ async def test_a_client_that_stops_reading_is_cancelled_and_frees_the_engine(box
     assert freed_after_s < 5
     assert cancelled.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "read nothing for 0.5 s" in (cancelled.value.details() or "")
+
+
+async def test_an_http_client_that_stops_reading_is_cut_off_and_frees_the_engine(
+    box: Box,
+) -> None:
+    """The same over the OpenAI HTTP API: a client sends its request and never reads; once the
+    socket's buffers are full the server's writes wait, and after the write timeout the stream
+    is cut and the request leaves the engine."""
+    async with in_process(box, EDGEAGENT_SERVER__STREAM_WRITE_TIMEOUT_S="0.5") as daemon:
+        body = json.dumps({"prompt": "read me", "max_tokens": 4000, "stream": True}).encode()
+        _reader, writer = await asyncio.open_unix_connection(str(box.root / "run" / "openai.sock"))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))  # fmt: skip
+        await writer.drain()
+        for _ in range(100):  # until the engine runs it
+            if daemon.engine.num_unfinished_requests():
+                break
+            await asyncio.sleep(0.02)
+        freed_after_s = await _until_idle(daemon)
+        assert daemon.engine.num_unfinished_requests() == 0
+        writer.close()
+    assert freed_after_s < 5
 
 
 async def _until_idle(daemon: InProcess, within_s: float = 10.0) -> float:

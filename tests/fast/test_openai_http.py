@@ -141,6 +141,28 @@ async def test_client_errors_and_oversized_prompts(box: Box) -> None:
     assert not_json.status_code == 400
 
 
+async def test_a_body_past_the_limit_is_refused_with_or_without_a_length(box: Box) -> None:
+    """server.max_message_bytes bounds HTTP bodies as it bounds gRPC messages: one that says
+    its length is refused unread, one sent in chunks once it passes the limit."""
+    limit = 64 * 1024
+    big = json.dumps({"prompt": "x" * (2 * limit), "max_tokens": 1}).encode()
+    small = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+
+    async def chunked(body: bytes) -> AsyncIterator[bytes]:  # no Content-Length: chunked
+        for start in range(0, len(body), 4096):
+            yield body[start : start + 4096]
+
+    json_type = {"Content-Type": "application/json"}
+    async with in_process(box, EDGEAGENT_SERVER__MAX_MESSAGE_BYTES=str(limit)), http(box) as raw:
+        said = await raw.post("/v1/completions", content=big, headers=json_type)
+        streamed = await raw.post("/v1/completions", content=chunked(big), headers=json_type)
+        fine = await raw.post("/v1/completions", content=chunked(small), headers=json_type)
+    assert said.status_code == streamed.status_code == 413, (said.text, streamed.text)
+    assert "the limit is 65536 bytes" in streamed.json()["error"]["message"]
+    assert fine.status_code == 200, fine.text
+    assert fine.json()["usage"]["completion_tokens"] == 2
+
+
 async def test_a_dropped_stream_is_aborted_in_the_engine(box: Box) -> None:
     box.add("slow", Behaviour(seed=3, token_s=0.01), current=True)
     async with in_process(box) as daemon:

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.errors import (
@@ -29,12 +29,13 @@ from edgeagent.server.openai.serve import Generation
 
 
 def create_app(core: GenerationCore, api_token: str | None = None,
-               max_body_bytes: int | None = None) -> FastAPI:  # fmt: skip
+               max_body_bytes: int | None = None,
+               write_timeout_s: float | None = None) -> FastAPI:  # fmt: skip
     """The app for one listener; with `api_token`, every call but /health and /ready must
     carry it as `Authorization: Bearer ...` (the TCP rule gRPC follows)."""
     app = FastAPI(title="edgeagent", docs_url=None, redoc_url=None, openapi_url=None)
     guarded = [Depends(_bearer(api_token))] if api_token else []
-    generation, slot = Generation(core), core.slot
+    generation, slot = Generation(core, write_timeout_s), core.slot
 
     @app.post("/v1/chat/completions", dependencies=guarded)
     async def chat(body: ChatRequest, request: Request) -> Response:
@@ -97,19 +98,53 @@ def _bearer(token: str) -> Any:
 
 
 class _BodyLimit:
-    """ASGI middleware: a body whose Content-Length passes `limit` is refused with 413 before
-    it is read (gRPC's `max_message_bytes`, for the same server)."""
+    """ASGI middleware: a body past `limit` is refused with 413 (gRPC's `max_message_bytes`, for
+    the same server): by its Content-Length before it is read, or, sent in chunks without one,
+    as soon as what arrived passes the limit (a chunked body is read here, then handed on)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self._app, self._limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = Headers(scope=scope).get("content-length", "")
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
             if length.isdigit() and int(length) > self._limit:
-                refusal = ResourceExhaustedError(
-                    f"the body is {length} bytes; the limit is {self._limit} bytes"
-                )
-                await error_response(http_error_for(refusal))(scope, receive, send)
+                await self._refuse(f"the body is {length} bytes", scope, receive, send)
                 return
-        await self._app(scope, receive, send)
+            await self._app(scope, receive, send)
+            return
+        body, first = bytearray(), await receive()
+        message = first
+        while message["type"] == "http.request":
+            body += message.get("body", b"")
+            if len(body) > self._limit:
+                await self._refuse(f"the body passed {len(body)} bytes", scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+            message = await receive()
+        await self._app(scope, _replay(bytes(body), message, receive), send)
+
+    async def _refuse(self, what: str, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = ResourceExhaustedError(f"{what}; the limit is {self._limit} bytes")
+        await error_response(http_error_for(refusal))(scope, receive, send)
+
+
+def _replay(body: bytes, last: Message, receive: Receive) -> Receive:
+    """`receive` for the app: the body read ahead as one message (or the disconnect that cut
+    it short), then the connection's own messages."""
+    replayed = False
+
+    async def replaying() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        if last["type"] != "http.request":
+            return last
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replaying

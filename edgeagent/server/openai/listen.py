@@ -75,7 +75,9 @@ class HttpApi:
         return listener
 
     async def _serve(self, listener: socket.socket, token: str | None, tls: dict[str, Any]) -> None:
-        app = create_app(self._core, token, self._settings.max_message_bytes)
+        settings = self._settings
+        app = create_app(self._core, token, settings.max_message_bytes,
+                         settings.stream_write_timeout_s)  # fmt: skip
         config = uvicorn.Config(
             app, log_level="warning", access_log=False, lifespan="off", **tls,
             timeout_graceful_shutdown=1, log_config=None,

@@ -17,7 +17,8 @@ FINISH_REASONS: dict[FinishReason | None, str | None] = {
     FinishReason.TOKEN_LIMIT: "length",
     FinishReason.EOS_TOKEN: "stop",
     FinishReason.STOP_SEQUENCE: "stop",
-    FinishReason.TIME_LIMIT: "time_limit",
+    # OpenAI has no value for a time limit; "length" is what its clients read as "cut short".
+    FinishReason.TIME_LIMIT: "length",
     FinishReason.CANCELLED: "abort",
 }
 JsonDict = dict[str, Any]

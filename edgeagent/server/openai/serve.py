@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
+from edgeagent.errors import ClientTooSlowError
 from edgeagent.server.error_codes import http_error_for, status_for
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.errors import error_body
@@ -20,12 +22,13 @@ from edgeagent.server.openai.replies import Reply, chunk, sse, unary_body, usage
 from edgeagent.server.openai.requests import ChatRequest, CompletionRequest
 from edgeagent.server.replies import CompletionParts
 
+logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
 
 
 class Generation:
-    def __init__(self, core: GenerationCore) -> None:
-        self._core = core
+    def __init__(self, core: GenerationCore, write_timeout_s: float | None = None) -> None:
+        self._core, self._write_timeout_s = core, write_timeout_s
 
     async def serve(
         self, body: ChatRequest | CompletionRequest, request: Request, chat: bool
@@ -39,7 +42,7 @@ class Generation:
                 admitted = await stack.enter_async_context(self._core.admit(generate))
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 events = self._events(Reply(chat, admitted), include_usage, report)
-                return _Stream(events, stack)
+                return _Stream(events, stack, self._write_timeout_s)
             async with self._core.admit(generate) as admitted:
                 response = await self._unary(Reply(chat, admitted), request)
         except Exception as exc:
@@ -98,16 +101,31 @@ async def _disconnected(request: Request) -> None:
 
 class _Stream(StreamingResponse):
     """Server-sent events that release the request's lease however the response ends (the
-    client gone before the first byte included)."""
+    client gone before the first byte included). A client that reads nothing for
+    `write_timeout_s` (its socket's buffer full) is cut off, as gRPC's are, so that it does not
+    hold an engine slot forever."""
 
-    def __init__(self, events: AsyncIterator[bytes], stack: contextlib.AsyncExitStack) -> None:
+    def __init__(self, events: AsyncIterator[bytes], stack: contextlib.AsyncExitStack,
+                 write_timeout_s: float | None) -> None:  # fmt: skip
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})  # fmt: skip
-        self._events, self._stack = events, stack
+        self._events, self._stack, self._write_timeout_s = events, stack, write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message: Message) -> None:
+            try:
+                async with asyncio.timeout(self._write_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise ClientTooSlowError(
+                    f"the client read nothing for {self._write_timeout_s:g} s; the stream was "
+                    f"cut to free its engine slot"
+                ) from None
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_in_time)
+        except ClientTooSlowError as slow:
+            logger.warning("%s", slow)
         finally:
             try:
                 await self._events.aclose()  # type: ignore[attr-defined]
