@@ -146,16 +146,15 @@ def perplexity(scores: Scores) -> float:
 
 def compare(reference: Scores, candidate: Scores) -> Comparison:
     """Top-1 agreement and mean approximate KL(reference || candidate), position by position."""
-    pairs = [
-        (r, c)
-        for ref_prompt, cand_prompt in zip(reference, candidate, strict=True)
-        for r, c in zip(ref_prompt, cand_prompt, strict=True)
-    ]
+    if len(reference) != len(candidate):
+        raise ValueError("the two were scored on different eval sets")
+    pairs: list[tuple[Position, Position]] = []
+    for ref_prompt, cand_prompt in zip(reference, candidate, strict=True):
+        if [p.token for p in ref_prompt] != [p.token for p in cand_prompt]:
+            raise ValueError("the two models tokenized the eval set differently")
+        pairs += zip(ref_prompt, cand_prompt, strict=True)
     if not pairs:
         raise ValueError("no tokens were scored")
-    for r, c in pairs:
-        if r.token != c.token:
-            raise ValueError("the two models tokenized the eval set differently")
     agreement = sum(r.top1 == c.top1 for r, c in pairs) / len(pairs)
     mean_kl = sum(kl_top_k(r.known, c.known) for r, c in pairs) / len(pairs)
     return Comparison(agreement, mean_kl)
