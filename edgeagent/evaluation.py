@@ -202,7 +202,8 @@ def result_of(
 
 def table(results: Sequence[EvalResult], eval_set: EvalSet) -> str:
     """The results as a text table; agreement and KL are against the first row."""
-    header = ("version", "perplexity", "top-1 agreement", f"mean KL (top-{TOP_K})", "tokens", "s")
+    header = ("version", "perplexity", "top-1 agreement", f"mean KL (top-{TOP_K})", "tokens",
+              "scoring s")  # fmt: skip
     rows = [header]
     for result in results:
         c = result.comparison

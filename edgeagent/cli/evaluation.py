@@ -13,8 +13,6 @@ from typing import Any
 
 from edgeagent.errors import ConfigError
 
-logger = logging.getLogger(__name__)
-
 EVAL_CONTEXT = 1024  # the held-out exchanges are a few hundred tokens at most
 EVAL_KV_CACHE_BYTES = 128 << 20
 
@@ -55,10 +53,10 @@ def _eval(args: argparse.Namespace) -> int:
     for name in order:
         version = store.resolve(name)
         manifest = store.manifest(version)
-        started = time.perf_counter()
-        scores = _scores(store.model_dir(version), manifest.quantization_label, eval_set, args)
+        scores, seconds = _scores(store.model_dir(version), manifest.quantization_label,
+                                  eval_set, args)  # fmt: skip
         label = f"{version} ({manifest.quantization_label})"
-        result = result_of(label, scores, time.perf_counter() - started, reference)
+        result = result_of(label, scores, seconds, reference)
         if args.reference and reference is None:
             reference = scores
         results.append(result)
@@ -74,13 +72,17 @@ def _backend(args: argparse.Namespace) -> str:
     return "transformers (offline)" if args.offline else "vLLM (prompt logprobs)"
 
 
-def _scores(model_dir: Path, quantization: str, eval_set: Any, args: argparse.Namespace) -> Any:
+def _scores(
+    model_dir: Path, quantization: str, eval_set: Any, args: argparse.Namespace
+) -> tuple[Any, float]:
+    """The version's scores and the seconds the scoring took (not the engine's start)."""
     from edgeagent.evaluation import score_engine, score_offline
 
     if args.offline:
         if "gptq" in quantization:
             raise ConfigError(f"--offline scores unquantized models only ({quantization})")
-        return score_offline(model_dir, eval_set)
+        started = time.perf_counter()
+        return score_offline(model_dir, eval_set), time.perf_counter() - started
     from edgeagent.engine.interface import EngineConfig
     from edgeagent.engine.vllm_engine import VllmEngine
 
@@ -88,6 +90,7 @@ def _scores(model_dir: Path, quantization: str, eval_set: Any, args: argparse.Na
                           max_num_seqs=8, max_model_len=EVAL_CONTEXT)  # fmt: skip
     engine = VllmEngine.start(config)
     try:
-        return asyncio.run(score_engine(engine, eval_set))
+        started = time.perf_counter()
+        return asyncio.run(score_engine(engine, eval_set)), time.perf_counter() - started
     finally:
         engine.shutdown()
