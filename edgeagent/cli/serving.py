@@ -145,6 +145,7 @@ def _demo(args: argparse.Namespace) -> int:
     )
     follower.start()
     try:
+        _wait_for_socket(settings.socket_path, daemon, log_path)
         with Client(f"unix:{settings.socket_path}", timeout=120) as client:
             try:
                 client.wait_until_serving(timeout=900, daemon=daemon)
@@ -164,6 +165,19 @@ def _demo(args: argparse.Namespace) -> int:
     return code or exit_code
 
 
+def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait for the daemon's socket before the first connection: a gRPC channel that fails to
+    connect for minutes backs off for up to a minute between tries, and the demo would notice
+    that the daemon serves only that much later."""
+    deadline = time.monotonic() + 900
+    while not path.exists():
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with code {daemon.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no socket at {path} after 900 s; see {log_path}")
+        time.sleep(0.25)
+
+
 def _prepare_embedded(settings: Any) -> None:
     """Train and quantize the embedded model into an empty store, each phase on screen."""
     from edgeagent.artifacts.build import build_embedded
@@ -179,8 +193,8 @@ def _prepare_embedded(settings: Any) -> None:
         logging.WARNING if interactive else logging.INFO
     )
     print(
-        "the store is empty: training the tiny model on the project's text (once; cached in "
-        f"{settings.cache_dir}), then quantizing it to 4-bit GPTQ with AutoRound",
+        "the store is empty: making the embedded model: training on the project's text (the "
+        f"first time; cached in {settings.cache_dir}), then 4-bit GPTQ with AutoRound",
         flush=True,
     )
     started = time.perf_counter()
