@@ -1,9 +1,13 @@
-"""The eval's arithmetic and output, and the embedded model's data: no engine, no torch."""
+"""The eval's arithmetic and output, the embedded model's data and training recipe, the demo's
+phase lines: no engine, no torch."""
 
 from __future__ import annotations
 
 import json
 import math
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -106,3 +110,26 @@ def test_held_out_and_training_sets_are_disjoint_and_fixed() -> None:
     assert {"What", "Add", "Extract"} <= {
         text.split("<|im_sep|>")[1].split()[0] for text in eval_set.texts
     }
+
+
+def test_demo_prints_each_phase_of_the_daemons_start_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edgeagent.cli.serving import DAEMON_PHASES, _follow_phases
+
+    log = tmp_path / "daemon.log"
+    markers = [marker for marker, _ in DAEMON_PHASES]
+    log.write_text("".join(f"noise\n(Worker) INFO {m} ...\n{m} again\n" for m in markers))
+    _follow_phases(log, threading.Event(), time.perf_counter())
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("s  ", 1)[1] for line in printed] == [phase for _, phase in DAEMON_PHASES]
+
+
+def test_the_training_cache_key_follows_the_recipe() -> None:
+    from edgeagent.artifacts.train import TrainRecipe, _learning_rate, cache_key
+
+    recipe = TrainRecipe()
+    assert cache_key(recipe) == cache_key(TrainRecipe())
+    assert cache_key(recipe) != cache_key(TrainRecipe(steps=recipe.steps + 1))
+    assert _learning_rate(recipe, recipe.warmup_steps) == recipe.learning_rate
+    assert _learning_rate(recipe, recipe.steps) == pytest.approx(recipe.learning_rate / 10)
