@@ -35,9 +35,10 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # as the engine wrapper does
 
-from edgeagent.artifacts.build import build_embedded  # noqa: E402
+from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build  # noqa: E402
 from edgeagent.artifacts.manifest import ImportSource  # noqa: E402
 from edgeagent.artifacts.store import ModelStore  # noqa: E402
+from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model  # noqa: E402
 from edgeagent.client import Client, Parameters, build_request  # noqa: E402
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -140,12 +141,17 @@ async def trial(run_one: RunOne, streams: int, max_tokens: int, round_: int) -> 
 
 
 def prepare_store(state_dir: Path, model: Path | None, reuse: bool) -> Path:
-    """The daemon's store with the model as current (default: the embedded 4-bit build)."""
+    """The daemon's store with the model as current (default: the random-weight tiny model
+    built like the embedded default, whose answers run to max_tokens as the sizes ask)."""
     store = ModelStore(state_dir / "models")
     if reuse:
         return store.model_dir("current")
     if model is None:
-        manifest = build_embedded(store)
+        base = state_dir / "tiny-random-fp16"
+        if not base.exists():
+            build_tiny_model(base)
+        request = BuildRequest(base=base, recipe=EMBEDDED_RECIPE, label=EMBEDDED_MODEL_ID)
+        manifest = build(store, request)
     else:
         manifest = store.import_directory(model, ImportSource(origin=str(model)))
     store.activate(manifest.version)

@@ -26,6 +26,7 @@ class Progress:
     ) -> None:
         self.job, self.total, self.unit = job, total, unit
         self.done = 0
+        self.note = ""  # what the job says besides how far it is, e.g. a training loss
         self._log_every_s = log_every_s
         self._stream = stream if stream is not None else sys.stderr
         self._interactive = self._stream.isatty()
@@ -66,6 +67,7 @@ class Progress:
         return (
             f"job={self.job!r} done={self.done} total={self.total} unit={self.unit} "
             f"percent={percent:.1f} rate={self.rate:.4g}/s"
+            + (f" note={self.note!r}" if self.note else "")
         )
 
     def _draw(self) -> None:
@@ -76,6 +78,7 @@ class Progress:
             f"\r{self.job} [{'#' * filled}{'.' * (30 - filled)}] {100 * fraction:5.1f}% "
             f"{_human(self.done, self.unit)}/{_human(self.total, self.unit)} "
             f"{_human(int(self.rate), self.unit)}/s ETA {remaining:4.0f} s "
+            + (f"{self.note} " if self.note else "")
         )
         self._stream.flush()
 

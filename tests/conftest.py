@@ -1,8 +1,11 @@
 """Shared fixtures: the tiny models, one real vLLM engine and one gRPC server for the session.
 
-The served model is the embedded default as the product makes it: the tiny fp16 model quantized
-to 4-bit GPTQ by AutoRound and committed to a store. The engine is vLLM's real `AsyncLLM` on
-the CPU; nothing here mocks it.
+The session's engine serves the random-weight tiny model quantized to 4-bit GPTQ by AutoRound
+with the embedded recipe: its answers are noise, so they run to max_tokens, which most tests
+count on. The embedded default as the product makes it (the tiny model trained on the
+project's text, then AutoRound) is built too, for the tests where quality matters; its
+training is cached in .cache/trained, so a machine trains it once. The engine is vLLM's real
+`AsyncLLM` on the CPU; nothing here mocks it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import pytest
 from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build, build_embedded
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import build_tiny_model
+from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model
+from edgeagent.artifacts.train import trained_tiny_model
 from edgeagent.engine.interface import Engine, EngineConfig
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
@@ -33,7 +37,8 @@ from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent
 # vLLM's compile cache survives between runs on one machine; a cold one costs ~30 s more.
-COMPILE_CACHE = REPO / ".cache" / "vllm"
+CACHE = REPO / ".cache"  # the trained tiny model too (once per machine, ~2-3 min on 2 cores)
+COMPILE_CACHE = CACHE / "vllm"
 os.environ.setdefault("VLLM_CACHE_ROOT", str(COMPILE_CACHE))
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # no traffic leaves loopback
 
@@ -65,9 +70,22 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 @pytest.fixture(scope="session")
-def tiny_4bit(model_store: ModelStore) -> Manifest:
-    """The embedded default, built the way the daemon builds it (AutoRound, ~30 s)."""
-    return build_embedded(model_store)
+def tiny_4bit(model_store: ModelStore, tiny_fp16: Path) -> Manifest:
+    """The random-weight model with the embedded recipe (AutoRound, ~30 s): the session's."""
+    request = BuildRequest(base=tiny_fp16, recipe=EMBEDDED_RECIPE, label=EMBEDDED_MODEL_ID)
+    return build(model_store, request)
+
+
+@pytest.fixture(scope="session")
+def trained_fp16() -> Path:
+    """The embedded model's trained fp16 base, from the cache or trained now."""
+    return trained_tiny_model(CACHE)
+
+
+@pytest.fixture(scope="session")
+def embedded_4bit(model_store: ModelStore, trained_fp16: Path) -> Manifest:
+    """The embedded default, built the way the daemon builds it (trained, then AutoRound)."""
+    return build_embedded(model_store, CACHE)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CACHE
 from transformers import AutoTokenizer
 
 from edgeagent.artifacts.build import build_embedded
@@ -19,9 +20,9 @@ from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
 
 
 def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
-    model_store: ModelStore, tiny_4bit: Manifest, tiny_fp16: Path
+    model_store: ModelStore, embedded_4bit: Manifest, trained_fp16: Path
 ) -> None:
-    source = tiny_4bit.source
+    source = embedded_4bit.source
     assert isinstance(source, BuildSource)
     assert source.base == EMBEDDED_MODEL_ID
     assert source.tool.startswith("auto-round 0.16")
@@ -33,11 +34,12 @@ def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
         50,
     )
     assert len(recipe["calibration"]["sha256"]) == 64
-    assert tiny_4bit.quantization_label == "gptq 4-bit g128 sym"
-    fp16_bytes = (tiny_fp16 / "model.safetensors").stat().st_size
-    assert tiny_4bit.architecture.weight_bytes < 0.7 * fp16_bytes  # embeddings stay 16-bit
+    assert recipe["calibration"]["source"] == "builtin: edgeagent training set"
+    assert embedded_4bit.quantization_label == "gptq 4-bit g128 sym"
+    fp16_bytes = (trained_fp16 / "model.safetensors").stat().st_size
+    assert embedded_4bit.architecture.weight_bytes < 0.7 * fp16_bytes  # embeddings stay 16-bit
 
-    tokenizer = AutoTokenizer.from_pretrained(model_store.model_dir(tiny_4bit.version))
+    tokenizer = AutoTokenizer.from_pretrained(model_store.model_dir(embedded_4bit.version))
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
     )
@@ -45,10 +47,12 @@ def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
     assert tokenizer.chat_template == PHI4_CHAT_TEMPLATE
 
 
-def test_the_same_base_and_recipe_build_once(model_store: ModelStore, tiny_4bit: Manifest) -> None:
+def test_the_same_base_and_recipe_build_once(
+    model_store: ModelStore, embedded_4bit: Manifest
+) -> None:
     started = time.perf_counter()
-    assert build_embedded(model_store) == tiny_4bit
-    assert time.perf_counter() - started < 10  # found in the store, AutoRound not run
+    assert build_embedded(model_store, CACHE) == embedded_4bit
+    assert time.perf_counter() - started < 10  # training cached, found in the store: not rerun
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])

@@ -198,10 +198,11 @@ def test_empty_store_and_unreachable_hub_is_a_clear_error(tmp_path: Path) -> Non
 
 
 async def test_empty_store_builds_the_embedded_model_and_serves_it(
-    tmp_path: Path, tiny_4bit: Manifest
+    tmp_path: Path, embedded_4bit: Manifest
 ) -> None:
-    """The quick start's path: an empty store, source `embedded`. The daemon builds the tiny
-    model to 4-bit GPTQ with AutoRound, commits it, loads it and serves it; the build is
+    """The quick start's path: an empty store, source `embedded`. The daemon takes the trained
+    tiny model (cached by the session), builds it to 4-bit GPTQ with AutoRound, commits it,
+    loads it and serves it; the build is
     reproducible, so it is the very version the test session built. Under systemd's notify
     protocol (a real socket): status lines and start-up extensions while it builds and loads,
     READY=1 once it serves, a watchdog heartbeat throughout, STOPPING=1 on SIGTERM."""
@@ -214,23 +215,25 @@ async def test_empty_store_builds_the_embedded_model_and_serves_it(
         try:
             with Client(daemon.target) as client:
                 info = client.model_info()
-                answer = client.generate("Hello", Parameters(max_tokens=8, temperature=0))
-            assert (info.model_id, info.version) == (EMBEDDED_MODEL_ID, tiny_4bit.version)
+                question = build_request(messages=[("user", "What is 7 + 5?")],
+                                         params=Parameters(temperature=0))  # fmt: skip
+                answer = client.generate_request(question)
+            assert (info.model_id, info.version) == (EMBEDDED_MODEL_ID, embedded_4bit.version)
             assert "gptq" in info.quantization
-            assert answer.completion_tokens == 8
+            assert answer.text.startswith("7 + 5 = ")  # the trained model, 4-bit
             await asyncio.to_thread(systemd.wait_for, "READY=1")
         finally:
             exit_code = await asyncio.to_thread(daemon.terminate, 60)
         assert exit_code == 0
-    assert ModelStore(tmp_path / "state" / "models").refs().current == tiny_4bit.version
+    assert ModelStore(tmp_path / "state" / "models").refs().current == embedded_4bit.version
     texts = systemd.texts()
     ready = next(i for i, text in enumerate(texts) if text.startswith("READY=1"))
     stopping = next(i for i, text in enumerate(texts) if text.startswith("STOPPING=1"))
     assert texts[0].startswith("STATUS=preparing the model")
     assert any(t.startswith("STATUS=job='build ") and "state=done" in t for t in texts[:ready])
-    assert f"STATUS=starting the engine on {tiny_4bit.version}" in texts[:ready]
+    assert f"STATUS=starting the engine on {embedded_4bit.version}" in texts[:ready]
     assert "EXTEND_TIMEOUT_USEC=30000000" in texts[:ready]
-    assert texts[ready] == f"READY=1\nSTATUS=serving {EMBEDDED_MODEL_ID} {tiny_4bit.version}"
+    assert texts[ready] == f"READY=1\nSTATUS=serving {EMBEDDED_MODEL_ID} {embedded_4bit.version}"
     assert ready < stopping
     assert texts[:ready].count("WATCHDOG=1") >= 10  # the build takes ~30 s: every 0.5 s
     assert texts[ready:stopping].count("WATCHDOG=1") >= 1
@@ -403,13 +406,17 @@ def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Pat
     assert "Initializing a V1 LLM engine" not in result.stderr
 
 
-def test_sigterm_while_building_stops_the_build_and_exits_cleanly(tmp_path: Path) -> None:
-    """An empty store, source `embedded`: SIGTERM arrives while AutoRound runs. The daemon
-    stops the quantizer, exits 0, and leaves the store without a version."""
+def test_sigterm_while_building_stops_the_build_and_exits_cleanly(
+    tmp_path: Path, trained_fp16: Path
+) -> None:
+    """An empty store, source `embedded`, the trained model cached: SIGTERM arrives while
+    AutoRound runs. The daemon stops the quantizer, exits 0, and leaves the store without a
+    version."""
     env = {
         **os.environ,
         "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
         "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
+        "EDGEAGENT_CACHE_DIR": str(trained_fp16.parent.parent),
         "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
         "EDGEAGENT_MODEL__SOURCE": "embedded",
     }

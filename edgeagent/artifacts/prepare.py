@@ -34,8 +34,8 @@ def acquire_default(
     settings: Settings, store: ModelStore, cancel: threading.Event | None = None
 ) -> Manifest:
     if settings.model.source == "embedded":
-        logger.info("the store is empty: building the embedded model with AutoRound")
-        return build_embedded(store, cancel)
+        logger.info("the store is empty: training the embedded model, then AutoRound")
+        return build_embedded(store, settings.cache_dir, cancel)
     target = HubTarget(settings.hub.repo, settings.hub.revision)
     logger.info("the store is empty: fetching %s", target)
     return hub_fetcher(settings, store).fetch(target)

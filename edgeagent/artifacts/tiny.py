@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -69,7 +70,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, shape: TinyShape = TinyShape(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         token_ids = write_tokenizer(staging, shape.vocab_size)
-        _write_config(staging, shape, token_ids)
+        write_config(staging, shape, token_ids)
         _write_weights(staging, shape, seed)
         fsync_tree(staging)
         os.replace(staging, out_dir)
@@ -84,12 +85,18 @@ def _corpus_lines() -> list[str]:
     return [line for line in text.splitlines(keepends=True) if line.strip()]
 
 
-def write_tokenizer(out: Path, vocab_size: int, special_fillers: bool = True) -> dict[str, int]:
+def write_tokenizer(
+    out: Path,
+    vocab_size: int,
+    special_fillers: bool = True,
+    texts: Sequence[str] | None = None,
+) -> dict[str, int]:
     """Phi-4's special tokens and chat template on a small BPE, padded with dummies to the size.
 
-    Phi-4's dummies are special tokens (skipped when decoding); `special_fillers=False` makes
-    them plain vocabulary entries instead, so a random-weight model's output decodes to text and
-    the tokenizer loads as fast as a real 100k-token one (100k added tokens take a minute).
+    The BPE is trained on `texts` (default: the shipped corpus). Phi-4's dummies are special
+    tokens (skipped when decoding); `special_fillers=False` makes them plain vocabulary entries
+    instead, so a random-weight model's output decodes to text and the tokenizer loads as fast
+    as a real 100k-token one (100k added tokens take a minute).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -102,7 +109,7 @@ def write_tokenizer(out: Path, vocab_size: int, special_fillers: bool = True) ->
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus_lines(), trainer)
+    tokenizer.train_from_iterator(_corpus_lines() if texts is None else texts, trainer)
     # Like Phi-4, fill the vocabulary up with dummy tokens so every id the model can emit decodes.
     fillers = vocab_size - len(SPECIAL_TOKENS) - tokenizer.get_vocab_size()
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
@@ -153,7 +160,7 @@ def _with_vocabulary_entries(tokenizer: Any, tokens: list[str]) -> Any:
     return Tokenizer.from_str(json.dumps(data))
 
 
-def _write_config(out: Path, shape: TinyShape, ids: dict[str, int]) -> None:
+def write_config(out: Path, shape: TinyShape, ids: dict[str, int]) -> None:
     config = {
         "architectures": ["Phi3ForCausalLM"],
         "model_type": "phi3",

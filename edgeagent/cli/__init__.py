@@ -17,7 +17,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from edgeagent.cli import admin, fit, generation, models, serving
+from edgeagent.cli import admin, evaluation, fit, generation, models, serving
 from edgeagent.client import describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
 
@@ -71,4 +71,5 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_commands(commands)
     fit.add_commands(commands)
     admin.add_commands(commands)
+    evaluation.add_commands(commands)
     return parser

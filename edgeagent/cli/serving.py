@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,17 +119,17 @@ def _info_value(name: str, value: object) -> str:
 def _demo(args: argparse.Namespace) -> int:
     """The quick start: the whole pipeline on the embedded model, then a clean stop.
 
-    An empty store is filled by building the tiny model to 4-bit GPTQ with AutoRound.
+    An empty store is filled here, in the foreground, so each phase shows its progress: the
+    tiny model is trained (once; cached), then quantized to 4-bit GPTQ with AutoRound. The
+    daemon then loads, compiles and warms up the engine; its log is followed for those phases.
     """
     from edgeagent.settings import Settings
 
     settings = Settings()
+    _prepare_embedded(settings)
     log_path = settings.state_dir / "demo-daemon.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(
-        f"starting the daemon (log: {log_path}); the first start builds the 4-bit model "
-        "with AutoRound and compiles it..."
-    )
+    print(f"starting the daemon (log: {log_path})", flush=True)
     started = time.perf_counter()
     env = {"EDGEAGENT_MODEL__SOURCE": "embedded", **os.environ}
     with log_path.open("w") as log:
@@ -138,12 +139,21 @@ def _demo(args: argparse.Namespace) -> int:
             stderr=subprocess.STDOUT,
             env=env,
         )
+    serving = threading.Event()
+    follower = threading.Thread(
+        target=_follow_phases, args=(log_path, serving, started), daemon=True
+    )
+    follower.start()
     try:
+        _wait_for_socket(settings.socket_path, daemon, log_path)
         with Client(f"unix:{settings.socket_path}", timeout=120) as client:
             try:
                 client.wait_until_serving(timeout=900, daemon=daemon)
             except (RuntimeError, TimeoutError) as error:
                 raise SystemExit(f"{error}; see {log_path}") from None
+            finally:
+                serving.set()
+                follower.join(timeout=2)
             print(f"serving after {time.perf_counter() - started:.1f} s")
             _info_lines(client.model_info())
             print(f"\n> {args.prompt}\n")
@@ -153,6 +163,74 @@ def _demo(args: argparse.Namespace) -> int:
         exit_code = daemon.wait(timeout=120)
     print(f"daemon stopped on SIGTERM with exit code {exit_code}")
     return code or exit_code
+
+
+def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], log_path: Path) -> None:
+    """Wait for the daemon's socket before the first connection: a gRPC channel that fails to
+    connect for minutes backs off for up to a minute between tries, and the demo would notice
+    that the daemon serves only that much later."""
+    deadline = time.monotonic() + 900
+    while not path.exists():
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon exited with code {daemon.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no socket at {path} after 900 s; see {log_path}")
+        time.sleep(0.25)
+
+
+def _prepare_embedded(settings: Any) -> None:
+    """Train and quantize the embedded model into an empty store, each phase on screen."""
+    from edgeagent.artifacts.build import build_embedded
+    from edgeagent.artifacts.prepare import open_store
+
+    store = open_store(settings)
+    if store.refs().current is not None:
+        return
+    interactive = sys.stderr.isatty()
+    logging.basicConfig(level=logging.WARNING, format="  %(message)s")
+    # On a terminal the bars show progress; elsewhere a line every few seconds does.
+    logging.getLogger("edgeagent.progress").setLevel(
+        logging.WARNING if interactive else logging.INFO
+    )
+    print(
+        "the store is empty: making the embedded model: training on the project's text (the "
+        f"first time; cached in {settings.cache_dir}), then 4-bit GPTQ with AutoRound",
+        flush=True,
+    )
+    started = time.perf_counter()
+    manifest = build_embedded(store, settings.cache_dir)
+    print(f"model {manifest.version} stored after {time.perf_counter() - started:.1f} s")
+
+
+# What the daemon's log says at each phase of its start (vLLM's own lines among them).
+DAEMON_PHASES = (
+    ("effective configuration", "daemon started; verifying the model, importing vLLM"),
+    ("Initializing a V1 LLM engine", "starting vLLM's engine processes"),
+    ("Starting to load model", "loading the 4-bit weights"),
+    (
+        "Warming up model for the compilation",
+        "compiling with torch.compile, warming up (cached for later starts)",
+    ),
+    ("Warming up done", "compiled; sizing the KV cache"),
+    ("edgeagent.engine.loader: engine on", "smoke test passed"),
+)
+
+
+def _follow_phases(log_path: Path, done: threading.Event, started: float) -> None:
+    """Print a line as the daemon reaches each phase of its start, until `done`."""
+    reached = 0
+    with log_path.open(errors="replace") as log:
+        while not done.is_set() and reached < len(DAEMON_PHASES):
+            line = log.readline()
+            if not line:
+                time.sleep(0.2)
+                continue
+            for index in range(reached, len(DAEMON_PHASES)):
+                marker, phase = DAEMON_PHASES[index]
+                if marker in line:
+                    print(f"  {time.perf_counter() - started:6.1f} s  {phase}", flush=True)
+                    reached = index + 1
+                    break
 
 
 def _info_lines(info: pb.ModelInfo) -> None:
