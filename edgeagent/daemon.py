@@ -57,6 +57,7 @@ from edgeagent.systemd import Notifier, StatusHandler
 from edgeagent.tasks import Supervisor
 from edgeagent.timeline import StartTimeline
 from edgeagent.updates.drop_dir import DropDirectory, take_drop
+from edgeagent.updates.gate import QualityGate
 from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.journal import UpdateJournal
 from edgeagent.updates.pipeline import Probation, Updater
@@ -143,6 +144,9 @@ class Daemon:
             store, loader, self.slot, journal, hold_s=updates.hold_s,
             probation_s=updates.probation_s, probation=_resume(resumed, serving, store),
             on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
+            gate=QualityGate(enabled=updates.quality_gate,
+                             max_perplexity_ratio=updates.max_perplexity_ratio,
+                             min_top1_agreement=updates.min_top1_agreement),
         )  # fmt: skip
         await self._start_api(metrics)
         self._start_update_sources(store, self.updater)

@@ -219,6 +219,17 @@ class UpdateSettings(BaseModel):
     probation_s: float = Field(
         default=300.0, ge=0, description="engine death this soon after an update rolls back"
     )
+    quality_gate: bool = Field(
+        default=True,
+        description="score a candidate against the serving version before "
+        "promoting it (perplexity and top-1 agreement on the held-out eval set)",
+    )
+    max_perplexity_ratio: float = Field(
+        default=1.2, gt=1, description="refused above this times the serving perplexity"
+    )
+    min_top1_agreement: float = Field(
+        default=0.9, ge=0, le=1, description="refused below this share of positions"
+    )
 
 
 class MetricsSettings(BaseModel):

@@ -36,6 +36,7 @@ from edgeagent.errors import EngineDeadError
 from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.server.admin import AdminService
 from edgeagent.settings import ModelSettings, Settings
+from edgeagent.updates.gate import QualityGate
 from edgeagent.updates.journal import UpdateJournal, UpdateOutcome
 from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as admin_pb
@@ -101,8 +102,9 @@ class Target:
 
 @contextlib.asynccontextmanager
 async def serving(
-    store: ModelStore, version: Manifest, factory: EngineFactory, tmp_path: Path
-) -> AsyncIterator[Target]:
+    store: ModelStore, version: Manifest, factory: EngineFactory, tmp_path: Path,
+    gate: QualityGate | None = None,
+) -> AsyncIterator[Target]:  # fmt: skip
     """The daemon's wiring around one slot: loader, updater, journal, gRPC and admin servers;
     `version` loaded through the loader as at start-up."""
     store.activate(version.version)
@@ -115,7 +117,7 @@ async def serving(
     await slot.swap(lambda _: loader.start(version, loader.plan(version)), hold_s=0)
     journal_path = tmp_path / "updates.json"
     updater = Updater(store, loader, slot, UpdateJournal(journal_path), hold_s=30,
-                      probation_s=120)  # fmt: skip
+                      probation_s=120, gate=gate)  # fmt: skip
     app_socket, admin_socket = tmp_path / "app.sock", tmp_path / "admin.sock"
     server = api_server(slot, app_socket, admin=AdminService(slot, updater),
                         admin_socket_path=admin_socket)  # fmt: skip
@@ -353,3 +355,66 @@ async def _until_engine_death_handled(updater: Updater, slot: ServingSlot) -> Up
             return outcome
         await asyncio.sleep(0.1)
     raise AssertionError("the engine's death went unnoticed for 30 s")
+
+
+@pytest.mark.timeout(600)  # the first test to want the trained model trains it (~3 min)
+async def test_the_quality_gate_promotes_a_close_candidate_and_refuses_bad_ones_under_load(
+    model_store: ModelStore, trained_fp16: Path, tiny_fp16: Path, tmp_path: Path
+) -> None:
+    """The trained embedded model (fp16) serves, behind the quality gate, with clients streaming
+    the whole time. 1. The same weights with slight noise: promoted. 2. Noise as large as the
+    weights' own spread (finite: the smoke test passes): refused with its figures, marked bad.
+    3. Another model (the random-weight tiny model, same shape): refused. No request failed."""
+    serving_version = _imported(model_store, trained_fp16)
+    close = _imported(model_store, _with_noise(trained_fp16, tmp_path / "close", 0.002))
+    noisy = _imported(model_store, _with_noise(trained_fp16, tmp_path / "noisy", 1.0))
+    other = _imported(model_store, tiny_fp16)
+    gate = QualityGate(max_perplexity_ratio=1.2, min_top1_agreement=0.9)
+    async with serving(model_store, serving_version, VllmEngine.start, tmp_path, gate) as target:
+        try:
+            load, stop = Load(), asyncio.Event()
+            clients = [asyncio.create_task(_stream_until(target.address, stop, load, i))
+                       for i in range(2)]  # fmt: skip
+            await asyncio.sleep(0.5)
+            outcomes = [await asyncio.to_thread(_update, target.admin, candidate.version)
+                        for candidate in (close, noisy, other)]  # fmt: skip
+            stop.set()
+            await asyncio.gather(*clients)
+        finally:
+            await _release(target.slot)
+    promoted, refused_noisy, refused_other = outcomes
+    assert promoted.result == admin_pb.UPDATE_RESULT_PROMOTED, promoted.reason
+    for outcome in (refused_noisy, refused_other):
+        assert outcome.result == admin_pb.UPDATE_RESULT_ROLLED_BACK, outcome.reason
+        assert "quality gate" in outcome.reason
+    assert "perplexity" in refused_noisy.reason
+    assert "top-1 agreement" in refused_noisy.reason
+    assert target.updater.serving_version == close.version
+    assert {noisy.version, other.version} <= set(target.updater.journal.bad)
+    assert load.failures == []
+    assert load.completed >= 3
+    print(f"\ngate: promoted {close.version} (pause {promoted.pause_s:.2f} s); "
+          f"{refused_noisy.reason}; {refused_other.reason}")  # fmt: skip
+
+
+def _imported(store: ModelStore, model_dir: Path) -> Manifest:
+    return store.import_directory(model_dir, ImportSource(origin=str(model_dir)))
+
+
+def _with_noise(model_dir: Path, out: Path, scale: float) -> Path:
+    """A copy whose every weight matrix has Gaussian noise of `scale` times its own standard
+    deviation added (a fixed seed): finite, same layout, as close or far as `scale` says."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    generator = torch.Generator().manual_seed(7)
+    for weights in out.glob("*.safetensors"):
+        tensors = load_file(weights)
+        for name, tensor in tensors.items():
+            if tensor.dim() == 2:
+                noise = torch.randn(tensor.shape, generator=generator) * tensor.float().std()
+                tensors[name] = (tensor.float() + scale * noise).to(tensor.dtype)
+        weights.unlink()
+        save_file(tensors, weights, metadata={"format": "pt"})
+    return out

@@ -34,6 +34,7 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
+from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class Updater:
         probation_s: float = 300.0,
         probation: Probation | None = None,
         on_outcome: Callable[[UpdateOutcome], None] = lambda outcome: None,
+        gate: QualityGate | None = None,
     ) -> None:
         self._store, self._loader, self._slot = store, loader, slot
         self.journal = journal
@@ -71,6 +73,7 @@ class Updater:
         self._closed = False
         self.candidate: str | None = None
         self.probation = probation
+        self._gate = gate or QualityGate(enabled=False)
 
     @property
     def serving_version(self) -> str | None:
@@ -166,8 +169,10 @@ class Updater:
             outcome = replace(outcome, verify_s=time.perf_counter() - started)
             self.journal.advance("verified")
             failpoint("update.verified")
-            return await self._swap(candidate, serving, outcome, self._method(candidate, serving))
-        except (UpdateRefusedError, CorruptArtifactError, UnavailableError) as error:
+            method = self._method(candidate, serving)
+            reference = await self._gate_reference(kind, serving)
+            return await self._swap(candidate, serving, outcome, method, reference)
+        except (UpdateRefusedError, CorruptArtifactError, UnavailableError, LoadError) as error:
             if isinstance(error, CorruptArtifactError):
                 bad = (resolved, str(error))
             return self._record(replace(outcome, reason=str(error)), bad=bad)
@@ -191,9 +196,17 @@ class Updater:
             )
         return "restart"
 
+    async def _gate_reference(self, kind: Kind, serving: Serving) -> Reference | None:
+        """The serving version's scores, taken before the pause; None when the gate does not
+        apply (it is off, or an operator asked for a rollback)."""
+        if not self._gate.enabled or kind != "update":
+            return None
+        return await self._gate.reference(serving)
+
     async def _swap(
-        self, candidate: Manifest, old: Serving, outcome: UpdateOutcome, method: Method
-    ) -> UpdateOutcome:
+        self, candidate: Manifest, old: Serving, outcome: UpdateOutcome, method: Method,
+        reference: Reference | None = None,
+    ) -> UpdateOutcome:  # fmt: skip
         timings, problem = LoadTimings(), list[str]()
 
         async def change(serving: Serving | None) -> Serving:
@@ -201,7 +214,7 @@ class Updater:
             self.journal.advance("loading")
             failpoint("update.loading")
             try:
-                return await self._bring_in(candidate, old, method, timings)
+                return await self._bring_in(candidate, old, method, timings, reference)
             except LoadError as error:
                 logger.error("%s of %s failed: %s", method, candidate.version, error)
                 problem.append(str(error))
@@ -227,11 +240,21 @@ class Updater:
         return self._promote(installed, old, outcome)
 
     async def _bring_in(
-        self, candidate: Manifest, old: Serving, method: Method, timings: LoadTimings
-    ) -> Serving:
+        self, candidate: Manifest, old: Serving, method: Method, timings: LoadTimings,
+        reference: Reference | None,
+    ) -> Serving:  # fmt: skip
         if method == "reload":
-            return await self._loader.reload(old, candidate, timings)
-        return await self._loader.restart(old, candidate, timings)
+            installed = await self._loader.reload(old, candidate, timings)
+        else:
+            installed = await self._loader.restart(old, candidate, timings)
+        if reference is not None:
+            try:
+                await self._gate.check(installed.engine, candidate.version, reference)
+            except LoadError:
+                if method == "restart":  # its own engine: stopped before the old one returns
+                    await self._loader.stop(installed)
+                raise
+        return installed
 
     async def _put_back(self, old: Serving, method: Method) -> Serving:
         """Serve `old` again, as it was; if even that fails nothing can be served."""

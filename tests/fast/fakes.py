@@ -60,6 +60,7 @@ class Behaviour:
     reload_kills_engine: bool = False  # ... and the engine is dead afterwards
     stream_error: str | None = None  # every generation raises (the smoke test fails)
     logprob: float = -0.5  # NaN or inf: the smoke test finds non-finite output
+    prompt_logprob: float = -1.0  # each prompt token's: what the quality gate's perplexity reads
 
     @classmethod
     def read(cls, model_dir: Path) -> Behaviour:
@@ -228,7 +229,8 @@ class FakeEngine:
         texts = self.token_texts(prompt_token_ids)
         first = (TokenDetail(prompt_token_ids[0], texts[0]),)
         pairs = zip(prompt_token_ids[1:], texts[1:], strict=True)
-        rest = tuple(TokenDetail(token, text, -1.0, 1) for token, text in pairs)
+        logprob = self.behaviour.prompt_logprob
+        rest = tuple(TokenDetail(token, text, logprob, 1) for token, text in pairs)
         return first + rest
 
     def _word(

@@ -134,6 +134,27 @@ async def test_row_07_smoke_test_not_finite(box: Box, quantized: bool) -> None:
     await _refused_or_rolled_back(box, "nan", ROLLED_BACK, "non-finite", bad=True)
 
 
+@pytest.mark.parametrize("quantized", [True, False], ids=["reload", "restart"])
+async def test_row_14_the_quality_gate_refuses_a_finite_but_worse_candidate(
+    box: Box, quantized: bool
+) -> None:
+    """Finite output (the smoke test passes) but every prompt token is 2 nats less likely than
+    the serving version makes it: perplexity x7.4, refused with the figures, marked bad."""
+    box.add("worse", Behaviour(seed=14, prompt_logprob=-3.0), quantized=quantized)
+    await _refused_or_rolled_back(box, "worse", ROLLED_BACK, "quality gate refused", bad=True)
+    reason = box.journal.bad[box.versions["worse"].version]
+    assert "perplexity 20.086 against 2.718 (7.39x, at most 1.20x allowed)" in reason, reason
+
+
+async def test_the_quality_gate_passes_a_close_candidate_and_can_be_turned_off(box: Box) -> None:
+    box.add("close", Behaviour(seed=15, prompt_logprob=-1.1))  # perplexity x1.105
+    box.add("worse", Behaviour(seed=16, prompt_logprob=-3.0))
+    async with in_process(box) as daemon:
+        assert (await daemon.update(box.versions["close"].version)).result == PROMOTED
+    async with in_process(box, EDGEAGENT_UPDATES__QUALITY_GATE="false") as daemon:
+        assert (await daemon.update(box.versions["worse"].version)).result == PROMOTED
+
+
 async def _cannot_put_back(box: Box, candidate: str, reason: str) -> None:
     """The candidate fails and the old version does not come back: nothing serves, health and
     status say so, the daemon exits 1; restarted, it serves the old version."""

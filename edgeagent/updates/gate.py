@@ -1,0 +1,85 @@
+"""The quality gate: a candidate is promoted only if it scores close to the version it replaces.
+
+A smoke test catches a candidate that cannot run or produces non-finite numbers; a botched
+quantization, the wrong checkpoint or noise on the weights all pass it. Between the smoke test
+and promotion the gate scores the candidate on the held-out eval set (`edgeagent/evaluation.py`)
+on the engine that will serve it, and compares it with the serving version, scored on the same
+prompts before the pause (its scores are kept per version, so a version is scored once). It is
+refused when its perplexity grows by more than `max_perplexity_ratio`, when its most likely
+token agrees with the serving version's at fewer than `min_top1_agreement` of the positions, or
+when it splits the eval set into other tokens (another model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from edgeagent.engine.interface import Engine
+from edgeagent.engine.slot import Serving
+from edgeagent.errors import LoadError
+from edgeagent.evaluation import EvalSet, Scores, compare, held_out_set, perplexity, score_engine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reference:
+    version: str
+    scores: Scores
+    perplexity: float
+
+
+class QualityGate:
+    def __init__(
+        self, *, enabled: bool = True, max_perplexity_ratio: float = 1.2,
+        min_top1_agreement: float = 0.9, eval_set: EvalSet | None = None,
+    ) -> None:  # fmt: skip
+        self.enabled = enabled
+        self._max_ratio, self._min_agreement = max_perplexity_ratio, min_top1_agreement
+        self._eval_set = eval_set
+        self._reference: Reference | None = None
+
+    @property
+    def eval_set(self) -> EvalSet:
+        if self._eval_set is None:
+            self._eval_set = held_out_set()
+        return self._eval_set
+
+    async def reference(self, serving: Serving) -> Reference:
+        """The serving version's scores (computed while it serves, once per version)."""
+        if self._reference is None or self._reference.version != serving.version:
+            try:
+                scores = await score_engine(serving.engine, self.eval_set)
+            except Exception as error:  # an engine error while scoring
+                raise LoadError(
+                    f"quality gate: could not score {serving.version}: {error}"
+                ) from error
+            self._reference = Reference(serving.version, scores, perplexity(scores))
+        return self._reference
+
+    async def check(self, engine: Engine, version: str, reference: Reference) -> None:
+        """Raise LoadError naming the figures when `version`, on `engine`, is not close enough
+        to `reference`; remember its scores when it passes (it becomes the reference)."""
+        started = time.perf_counter()
+        try:
+            scores = await score_engine(engine, self.eval_set)
+            comparison = compare(reference.scores, scores)
+        except ValueError as different:  # tokenized otherwise: another model
+            raise LoadError(f"quality gate: {version} is not comparable with "
+                            f"{reference.version} ({different})") from different  # fmt: skip
+        except Exception as error:  # an engine error while scoring
+            raise LoadError(f"quality gate: could not score {version}: {error}") from error
+        ppl = perplexity(scores)
+        ratio = ppl / reference.perplexity
+        figures = (
+            f"perplexity {ppl:.3f} against {reference.perplexity:.3f} ({ratio:.2f}x, at most "
+            f"{self._max_ratio:.2f}x allowed), top-1 agreement {comparison.agreement:.3f} (at "
+            f"least {self._min_agreement:.3f}), mean KL {comparison.mean_kl:.4f} nats, on "
+            f"{self.eval_set.name}, in {time.perf_counter() - started:.1f} s"
+        )
+        if ratio > self._max_ratio or comparison.agreement < self._min_agreement:
+            raise LoadError(f"quality gate refused {version}: {figures}")
+        logger.info("quality gate passed %s: %s", version, figures)
+        self._reference = Reference(version, scores, ppl)
