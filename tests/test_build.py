@@ -19,6 +19,7 @@ from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
 
 
+@pytest.mark.timeout(600)  # the first to want the trained model may train it (~3 min) and build
 def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
     model_store: ModelStore, embedded_4bit: Manifest, trained_fp16: Path
 ) -> None:

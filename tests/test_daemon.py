@@ -197,6 +197,7 @@ def test_empty_store_and_unreachable_hub_is_a_clear_error(tmp_path: Path) -> Non
     assert "cannot serve: cannot reach the hub" in result.stderr
 
 
+@pytest.mark.timeout(600)  # may train the embedded model first (~3 min) if nothing did
 async def test_empty_store_builds_the_embedded_model_and_serves_it(
     tmp_path: Path, embedded_4bit: Manifest
 ) -> None:
