@@ -23,7 +23,7 @@ BLOCK_DONE = re.compile(r"quantized \d+/\d+ layers in the block")
 
 
 def main(job_path: str, parent_pid: int) -> int:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     job: dict[str, Any] = json.loads(Path(job_path).read_text())
     os.environ["AR_WORK_SPACE"] = job["work_dir"]  # else AutoRound writes ./ar_work_space
     import torch
@@ -95,7 +95,7 @@ def _report_blocks(total: int) -> None:
     logging.getLogger("autoround").addHandler(BlockCounter())
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """A killed edgeagent must not leave AutoRound running: ask Linux for SIGKILL on its death."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

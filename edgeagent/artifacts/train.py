@@ -4,11 +4,13 @@ The tiny Phi-4-family model (tiny.py) starts from random weights and learns, in 
 minutes on two CPU cores, the generated chat exchanges and shipped prose of dataset.py. Fixed
 seeds, a fixed data order, a fixed thread count and torch's deterministic algorithms make a
 rerun on the same machine write the same bytes. The result is cached under the cache directory,
-keyed by a digest of the recipe, the data and this code, so the demo and the tests train once.
+keyed by a digest of the recipe, the shape, the data and a format number (bumped when this code
+changes what it writes), so the demo and the tests train once.
 
-Training runs in a child process (`python -m edgeagent.artifacts.train RECIPE OUT`): it sets
-torch's global switches (threads, deterministic algorithms) that the daemon's own process must
-not inherit, and a signal stops it cleanly.
+Training runs in a child process (`python -m edgeagent.artifacts.train RECIPE OUT PPID`, which
+dies with its parent like the AutoRound worker): it sets torch's global switches (threads,
+deterministic algorithms) that the daemon's own process must not inherit, and a signal stops it
+cleanly.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ def trained_tiny_model(
 def _run_trainer(recipe: TrainRecipe, out: Path, cancel: threading.Event | None) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads), "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "edgeagent.artifacts.train", json.dumps(asdict(recipe)),
-               str(out)]  # fmt: skip
+               str(out), str(os.getpid())]  # fmt: skip
     logger.info("training the embedded tiny model: %s", asdict(recipe))
     progress = Progress("train tiny-phi4", recipe.steps, unit="steps")
     with subprocess.Popen(command, stdout=subprocess.PIPE, env=env, text=True) as trainer:
@@ -208,4 +210,7 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    from edgeagent.artifacts.build_worker import die_with_parent
+
+    die_with_parent(int(sys.argv[3]))  # a killed daemon must not leave training running
     train(TrainRecipe(**json.loads(sys.argv[1])), Path(sys.argv[2]))
