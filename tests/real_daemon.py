@@ -85,6 +85,9 @@ def start_daemon(
         "EDGEAGENT_CACHE_DIR": str(REPO / ".cache"),  # shares the tests' compile cache
         "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
         "EDGEAGENT_MODEL__KV_CACHE_GIB": "0.25",
+        # These daemons update between random-weight models, which the quality gate refuses (it
+        # has its own tests: tests/test_updates.py and the fast tier).
+        "EDGEAGENT_UPDATES__QUALITY_GATE": "false",
         "EDGEAGENT_SERVER__DRAIN_GRACE_S": str(grace_s),
         **extra_env,
     }

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from real_daemon import start_daemon
 
+from edgeagent.artifacts.build import EMBEDDED_RECIPE
 from edgeagent.artifacts.manifest import Manifest
+from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
 from system.booted import EDGEAGENT, NEEDS_ROOT, REPO_INSIDE, BootedSystem, booted, wait_for
 
 pytestmark = [
@@ -46,6 +48,7 @@ address = "127.0.0.1:9464"
 [updates]
 probation_s = 0
 hold_s = 30.0
+quality_gate = false  # these updates go to random-weight models; the gate has its own tests
 """
 # A watchdog test must not wait the unit's 60 s, and these tests crash and restart the unit more
 # often than the start limit allows a box in 10 minutes; everything else is the shipped unit.
@@ -107,18 +110,21 @@ def _generate(system: BootedSystem, user: str = "app", *extra: str) -> str:
 
 
 def test_install_starts_the_unit_which_builds_with_autoround_and_reaches_ready(
-    installed: Installed, tiny_4bit: Manifest
+    installed: Installed,
 ) -> None:
-    """The unit starts on an empty store and builds the embedded model with AutoRound inside
-    the sandbox: from the same base as the test session's build. (Not to the same bytes: the
-    built-in calibration text is the running Python's standard library, and the unit runs the
-    system's Python, another patch release than the tests'.)"""
+    """The unit starts on an empty store, trains the embedded model and builds it with
+    AutoRound inside the sandbox, with the embedded recipe."""
     system = installed.system
     served = json.loads(system.cli("models", "show", "current").stdout)
     assert served["version"] == system.served_version()
     assert served["source"]["kind"] == "build"
     assert served["source"]["tool"].startswith("auto-round")
-    assert served["source"]["base_digest"] == tiny_4bit.source.base_digest  # type: ignore[union-attr]
+    assert served["source"]["base"] == EMBEDDED_MODEL_ID
+    recipe = served["source"]["recipe"]
+    assert (recipe["bits"], recipe["group_size"], recipe["iters"]) == (
+        EMBEDDED_RECIPE.bits, EMBEDDED_RECIPE.group_size, EMBEDDED_RECIPE.iters,
+    )  # fmt: skip
+    assert recipe["calibration"]["source"] == "builtin: edgeagent training set"
     assert system.show("ActiveState") == "active"
     assert system.show("Type") == "notify"
     assert system.show("StatusText").startswith("serving ")
