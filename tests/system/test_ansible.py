@@ -25,6 +25,7 @@ from system.booted import EDGEAGENT, NEEDS_ROOT, ROOTS, BootedSystem, booted, wa
 
 pytestmark = [
     pytest.mark.system,
+    pytest.mark.timeout(900),  # two booted boxes, two playbook runs, engines started: ~5 min
     NEEDS_ROOT,
 ]  # fmt: skip
 HUB_PORT = 18080
