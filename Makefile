@@ -37,7 +37,7 @@ test-fast: venv
 	$(BIN)/pytest -q tests/fast
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=40
 
 bench: venv
 	$(BIN)/python bench/bench_serving.py
