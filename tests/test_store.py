@@ -77,15 +77,16 @@ def test_the_engine_sees_every_version_at_one_path(
 ) -> None:
     """vLLM's compile cache is keyed on the model's path: one path for every version."""
     a, b = _import(store, tiny_fp16), _import(store, tiny_fp16_b)
-    path_a = store.engine_path(a)
+    link = store.root.parent / "cache" / "served-model"
+    path_a = store.link_model(a, link)
     assert path_a.resolve() == store.model_dir(a).resolve()
     assert (path_a / "model.safetensors").read_bytes() == (
         tiny_fp16 / "model.safetensors"
     ).read_bytes()
-    path_b = store.engine_path(b)
+    path_b = store.link_model(b, link)
     assert path_b == path_a
     assert path_b.resolve() == store.model_dir(b).resolve()
-    assert [p.name for p in store.root.iterdir() if p.name.startswith(".engine-model")] == []
+    assert [p.name for p in link.parent.iterdir()] == ["served-model"]
 
 
 def test_activate_and_rollback_switch_current_and_previous(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import TEST_CONTEXT, api_server, wait_until_engine_idle
+from conftest import CACHE, TEST_CONTEXT, api_server, wait_until_engine_idle
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -110,6 +110,7 @@ async def serving(
     store.activate(version.version)
     settings = Settings(
         state_dir=tmp_path / "state",
+        cache_dir=CACHE,  # shares the tests' compile cache, keyed on the served model's path
         model=ModelSettings(max_model_len=TEST_CONTEXT, kv_cache_gib=0.0625, max_num_seqs=4),
     )
     loader = EngineLoader(settings, store, factory, SystemMemoryProbe())

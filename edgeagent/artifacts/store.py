@@ -121,19 +121,20 @@ class ModelStore:
     def model_dir(self, version: str) -> Path:
         return self.versions / self.resolve(version) / "model"
 
-    def engine_path(self, version: str) -> Path:
-        """A path that does not change from version to version, pointed at `version`'s model.
+    def link_model(self, version: str, link: Path) -> Path:
+        """Point `link` at `version`'s model (atomically) and return it: a path that does not
+        change from version to version.
 
         vLLM keys its compile cache on the model's path among other things: started from
         each version's own directory, the first start after every update recompiled (37 s of a
         66 s warm start on an H200, against 24 s at the path the cache was made for). Through
-        this link every version of one layout finds the same cache. The engine reads the
-        files only while it starts, so the link may be repointed once it runs."""
-        link = self.root / "engine-model"
-        temporary = self.root / f".engine-model-{secrets.token_hex(4)}"
-        temporary.symlink_to(Path("versions") / self.resolve(version) / "model")
+        one link every version of one layout finds the same cache. The engine reads the files
+        only while it starts, so the link may be repointed once it runs."""
+        link.parent.mkdir(parents=True, exist_ok=True)
+        temporary = link.with_name(f".{link.name}-{secrets.token_hex(4)}")
+        temporary.symlink_to(self.model_dir(version).absolute())
         os.replace(temporary, link)
-        fsync_dir(self.root)
+        fsync_dir(link.parent)
         return link
 
     def find_hub_version(self, repo: str, revision: str) -> Manifest | None:

@@ -46,6 +46,9 @@ class EngineLoader:
     ) -> None:
         self._settings, self._store = settings, store
         self._factory, self._probe = factory, probe
+        # The one path every version is served from, in the cache directory beside vLLM's
+        # compile cache, whose key it is part of (ModelStore.link_model).
+        self._engine_link = settings.cache_dir / "served-model"
 
     def plan(self, manifest: Manifest, replacing: Serving | None = None) -> Plan:
         """The fit check for `manifest`; `replacing`: as if that engine had stopped."""
@@ -140,7 +143,7 @@ class EngineLoader:
     def _config(self, manifest: Manifest, fit: Plan) -> EngineConfig:
         model = self._settings.model
         return EngineConfig(
-            model_path=self._store.engine_path(manifest.version),
+            model_path=self._store.link_model(manifest.version, self._engine_link),
             kv_cache_bytes=fit.kv_cache_bytes,
             max_num_seqs=model.max_num_seqs,
             max_model_len=fit.max_model_len,

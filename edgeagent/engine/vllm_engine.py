@@ -60,7 +60,9 @@ class VllmEngine:
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         orphans.mark_daemon()
         stats = _LatestStats()
-        return cls._launch(_engine_args(config), config, stats)
+        args = _engine_args(config)
+        _set_engine_environment(config)
+        return cls._launch(args, config, stats)
 
     @classmethod
     def _launch(cls, args: Any, config: EngineConfig, stats: _LatestStats) -> VllmEngine:
@@ -336,8 +338,21 @@ def _engine_args(config: EngineConfig) -> Any:
         args.async_scheduling = config.async_scheduling
     if config.speculative is not None:
         args.speculative_config = dict(config.speculative)
-    _choose_quantized_kernel(config.quantized_kernel)
     return args
+
+
+def _set_engine_environment(config: EngineConfig) -> None:
+    """What vLLM reads from the environment rather than its arguments; the engine's processes
+    inherit it when they start."""
+    from vllm.platforms import current_platform
+
+    _choose_quantized_kernel(config.quantized_kernel)
+    if current_platform.is_cpu():
+        # vLLM 0.32's CPU build saves its AOT compile artifacts but cannot load them back
+        # ("'function' object has no attribute 'finalize_loading'"), so every start compiled
+        # afresh; its older compile cache loads (tiny model: engine init 26 s cold, 9 s warm
+        # against 15 s warm with AOT). GPUs keep AOT, which loads there.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 
 # Measured on an H200 with the Phi-4-shaped 4-bit checkpoint (docs/benchmarks.md, "Engine
@@ -348,8 +363,7 @@ KERNEL_CLASSES = {"marlin": "MarlinLinearKernel", "machete": "MacheteLinearKerne
 
 def _choose_quantized_kernel(choice: str) -> None:
     """vLLM picks the first GPTQ kernel in its list that works on the GPU (Machete on Hopper,
-    Marlin elsewhere); disabling the other one picks ours. Read from the environment by the
-    engine's processes, which inherit it when they start."""
+    Marlin elsewhere); disabling the other one picks ours."""
     wanted = AUTO_QUANTIZED_KERNEL if choice == "auto" else choice
     other = KERNEL_CLASSES["machete" if wanted == "marlin" else "marlin"]
     disabled = [k for k in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if k]

@@ -170,7 +170,8 @@ async def _cannot_put_back(box: Box, candidate: str, reason: str) -> None:
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reason in (failed.value.details() or "")
     assert health == NOT_SERVING
-    assert (status.version, status.state) == ("", "empty")
+    assert status.version == ""
+    assert status.state in ("empty", "draining")  # the daemon may already be on its way out
     assert reason in status.problem
     assert status.history[0].result == FAILED
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
