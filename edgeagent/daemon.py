@@ -147,6 +147,7 @@ class Daemon:
             gate=QualityGate(enabled=updates.quality_gate,
                              max_perplexity_ratio=updates.max_perplexity_ratio,
                              min_top1_agreement=updates.min_top1_agreement),
+            swap=updates.swap,
         )  # fmt: skip
         await self._start_api(metrics)
         self._start_update_sources(store, self.updater)

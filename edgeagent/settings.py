@@ -201,6 +201,9 @@ class BuildSettings(BaseModel):
     )
 
 
+SwapMode = Literal["auto", "beside", "in_place"]
+
+
 class UpdateSettings(BaseModel):
     """Where updates come from besides `edgeagent update`, and how they are applied."""
 
@@ -218,6 +221,12 @@ class UpdateSettings(BaseModel):
     )
     probation_s: float = Field(
         default=300.0, ge=0, description="engine death this soon after an update rolls back"
+    )
+    swap: SwapMode = Field(
+        default="auto",
+        description="beside: start the candidate's engine while the old one serves, then "
+        "switch without holding requests; in_place: hold requests, then reload the weights or "
+        "restart the engine; auto: beside on a GPU where the fit check says both fit",
     )
     quality_gate: bool = Field(
         default=True,

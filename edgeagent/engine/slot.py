@@ -4,8 +4,9 @@ The serving slot is the only owner of the running engine. The generation service
 on it for each request (the engine and version that answer that request, start to end); health,
 metrics and the admin status read it. Startup, the updater and shutdown change it, and only
 through `swap`: new requests wait at the gate, those under way finish, and the change installs
-the pair it returns. A change that leaves nothing servable empties the slot, so no one is handed
-an engine that was shut down.
+the pair it returns; or, when the new engine was started beside the old one, through `switch`,
+which holds no request. A change that leaves nothing servable empties the slot, so no one is
+handed an engine that was shut down.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Lease:
 
 @dataclass
 class _Request:
+    serving: Serving  # what answers it
     cancel_reason: str | None = None  # why the server cancelled it, if it did
     prompt_tokens: int = 0  # once known
 
@@ -69,6 +71,7 @@ class ServingSlot:
         self._requests: dict[str, _Request] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._request_ended = asyncio.Event()
         self._gate_open = asyncio.Event()
         self._gate_open.set()
         self._draining: str | None = None
@@ -126,12 +129,13 @@ class ServingSlot:
             raise UnavailableError(self._draining)
         serving = self.current()
         request_id = uuid.uuid4().hex
-        self._requests[request_id] = _Request()
+        self._requests[request_id] = _Request(serving)
         self._idle.clear()
         try:
             yield Lease(request_id, serving)
         finally:
             del self._requests[request_id]
+            self._request_ended.set()
             if not self._requests:
                 self._idle.set()
 
@@ -154,11 +158,26 @@ class ServingSlot:
         request = self._requests.get(request_id)
         return request.cancel_reason if request is not None else None
 
-    def mark_cancelled(self, reason: str) -> list[str]:
-        """Record `reason` on every request under way and return their ids for the engine."""
-        for request in self._requests.values():
-            request.cancel_reason = reason
-        return list(self._requests)
+    def mark_cancelled(self, reason: str, on: Serving | None = None) -> list[str]:
+        """Record `reason` on every request under way (`on`: those answered by that engine)
+        and return their ids for the engine."""
+        ids = [i for i, request in self._requests.items() if on is None or request.serving is on]
+        for request_id in ids:
+            self._requests[request_id].cancel_reason = reason
+        return ids
+
+    async def wait_released(self, serving: Serving, within_s: float) -> bool:
+        """Wait up to `within_s` seconds until no request is answered by `serving`'s engine;
+        True if none is."""
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    self._request_ended.clear()  # before the check: no end goes unseen
+                    if not any(r.serving is serving for r in self._requests.values()):
+                        return True
+                    await self._request_ended.wait()
+        except TimeoutError:
+            return False
 
     async def wait_idle(self, within_s: float) -> bool:
         """Wait up to `within_s` seconds for every request to finish; True if they did."""
@@ -204,6 +223,17 @@ class ServingSlot:
         finally:
             self._gate_open.set()
             await self._set_state("serving" if self._serving is not None else "empty")
+
+    async def switch(self, installed: Serving) -> Serving:
+        """Serve `installed` from the next request on without holding any at the gate: its
+        engine already runs beside the one serving now. Requests under way keep the engine
+        they were admitted with. Returns what served before (the caller stops it once
+        `wait_released` says its requests are done)."""
+        async with self._one_swap:
+            before = self.current()
+            self._serving = installed
+            await self._notify()
+            return before
 
     async def begin_drain(self, reason: str) -> None:
         """From now on new requests are refused with `reason` (shutdown)."""

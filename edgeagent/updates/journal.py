@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 HISTORY = 20
 Kind = Literal["update", "rollback", "auto_rollback", "drop"]
 Result = Literal["promoted", "refused", "rolled_back", "failed", "interrupted"]
-Method = Literal["", "reload", "restart"]
+Method = Literal["", "reload", "restart", "beside"]
 Step = Literal["staged", "verified", "loading", "promoting", "probation"]
 
 
@@ -44,7 +44,8 @@ class UpdateOutcome:
     from_version: str
     result: Result
     reason: str = ""
-    method: Method = ""  # in place ("reload") or with a new engine ("restart")
+    # in place ("reload"), a new engine after the old one ("restart") or beside it ("beside")
+    method: Method = ""
     verify_s: float = 0.0
     pause_s: float = 0.0  # new requests held
     reload_s: float = 0.0  # the reload or the restart

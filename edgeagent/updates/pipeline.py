@@ -1,8 +1,11 @@
 """An update: verify → fit → hold new requests → load → smoke test → promote, or put back.
 
-Same architecture and quantization layout: the weights are reloaded in place in the running
-engine. Another layout: the engine is stopped and started on the candidate. Either way the
-change goes through the serving slot (`engine/slot.py`): new requests wait (they are not
+Where the fit check says the candidate fits beside the serving engine (on a GPU, or wherever
+`updates.swap = "beside"`), its engine is started and checked while the old one serves, and the
+slot switches to it without holding any request; the old engine stops once its requests are
+done. Otherwise, with the same architecture and quantization layout the weights are reloaded
+in place in the running engine; with another layout the engine is stopped and started on the
+candidate. Those two go through the serving slot's swap: new requests wait (they are not
 refused), requests under way finish first, and what serves afterwards is whatever the change
 installed: the candidate, or the old version put back. A candidate that fails is marked bad, so
 it is not retried in a loop. After a promotion the old version stays the fallback for a
@@ -34,10 +37,13 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
+from edgeagent.settings import SwapMode
 from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
 
 logger = logging.getLogger(__name__)
+
+RETIRE_ABORT_S = 5.0  # for aborted requests to leave the old engine before it stops
 
 T = TypeVar("T")
 
@@ -63,8 +69,10 @@ class Updater:
         probation: Probation | None = None,
         on_outcome: Callable[[UpdateOutcome], None] = lambda outcome: None,
         gate: QualityGate | None = None,
+        swap: SwapMode = "auto",
     ) -> None:
         self._store, self._loader, self._slot = store, loader, slot
+        self._swap_mode = swap
         self.journal = journal
         self._hold_s, self._probation_s = hold_s, probation_s
         self._on_outcome = on_outcome
@@ -186,7 +194,16 @@ class Updater:
             raise UpdateRefusedError(f"marked bad earlier: {self.journal.bad[version]}")
 
     def _method(self, candidate: Manifest, serving: Serving) -> Method:
-        """How to load the candidate: in place, or with a new engine if it fits."""
+        """How to load the candidate: beside the serving engine where both fit (and the mode
+        allows), else in place, or with a new engine if it fits."""
+        if self._swap_mode != "in_place":
+            beside = self._loader.plan(candidate)  # the serving engine still holds its memory
+            if beside.fits and (self._swap_mode == "beside" or beside.device.kind == "gpu"):
+                return "beside"
+            if self._swap_mode == "beside":
+                problems = "; ".join(beside.problems)
+                logger.info("%s does not fit beside %s (%s): swapping in place",
+                            candidate.version, serving.version, problems)  # fmt: skip
         if same_layout(candidate, serving.manifest):
             return "reload"
         fit = self._loader.plan(candidate, replacing=serving)
@@ -207,6 +224,8 @@ class Updater:
         self, candidate: Manifest, old: Serving, outcome: UpdateOutcome, method: Method,
         reference: Reference | None = None,
     ) -> UpdateOutcome:  # fmt: skip
+        if method == "beside":
+            return await self._swap_beside(candidate, old, outcome, reference)
         timings, problem = LoadTimings(), list[str]()
 
         async def change(serving: Serving | None) -> Serving:
@@ -247,14 +266,59 @@ class Updater:
             installed = await self._loader.reload(old, candidate, timings)
         else:
             installed = await self._loader.restart(old, candidate, timings)
-        if reference is not None:
-            try:
-                await self._gate.check(installed.engine, candidate.version, reference)
-            except LoadError:
-                if method == "restart":  # its own engine: stopped before the old one returns
-                    await self._loader.stop(installed)
-                raise
+        await self._check_quality(installed, reference, stop_on_failure=method == "restart")
         return installed
+
+    async def _check_quality(
+        self, installed: Serving, reference: Reference | None, *, stop_on_failure: bool
+    ) -> None:
+        """The quality gate, where it applies; a refused candidate with its own engine has that
+        engine stopped before the error propagates."""
+        if reference is None:
+            return
+        try:
+            await self._gate.check(installed.engine, installed.version, reference)
+        except LoadError:
+            if stop_on_failure:
+                await self._loader.stop(installed)
+            raise
+
+    async def _swap_beside(
+        self, candidate: Manifest, old: Serving, outcome: UpdateOutcome,
+        reference: Reference | None,
+    ) -> UpdateOutcome:  # fmt: skip
+        """Start and check the candidate's engine while the old one serves, switch without
+        holding any request, then stop the old engine once its requests are done."""
+        timings = LoadTimings()
+        outcome = replace(outcome, method="beside")
+        self.journal.advance("loading")
+        failpoint("update.loading")
+        try:
+            installed = await self._loader.start(candidate, self._loader.plan(candidate), timings)
+            await self._check_quality(installed, reference, stop_on_failure=True)
+        except LoadError as error:
+            logger.error("beside %s, %s failed: %s", old.version, candidate.version, error)
+            failed = replace(outcome, result="rolled_back", reason=str(error),
+                             reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+            return self._record(failed, bad=(candidate.version, str(error)))
+        switched = time.perf_counter()
+        await self._slot.switch(installed)
+        outcome = replace(outcome, pause_s=time.perf_counter() - switched,
+                          reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+        promoted = self._promote(installed, old, outcome)
+        await self._retire(old, installed.version)
+        return promoted
+
+    async def _retire(self, old: Serving, successor: str) -> None:
+        """Stop `old`'s engine once the requests it answers are done; those still running
+        after `hold_s` are ended with the reason, as a drain past its grace ends them."""
+        if not await self._slot.wait_released(old, self._hold_s):
+            reason = (f"{old.version} was replaced by {successor} and this request ran past "
+                      f"the {self._hold_s:g} s given to finish on it")  # fmt: skip
+            for request_id in self._slot.mark_cancelled(reason, on=old):
+                await old.engine.abort(request_id)
+            await self._slot.wait_released(old, RETIRE_ABORT_S)
+        await self._loader.stop(old)
 
     async def _put_back(self, old: Serving, method: Method) -> Serving:
         """Serve `old` again, as it was; if even that fails nothing can be served."""

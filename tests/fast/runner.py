@@ -76,6 +76,9 @@ class Box:
             "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
             "EDGEAGENT_UPDATES__HOLD_S": "5",
             "EDGEAGENT_SERVER__DRAIN_GRACE_S": "5",
+            # The fake GPU always has room for two engines, where "auto" swaps beside; most
+            # tests are about the in-place paths (test_swap_beside.py is about the other).
+            "EDGEAGENT_UPDATES__SWAP": "in_place",
             **settings,
         }
         return values
@@ -106,7 +109,7 @@ async def slot_and_updater(box: Box, name: str = "a") -> tuple[ServingSlot, Upda
     loader = EngineLoader(settings, store, FakeEngines(), FakeProbe())
     slot = ServingSlot()
     await slot.swap(lambda _: loader.start(manifest, loader.plan(manifest)), hold_s=0)
-    return slot, Updater(store, loader, slot, box.journal)
+    return slot, Updater(store, loader, slot, box.journal, swap=settings.updates.swap)
 
 
 class Calls:
@@ -186,12 +189,15 @@ class InProcess(Calls):
 
 
 @contextlib.asynccontextmanager
-async def in_process(box: Box, **settings: str) -> AsyncIterator[InProcess]:
+async def in_process(
+    box: Box, probe: FakeProbe | None = None, **settings: str
+) -> AsyncIterator[InProcess]:
     """The real daemon on `box` with fake engines, serving; stopped (SIGTERM's path) at the end
     unless the test ended it."""
     saved_cache_root = os.environ.get("VLLM_CACHE_ROOT")  # the daemon points vLLM at its cache
     engines = FakeEngines()
-    running = InProcess(box, Daemon(box.settings(**settings), engines, FakeProbe()), engines)
+    daemon = Daemon(box.settings(**settings), engines, probe or FakeProbe())
+    running = InProcess(box, daemon, engines)
     try:
         await _until_serving_or_exit(running)
         yield running
