@@ -116,6 +116,7 @@ async def run(
             swaps.append({
                 "to": version[:12],
                 "result": admin_pb.UpdateResult.Name(outcome.result),
+                "method": outcome.method,
                 "reason": outcome.reason,
                 "pause_s": round(outcome.pause_s, 3),
                 "reload_s": round(outcome.reload_s, 3),
