@@ -282,7 +282,6 @@ async def test_a_sigkilled_daemon_leaves_no_engine_process_behind(
     print(f"\n{len(engine_processes)} engine processes gone {gone_after_s:.1f} s after SIGKILL")
 
 
-@pytest.mark.timeout(600)  # three engine starts in one daemon
 async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_rolls_back(
     tmp_path: Path, tiny_model: Path, tiny_fp16: Path, tiny_4bit: Manifest
 ) -> None:
@@ -337,7 +336,6 @@ def _wait_for_auto_rollback(daemon: RunningDaemon, within_s: float) -> admin_pb.
     raise AssertionError(f"no automatic rollback within {within_s} s; log:\n{daemon.tail()}")
 
 
-@pytest.mark.timeout(600)  # three engine starts in one daemon
 async def test_a_failed_restart_leaves_the_old_version_answering(
     tmp_path: Path, tiny_model: Path, tiny_fp16: Path, tiny_4bit: Manifest
 ) -> None:
