@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
+#   bash bench/gpu_session.sh beside [N]  # N swaps (8) under 16 streams, candidate beside the old
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
 #   bash bench/gpu_session.sh http     # a fresh host: daemon over HTTP vs gRPC vs raw, 1/32 streams
@@ -67,7 +68,10 @@ ttft)
         | grep -v "^INFO\|^(" || true
     ;;
 update)  # a second version of the same layout: in-place reloads
-    swaps /tmp/phi4b "" 1 bench-update.txt --updates 4 --every-s 8
+    EDGEAGENT_UPDATES__SWAP=in_place swaps /tmp/phi4b "" 1 bench-update.txt --updates 4 --every-s 8
+    ;;
+beside)  # the same, with the default swap (auto: beside where the fit check says both fit)
+    swaps /tmp/phi4b "" 1 bench-beside.txt --updates "${2:-8}" --every-s 6 --streams 16
     ;;
 restart)  # 32 layers instead of 40: another architecture, so the engine restarts
     swaps /tmp/phi4c 32 2 bench-restart.txt --updates 2 --every-s 5
