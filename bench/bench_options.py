@@ -23,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 MARLIN = {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel"}
+# Neither Machete nor Marlin: vLLM falls through its GPTQ kernel list to ExLlama's.
+EXLLAMA = {"VLLM_DISABLED_KERNELS": "MacheteLinearKernel,MarlinLinearKernel,AllSparkLinearKernel,"
+           "ConchLinearKernel"}  # fmt: skip
 OPTIONS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "defaults": ({}, {}),
     "marlin": (MARLIN, {}),
@@ -30,6 +33,7 @@ OPTIONS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
     "marlin+async": (MARLIN, {"async_scheduling": True}),
     "marlin+fp8kv+async": (MARLIN, {"kv_cache_dtype": "fp8", "async_scheduling": True}),
     "defaults+fp8kv": ({}, {"kv_cache_dtype": "fp8"}),
+    "exllama": (EXLLAMA, {}),
     "marlin+graphs-to-32": (MARLIN, {"compilation_config": {"max_cudagraph_capture_size": 32}}),
 }
 
@@ -100,7 +104,8 @@ def main() -> None:
             env=env, capture_output=True, text=True, check=False,
         )  # fmt: skip
         if out := os.environ.get("OUT"):
-            (Path(out) / f"options-{name}.log").write_text(done.stdout + done.stderr)
+            log = Path(out) / f"options-{name.replace('+', '_')}.log"  # '+' does not come back
+            log.write_text(done.stdout + done.stderr)
         line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             rows.append(f"| {name} | failed: {done.stderr.strip().splitlines()[-1:]} |")
