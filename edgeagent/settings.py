@@ -163,7 +163,10 @@ class MemorySettings(BaseModel):
     """How much of the device (GPU memory, or RAM for the CPU build) edgeagent may use."""
 
     budget_gib: float | None = Field(
-        default=None, gt=0, description="at most this much; default: all that is free"
+        default=None,
+        gt=0,
+        description="at most this much, for every engine the daemon runs at once (a candidate "
+        "started beside the serving engine included); default: all that is free",
     )
     reserve_gib: float = Field(default=0.5, ge=0, description="left free for other processes")
 

@@ -50,13 +50,21 @@ class EngineLoader:
         # compile cache, whose key it is part of (ModelStore.link_model).
         self._engine_link = settings.cache_dir / "served-model"
 
-    def plan(self, manifest: Manifest, replacing: Serving | None = None) -> Plan:
-        """The fit check for `manifest`; `replacing`: as if that engine had stopped."""
+    def plan(
+        self, manifest: Manifest, replacing: Serving | None = None, beside: Serving | None = None
+    ) -> Plan:
+        """The fit check for `manifest`; `replacing`: as if that engine had stopped; `beside`:
+        with that engine still running, which the device's free memory already shows but the
+        memory budget (the daemon's, not each engine's) must be told."""
         device = self._probe.read()
         if replacing is not None:
             free = min(device.total_bytes, device.free_bytes + replacing.plan.predicted_bytes)
             device = dataclasses.replace(device, free_bytes=free)
-        return plan(manifest.architecture, device, FitRequest.from_settings(self._settings))
+        request = FitRequest.from_settings(self._settings)
+        if beside is not None and request.budget_bytes is not None:
+            left = max(0, request.budget_bytes - beside.plan.predicted_bytes)
+            request = dataclasses.replace(request, budget_bytes=left)
+        return plan(manifest.architecture, device, request)
 
     async def start(
         self, manifest: Manifest, fit: Plan, timings: LoadTimings | None = None

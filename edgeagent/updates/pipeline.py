@@ -197,7 +197,7 @@ class Updater:
         """How to load the candidate: beside the serving engine where both fit (and the mode
         allows), else in place, or with a new engine if it fits."""
         if self._swap_mode != "in_place":
-            beside = self._loader.plan(candidate)  # the serving engine still holds its memory
+            beside = self._loader.plan(candidate, beside=serving)
             if beside.fits and (self._swap_mode == "beside" or beside.device.kind == "gpu"):
                 return "beside"
             if self._swap_mode == "beside":
@@ -294,7 +294,8 @@ class Updater:
         self.journal.advance("loading")
         failpoint("update.loading")
         try:
-            installed = await self._loader.start(candidate, self._loader.plan(candidate), timings)
+            fit = self._loader.plan(candidate, beside=old)
+            installed = await self._loader.start(candidate, fit, timings)
             await self._check_quality(installed, reference, stop_on_failure=True)
         except LoadError as error:
             logger.error("beside %s, %s failed: %s", old.version, candidate.version, error)

@@ -10,7 +10,7 @@ import time
 import grpc
 
 from edgeagent.client import Parameters, build_request
-from edgeagent.fit import GiB
+from edgeagent.fit import FitRequest, GiB, plan
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 from fast.fakes import Behaviour, FakeProbe
@@ -119,3 +119,21 @@ async def test_no_room_for_two_swaps_in_place_and_says_so(box: Box) -> None:
         probe.free = int(0.5 * GiB)  # what the serving engine leaves
         outcome = await daemon.update(box.versions["b"].version)
     assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+
+
+async def test_a_memory_budget_counts_the_serving_engine(box: Box) -> None:
+    """A GPU with room for many engines, but `memory.budget_gib` with room for one: the budget
+    is the daemon's, so even `swap = "beside"` reloads in place rather than run two engines."""
+    box.add("a", Behaviour(seed=1), current=True)
+    box.add("b", Behaviour(seed=2))
+    probe = FakeProbe(total_gib=80, free_gib=70)
+    one = plan(
+        box.versions["a"].architecture, probe.read(), FitRequest.from_settings(box.settings())
+    )
+    budget = f"{1.5 * one.predicted_bytes / GiB:.3f}"
+    async with in_process(box, probe, EDGEAGENT_UPDATES__SWAP="beside",
+                          EDGEAGENT_MEMORY__BUDGET_GIB=budget) as daemon:  # fmt: skip
+        outcome = await daemon.update(box.versions["b"].version)
+        live = [engine.behaviour.seed for engine in daemon.engines.live]
+    assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+    assert live == [2]
