@@ -9,7 +9,9 @@ concurrent streams (others with --streams).
         [--kv-cache-gib 0.5] [--max-num-seqs 32] [--max-model-len N] [--prompt-tokens N]
 
 The three sides get the same sizes, prompts and seeds, and take turns going first. The HTTP
-side is one shared httpx client on the daemon's Unix socket (`RUNTIME_DIR/openai.sock`); its
+side is one shared client on the daemon's Unix socket (`RUNTIME_DIR/openai.sock`): aiohttp (C
+parser; `--http-client httpx` for httpx, pure Python, whose own cost at 32 streams arriving
+together is ~10 ms of time to first token on a slow CPU, measured against a bare socket); its
 time to first token is that of the first event carrying text, and its tokens are the final
 usage event's `completion_tokens`. The functions and options are bench_serving.py's.
 
@@ -24,9 +26,11 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from bench_serving import (
     Prompts,
@@ -51,21 +55,63 @@ except ImportError:  # a host without httpx may have its fork, same API
     import httpx2 as httpx  # type: ignore[import-not-found, no-redef]
 
 READY_WITHIN_S = 60.0
+BASE = "http://localhost"
 
 
-def http_client(socket_path: Path) -> httpx.AsyncClient:
+class HttpSide:
     """One client for every stream: enough connections for 32 at once, and no read timeout
     short enough to cut a stream that waits for its turn in the engine."""
-    return httpx.AsyncClient(
-        transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-        base_url="http://localhost",
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        timeout=httpx.Timeout(600.0),
-    )
+
+    def __init__(self, socket_path: Path, library: str) -> None:
+        self.library = library
+        self._aiohttp: aiohttp.ClientSession | None = None
+        self._httpx: httpx.AsyncClient | None = None
+        if library == "aiohttp":
+            connector = aiohttp.UnixConnector(path=str(socket_path), limit=64)
+            self._aiohttp = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=600.0)
+            )
+        else:
+            self._httpx = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+                timeout=httpx.Timeout(600.0),
+            )
+
+    async def close(self) -> None:
+        if self._aiohttp is not None:
+            await self._aiohttp.close()
+        if self._httpx is not None:
+            await self._httpx.aclose()
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        if self._aiohttp is not None:
+            async with self._aiohttp.get(BASE + path) as response:
+                return response.status, await response.json(content_type=None)
+        assert self._httpx is not None
+        answer = await self._httpx.get(BASE + path)
+        return answer.status_code, answer.json()
+
+    async def post_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
+        """The response's lines; a status other than 200 raises with the body."""
+        if self._aiohttp is not None:
+            async with self._aiohttp.post(BASE + path, json=body) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"POST {path}: {response.status} {await response.text()}")
+                async for raw in response.content:
+                    yield raw.decode().rstrip("\r\n")
+            return
+        assert self._httpx is not None
+        async with self._httpx.stream("POST", BASE + path, json=body) as answer:
+            if answer.status_code != 200:
+                await answer.aread()
+                raise RuntimeError(f"POST {path}: {answer.status_code} {answer.text}")
+            async for line in answer.aiter_lines():
+                yield line
 
 
 async def wait_http_ready(
-    client: httpx.AsyncClient, daemon: subprocess.Popen[bytes], socket_path: Path
+    client: HttpSide, daemon: subprocess.Popen[bytes], socket_path: Path
 ) -> str:
     """Wait until GET /ready answers 200 (the HTTP API starts just after gRPC's); return the
     served model's id from GET /v1/models."""
@@ -74,19 +120,21 @@ async def wait_http_ready(
         if daemon.poll() is not None:
             raise SystemExit(f"the daemon exited ({daemon.returncode}) before {socket_path} was up")
         try:
-            if (await client.get("/ready")).status_code == 200:
+            if (await client.get("/ready"))[0] == 200:
                 break
-        except httpx.TransportError:
+        except (httpx.TransportError, aiohttp.ClientConnectionError):
             pass  # the socket is not there yet
         if time.monotonic() > deadline:
             raise SystemExit(f"{socket_path}: GET /ready not 200 within {READY_WITHIN_S:.0f} s")
         await asyncio.sleep(0.1)
-    models = (await client.get("/v1/models")).raise_for_status().json()
+    status, models = await client.get("/v1/models")
+    if status != 200:
+        raise SystemExit(f"GET /v1/models: {status} {models}")
     return str(models["data"][0]["id"])
 
 
 async def http_stream(
-    client: httpx.AsyncClient, model_id: str, prompt: str, max_tokens: int, seed: int
+    client: HttpSide, model_id: str, prompt: str, max_tokens: int, seed: int
 ) -> Sample:
     body = {
         "model": model_id,
@@ -99,26 +147,22 @@ async def http_stream(
     }
     started = time.perf_counter()
     first, chunks, usage_tokens = 0.0, 0, None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
-            raise RuntimeError(f"POST /v1/completions: {response.status_code} {response.text}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[len("data: ") :]
-            if data == "[DONE]":
-                break
-            event: dict[str, Any] = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"POST /v1/completions: {event['error']}")
-            if event.get("usage"):
-                usage_tokens = event["usage"]["completion_tokens"]
-            for choice in event.get("choices") or ():
-                if choice.get("text"):
-                    if chunks == 0:
-                        first = time.perf_counter() - started
-                    chunks += 1
+    async for line in client.post_lines("/v1/completions", body):
+        if not line.startswith("data: "):
+            continue
+        data = line[len("data: ") :]
+        if data == "[DONE]":
+            break
+        event: dict[str, Any] = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"POST /v1/completions: {event['error']}")
+        if event.get("usage"):
+            usage_tokens = event["usage"]["completion_tokens"]
+        for choice in event.get("choices") or ():
+            if choice.get("text"):
+                if chunks == 0:
+                    first = time.perf_counter() - started
+                chunks += 1
     tokens = usage_tokens if usage_tokens is not None else chunks
     return Sample(first, tokens, time.perf_counter() - started)
 
@@ -144,6 +188,7 @@ def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Tr
 async def main() -> None:
     parser = serving_parser(streams=32, max_num_seqs=32)
     parser.add_argument("--prompt-tokens", type=int, default=0)
+    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp")
     args = parser.parse_args()
     sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
@@ -158,11 +203,9 @@ async def main() -> None:
     daemon, target = start_daemon(workdir, state_dir, args.cache, sizes, extra_env=http_env)
     results: dict[int, tuple[list[Trial], ...]] = {n: ([], [], []) for n in args.streams}
     llm, model_id = None, ""
+    client = HttpSide(http_socket, args.http_client)
     try:
-        async with (
-            http_client(http_socket) as client,
-            grpc.aio.insecure_channel(target) as channel,
-        ):
+        async with grpc.aio.insecure_channel(target) as channel:
             model_id = await wait_http_ready(client, daemon, http_socket)
             llm = start_raw(model, sizes)
             stub = pb_grpc.GenerationServiceStub(channel)
@@ -180,6 +223,7 @@ async def main() -> None:
                         result = await trial(runners[side], streams, args.max_tokens, round_)
                         results[streams][side].append(result)
     finally:
+        await client.close()
         if llm is not None:
             llm.shutdown()
         daemon.terminate()
@@ -187,7 +231,7 @@ async def main() -> None:
     print(
         f"\n{args.rounds} interleaved rounds (raw, gRPC, HTTP in rotating order), "
         f"{args.max_tokens} tokens per stream, {args.prompt_tokens or 'short'} prompt tokens, "
-        f"{sizes}, model {model} (served as {model_id!r})"
+        f"{sizes}, model {model} (served as {model_id!r}), HTTP client {args.http_client}"
     )
     print(
         "| streams | raw decode tok/s/stream | gRPC | gRPC/raw | HTTP | HTTP/raw | "
