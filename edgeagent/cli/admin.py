@@ -39,6 +39,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"updating  to {status.candidate_version}")
     if status.probation_left_s > 0:
         print(f"probation {status.probation_left_s:.0f} s left (engine death rolls back)")
+    if status.next_swap:
+        print(f"next swap {status.next_swap}")
     for version, reason in sorted(status.bad_versions.items()):
         print(f"bad       {version}: {reason}")
     for outcome in status.history:

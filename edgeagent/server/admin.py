@@ -41,6 +41,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             candidate_version=updater.candidate or "",
             probation_left_s=updater.probation_left_s,
             bad_versions=updater.journal.bad,
+            next_swap=updater.next_swap(),
             start_timeline=[
                 pb.StartPhase(name=name, seconds=seconds) for name, seconds in self._timeline.phases
             ],

@@ -37,6 +37,7 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
+from edgeagent.fit import GiB
 from edgeagent.settings import SwapMode
 from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
@@ -193,17 +194,45 @@ class Updater:
         if version in self.journal.bad:
             raise UpdateRefusedError(f"marked bad earlier: {self.journal.bad[version]}")
 
+    def next_swap(self) -> str:
+        """How an update to a version of the serving one's size would load now, and why."""
+        serving = self._slot.serving
+        if serving is None:
+            return ""
+        beside, why = self._beside(serving.manifest, serving)
+        return f"{'beside' if beside else 'in place'}: {why}"
+
+    def _beside(self, candidate: Manifest, serving: Serving) -> tuple[bool, str]:
+        """Whether the candidate's engine may start beside the serving one, with the reason:
+        the mode allows it and the fit check gives it at least the serving engine's context
+        and sequences in what the serving engine leaves."""
+        if self._swap_mode == "in_place":
+            return False, "updates.swap is in_place"
+        fit, now = self._loader.plan(candidate, beside=serving), serving.plan
+        if not fit.fits:
+            return False, "no room for a second engine: " + "; ".join(fit.problems)
+        if fit.max_model_len < now.max_model_len or fit.max_concurrency < now.max_concurrency:
+            return False, (
+                f"a second engine would get {fit.max_model_len} tokens of context for "
+                f"{fit.max_concurrency} sequences, less than the serving engine's "
+                f"{now.max_model_len} for {now.max_concurrency}"
+            )
+        if self._swap_mode == "auto" and fit.device.kind != "gpu":
+            return False, "updates.swap is auto, which swaps beside on a GPU only"
+        return True, (
+            f"a second engine of {fit.predicted_bytes / GiB:.2f} GiB fits in the "
+            f"{fit.available_bytes / GiB:.2f} GiB the serving engine leaves"
+        )
+
     def _method(self, candidate: Manifest, serving: Serving) -> Method:
         """How to load the candidate: beside the serving engine where both fit (and the mode
         allows), else in place, or with a new engine if it fits."""
-        if self._swap_mode != "in_place":
-            beside = self._loader.plan(candidate, beside=serving)
-            if beside.fits and (self._swap_mode == "beside" or beside.device.kind == "gpu"):
-                return "beside"
-            if self._swap_mode == "beside":
-                problems = "; ".join(beside.problems)
-                logger.info("%s does not fit beside %s (%s): swapping in place",
-                            candidate.version, serving.version, problems)  # fmt: skip
+        beside, why = self._beside(candidate, serving)
+        if beside:
+            return "beside"
+        if self._swap_mode == "beside":
+            logger.info("%s cannot start beside %s (%s): swapping in place",
+                        candidate.version, serving.version, why)  # fmt: skip
         if same_layout(candidate, serving.manifest):
             return "reload"
         fit = self._loader.plan(candidate, replacing=serving)

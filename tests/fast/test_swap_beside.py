@@ -43,10 +43,12 @@ async def test_auto_on_a_gpu_with_room_swaps_beside_holding_no_request(box: Box)
     box.add("b", Behaviour(seed=2, token_s=0.005, start_s=1.0))
     a, b = box.versions["a"].version, box.versions["b"].version
     async with in_process(box, EDGEAGENT_UPDATES__SWAP="auto") as daemon:
+        said = (await daemon.status()).next_swap
         update = asyncio.ensure_future(daemon.update(b))
         load = await _under_load(daemon, {a: 1, b: 2}, update)
         outcome = update.result()
         live = [engine.behaviour.seed for engine in daemon.engines.live]
+    assert said.startswith("beside: a second engine of "), said
     assert (outcome.result, outcome.method) == (PROMOTED, "beside"), outcome
     assert outcome.pause_s < 0.05
     assert outcome.reload_s >= 1.0  # the start happened, outside the pause
@@ -117,7 +119,9 @@ async def test_no_room_for_two_swaps_in_place_and_says_so(box: Box) -> None:
     probe = FakeProbe(total_gib=24, free_gib=20)
     async with in_process(box, probe, EDGEAGENT_UPDATES__SWAP="auto") as daemon:
         probe.free = int(0.5 * GiB)  # what the serving engine leaves
+        said = (await daemon.status()).next_swap
         outcome = await daemon.update(box.versions["b"].version)
+    assert said.startswith("in place: no room for a second engine: "), said
     assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
 
 
@@ -137,3 +141,22 @@ async def test_a_memory_budget_counts_the_serving_engine(box: Box) -> None:
         live = [engine.behaviour.seed for engine in daemon.engines.live]
     assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
     assert live == [2]
+
+
+async def test_a_second_engine_with_less_context_than_the_first_swaps_in_place(box: Box) -> None:
+    """The context and KV cache are derived (the defaults). Within the budget a second engine
+    would fit only with half the serving engine's KV cache, so a shorter context or fewer
+    sequences: clients would lose what they had, so the swap is in place, and status says so."""
+    box.add("a", Behaviour(seed=1), current=True)
+    box.add("b", Behaviour(seed=2))
+    probe = FakeProbe(total_gib=80, free_gib=70)
+    one = plan(
+        box.versions["a"].architecture, probe.read(), FitRequest.from_settings(box.settings())
+    )
+    budget = 2 * (one.weight_bytes + one.overhead_bytes) + 1.5 * one.kv_cache_bytes
+    async with in_process(box, probe, EDGEAGENT_UPDATES__SWAP="beside",
+                          EDGEAGENT_MEMORY__BUDGET_GIB=f"{budget / GiB}") as daemon:  # fmt: skip
+        said = (await daemon.status()).next_swap
+        outcome = await daemon.update(box.versions["b"].version)
+    assert "less than the serving engine's" in said, said
+    assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
