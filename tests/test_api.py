@@ -267,13 +267,19 @@ async def test_logprobs_of_generated_and_prompt_tokens(stub: Stub) -> None:
     response = await stub.Generate(request("The river runs", 12, response=options))
     assert len(response.tokens) == response.completion_tokens == 12
     assert "".join(t.text for t in response.tokens) == response.text
-    for token in response.tokens:  # greedy: the chosen token is the most likely one
-        assert token.rank == 1
+    for token in response.tokens:  # greedy: the chosen token is a most likely one
         assert token.logprob <= 0
-        assert [t.id for t in token.top_tokens][:1] == [token.id]
         assert len(token.top_tokens) == 3
         logprobs = [t.logprob for t in token.top_tokens]
         assert logprobs == sorted(logprobs, reverse=True)
+        assert token.logprob == logprobs[0]
+        assert token.id in [t.id for t in token.top_tokens if t.logprob == token.logprob]
+        # Random weights in half precision tie at the top at times: tied tokens take
+        # consecutive ranks in the engine's order, not always the chosen one first.
+        tied = logprobs.count(token.logprob)
+        assert token.rank >= 1
+        if tied < len(logprobs):  # else more may tie beyond the top 3
+            assert token.rank <= tied
     prompt_ids = (await stub.Tokenize(pb.TokenizeRequest(prompt="The river runs"))).token_ids
     assert [t.id for t in response.input_tokens] == list(prompt_ids)
     assert not response.input_tokens[0].HasField("logprob")
