@@ -266,7 +266,10 @@ async def test_logprobs_of_generated_and_prompt_tokens(stub: Stub) -> None:
     options = pb.ResponseOptions(generated_tokens=True, input_tokens=True, top_n_tokens=3)
     response = await stub.Generate(request("The river runs", 12, response=options))
     assert len(response.tokens) == response.completion_tokens == 12
-    assert "".join(t.text for t in response.tokens) == response.text
+    # A special token (random weights emit them at times) keeps its name in its token's text,
+    # as vLLM's own server gives it, but the completion's text leaves it out.
+    spoken = [t for t in response.tokens if not (t.text.startswith("<|") and t.text.endswith("|>"))]
+    assert "".join(t.text for t in spoken) == response.text
     for token in response.tokens:  # greedy: the chosen token is a most likely one
         assert token.logprob <= 0
         assert len(token.top_tokens) == 3
