@@ -26,9 +26,9 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import grpc
@@ -58,56 +58,66 @@ READY_WITHIN_S = 60.0
 BASE = "http://localhost"
 
 
-class HttpSide:
+class HttpSide(Protocol):
     """One client for every stream: enough connections for 32 at once, and no read timeout
     short enough to cut a stream that waits for its turn in the engine."""
 
-    def __init__(self, socket_path: Path, library: str) -> None:
-        self.library = library
-        self._aiohttp: aiohttp.ClientSession | None = None
-        self._httpx: httpx.AsyncClient | None = None
-        if library == "aiohttp":
-            connector = aiohttp.UnixConnector(path=str(socket_path), limit=64)
-            self._aiohttp = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=600.0)
-            )
-        else:
-            self._httpx = httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
-                limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-                timeout=httpx.Timeout(600.0),
-            )
+    async def get(self, path: str) -> tuple[int, Any]: ...
 
-    async def close(self) -> None:
-        if self._aiohttp is not None:
-            await self._aiohttp.close()
-        if self._httpx is not None:
-            await self._httpx.aclose()
+    def post_lines(self, path: str, body: dict[str, Any]) -> AsyncGenerator[str, None]:
+        """The response's lines; a status other than 200 raises with the body."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class AiohttpSide:
+    def __init__(self, socket_path: Path) -> None:
+        connector = aiohttp.UnixConnector(path=str(socket_path), limit=64)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=600.0)
+        )
 
     async def get(self, path: str) -> tuple[int, Any]:
-        if self._aiohttp is not None:
-            async with self._aiohttp.get(BASE + path) as response:
-                return response.status, await response.json(content_type=None)
-        assert self._httpx is not None
-        answer = await self._httpx.get(BASE + path)
+        async with self._session.get(BASE + path) as response:
+            return response.status, await response.json(content_type=None)
+
+    async def post_lines(self, path: str, body: dict[str, Any]) -> AsyncGenerator[str, None]:
+        async with self._session.post(BASE + path, json=body) as response:
+            if response.status != 200:
+                raise RuntimeError(f"POST {path}: {response.status} {await response.text()}")
+            async for raw in response.content:
+                yield raw.decode().rstrip("\r\n")
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+class HttpxSide:
+    def __init__(self, socket_path: Path) -> None:
+        self._client = httpx.AsyncClient(
+            transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+            timeout=httpx.Timeout(600.0),
+        )
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        answer = await self._client.get(BASE + path)
         return answer.status_code, answer.json()
 
-    async def post_lines(self, path: str, body: dict[str, Any]) -> AsyncIterator[str]:
-        """The response's lines; a status other than 200 raises with the body."""
-        if self._aiohttp is not None:
-            async with self._aiohttp.post(BASE + path, json=body) as response:
-                if response.status != 200:
-                    raise RuntimeError(f"POST {path}: {response.status} {await response.text()}")
-                async for raw in response.content:
-                    yield raw.decode().rstrip("\r\n")
-            return
-        assert self._httpx is not None
-        async with self._httpx.stream("POST", BASE + path, json=body) as answer:
+    async def post_lines(self, path: str, body: dict[str, Any]) -> AsyncGenerator[str, None]:
+        async with self._client.stream("POST", BASE + path, json=body) as answer:
             if answer.status_code != 200:
                 await answer.aread()
                 raise RuntimeError(f"POST {path}: {answer.status_code} {answer.text}")
             async for line in answer.aiter_lines():
                 yield line
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+HTTP_CLIENTS: dict[str, Callable[[Path], HttpSide]] = {"aiohttp": AiohttpSide, "httpx": HttpxSide}
 
 
 async def wait_http_ready(
@@ -188,7 +198,7 @@ def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Tr
 async def main() -> None:
     parser = serving_parser(streams=32, max_num_seqs=32)
     parser.add_argument("--prompt-tokens", type=int, default=0)
-    parser.add_argument("--http-client", choices=["aiohttp", "httpx"], default="aiohttp")
+    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="aiohttp")
     args = parser.parse_args()
     sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
@@ -203,7 +213,7 @@ async def main() -> None:
     daemon, target = start_daemon(workdir, state_dir, args.cache, sizes, extra_env=http_env)
     results: dict[int, tuple[list[Trial], ...]] = {n: ([], [], []) for n in args.streams}
     llm, model_id = None, ""
-    client = HttpSide(http_socket, args.http_client)
+    client = HTTP_CLIENTS[args.http_client](http_socket)
     try:
         async with grpc.aio.insecure_channel(target) as channel:
             model_id = await wait_http_ready(client, daemon, http_socket)

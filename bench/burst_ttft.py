@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import grpc
-from bench_http import HttpSide, http_stream, wait_http_ready
+from bench_http import AiohttpSide, http_stream, wait_http_ready
 from bench_serving import Sample, Sizes, daemon_stream, prepare_store, start_daemon
 
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -48,7 +48,7 @@ async def main(args: argparse.Namespace) -> None:
         extra_env={"EDGEAGENT_SERVER__HTTP_ENABLED": "true",
                    "EDGEAGENT_SERVER__HTTP_SOCKET_PATH": str(http_socket)},
     )  # fmt: skip
-    client = HttpSide(http_socket, "aiohttp")
+    client = AiohttpSide(http_socket)
     try:
         model_id = await wait_http_ready(client, daemon, http_socket)
         print(f"daemon PID {daemon.pid}, model {model}", flush=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
@@ -23,8 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
-import httpx
+from bench_http import HTTP_CLIENTS, HttpSide
 
 BODY = {"prompt": "hi", "max_tokens": 8, "stream": True}
 FIRST_EVENT = b"data: {"
@@ -49,22 +49,11 @@ uvicorn.run(app, uds=sys.argv[1], log_level="warning")
 Send = Callable[[float], Awaitable[float]]
 
 
-def with_httpx(client: httpx.AsyncClient) -> Send:
+def with_client(client: HttpSide) -> Send:
     async def send(started: float) -> float:
-        async with client.stream("POST", "http://x/v1/completions", json=BODY) as response:
-            async for line in response.aiter_lines():
+        async with contextlib.aclosing(client.post_lines("/v1/completions", BODY)) as lines:
+            async for line in lines:
                 if line.startswith(FIRST_EVENT.decode()):
-                    break
-        return time.perf_counter() - started
-
-    return send
-
-
-def with_aiohttp(session: aiohttp.ClientSession) -> Send:
-    async def send(started: float) -> float:
-        async with session.post("http://x/v1/completions", json=BODY) as response:
-            async for line in response.content:
-                if line.startswith(FIRST_EVENT):
                     break
         return time.perf_counter() - started
 
@@ -100,18 +89,14 @@ async def measure(name: str, send: Send, streams: int, rounds: int) -> None:
               f"slowest {slowest:.1f} ms")  # fmt: skip
 
 
-async def main(args: argparse.Namespace, path: str) -> None:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    async with (
-        httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=path), limits=limits) as client,
-        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path, limit=64)) as session,
-    ):
-        for name, send in (
-            ("httpx", with_httpx(client)),
-            ("aiohttp", with_aiohttp(session)),
-            ("socket", with_socket(path)),
-        ):
-            await measure(name, send, args.streams, args.rounds)
+async def main(args: argparse.Namespace, path: Path) -> None:
+    for name, side in HTTP_CLIENTS.items():
+        client = side(path)
+        try:
+            await measure(name, with_client(client), args.streams, args.rounds)
+        finally:
+            await client.close()
+    await measure("socket", with_socket(str(path)), args.streams, args.rounds)
 
 
 if __name__ == "__main__":
@@ -119,10 +104,10 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     arguments = parser.parse_args()
-    socket_path = str(Path(tempfile.mkdtemp(prefix="edgeagent-http-")) / "s.sock")
-    server = subprocess.Popen([sys.executable, "-c", SERVER, socket_path])
+    socket_path = Path(tempfile.mkdtemp(prefix="edgeagent-http-")) / "s.sock"
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(socket_path)])
     try:
-        while not Path(socket_path).exists():
+        while not socket_path.exists():
             time.sleep(0.05)
         asyncio.run(main(arguments, socket_path))
     finally:

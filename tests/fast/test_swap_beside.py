@@ -10,7 +10,7 @@ import time
 import grpc
 
 from edgeagent.client import Parameters, build_request
-from edgeagent.fit import FitRequest, GiB, plan
+from edgeagent.fit import FitRequest, GiB, Plan, plan
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 from fast.fakes import Behaviour, FakeProbe
@@ -131,9 +131,7 @@ async def test_a_memory_budget_counts_the_serving_engine(box: Box) -> None:
     box.add("a", Behaviour(seed=1), current=True)
     box.add("b", Behaviour(seed=2))
     probe = FakeProbe(total_gib=80, free_gib=70)
-    one = plan(
-        box.versions["a"].architecture, probe.read(), FitRequest.from_settings(box.settings())
-    )
+    one = _one_engine(box, probe)
     budget = f"{1.5 * one.predicted_bytes / GiB:.3f}"
     async with in_process(box, probe, EDGEAGENT_UPDATES__SWAP="beside",
                           EDGEAGENT_MEMORY__BUDGET_GIB=budget) as daemon:  # fmt: skip
@@ -150,9 +148,7 @@ async def test_a_second_engine_with_less_context_than_the_first_swaps_in_place(b
     box.add("a", Behaviour(seed=1), current=True)
     box.add("b", Behaviour(seed=2))
     probe = FakeProbe(total_gib=80, free_gib=70)
-    one = plan(
-        box.versions["a"].architecture, probe.read(), FitRequest.from_settings(box.settings())
-    )
+    one = _one_engine(box, probe)
     budget = 2 * (one.weight_bytes + one.overhead_bytes) + 1.5 * one.kv_cache_bytes
     async with in_process(box, probe, EDGEAGENT_UPDATES__SWAP="beside",
                           EDGEAGENT_MEMORY__BUDGET_GIB=f"{budget / GiB}") as daemon:  # fmt: skip
@@ -160,3 +156,9 @@ async def test_a_second_engine_with_less_context_than_the_first_swaps_in_place(b
         outcome = await daemon.update(box.versions["b"].version)
     assert "less than the serving engine's" in said, said
     assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+
+
+def _one_engine(box: Box, probe: FakeProbe) -> Plan:
+    """The fit check's plan for version "a" alone on `probe`'s device, with the box's settings."""
+    request = FitRequest.from_settings(box.settings())
+    return plan(box.versions["a"].architecture, probe.read(), request)
