@@ -234,6 +234,48 @@ def row(label: str, raw: list[Trial], daemon: list[Trial]) -> str:
     )
 
 
+def round_ratios(raw: list[Trial], daemon: list[Trial]) -> str:
+    """Each round's daemon/raw aggregate, the two measured back to back: their median and
+    quartiles, then every one (the run's noise)."""
+    ratios = sorted(d.aggregate_tok_s / r.aggregate_tok_s for r, d in zip(raw, daemon, strict=True))
+    summary = ""
+    if len(ratios) >= 4:
+        low, median, high = statistics.quantiles(ratios, n=4)
+        summary = f"median {median:.3f}, quartiles {low:.3f} to {high:.3f}; "
+    return summary + " ".join(f"{ratio:.3f}" for ratio in ratios)
+
+
+class CpuPerToken:
+    """CPU seconds that processes spend per token served, summed over trials: the serving path's
+    own cost, which the box's noise (decode speed varies by ±15 % between rounds on a shared
+    2-core machine) hides in the tokens/s ratios. A process's engine core is a child of its
+    own and not counted."""
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        import psutil  # a dependency of vLLM's
+
+        self._processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+        self._seconds = dict.fromkeys(pids, 0.0)
+        self.tokens = 0
+
+    def _now(self) -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in self._processes.items()}
+
+    async def measure(self, run: Awaitable[Trial]) -> Trial:
+        before = self._now()
+        result = await run
+        for name, seconds in self._now().items():
+            self._seconds[name] += seconds - before[name]
+        self.tokens += sum(sample.tokens for sample in result.samples)
+        return result
+
+    def line(self) -> str:
+        return ", ".join(
+            f"{name} {1e6 * seconds / max(self.tokens, 1):.0f} µs"
+            for name, seconds in self._seconds.items()
+        )
+
+
 def serving_parser(streams: int, max_num_seqs: int) -> argparse.ArgumentParser:
     """The options the serving benchmarks share: what to serve, how long, how engines are sized
     (both sides get the same sizes); `streams` is the larger default concurrency."""
@@ -284,15 +326,23 @@ async def main() -> None:
             )
             for warm in runners:
                 await trial(warm, max(args.streams), args.max_tokens, 0)
+            raw_pids = {"benchmark process (vLLM's front end)": os.getpid()}
+            daemon_pids = {"daemon": daemon.pid, "benchmark process (gRPC client)": os.getpid()}
+            cpu = (
+                {streams: CpuPerToken(raw_pids) for streams in args.streams},
+                {streams: CpuPerToken(daemon_pids) for streams in args.streams},
+            )
             for round_ in range(1, args.rounds + 1):
                 for streams in args.streams:
                     order = (0, 1) if round_ % 2 else (1, 0)  # alternate who goes first
                     for side in order:
-                        result = await trial(runners[side], streams, args.max_tokens, round_)
+                        run = trial(runners[side], streams, args.max_tokens, round_)
+                        result = await cpu[side][streams].measure(run)
                         results[streams][side].append(result)
     finally:
         if llm is not None:
             llm.shutdown()
+            del llm  # now, not in __del__ at exit, when vLLM's module globals are gone
         daemon.terminate()
         daemon.wait(timeout=60)
     print(
@@ -306,6 +356,11 @@ async def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for streams, (raw, over_grpc) in results.items():
         print(row(str(streams), raw, over_grpc))
+    for streams, (raw, over_grpc) in results.items():
+        print(f"{streams} streams, daemon/raw aggregate by round: {round_ratios(raw, over_grpc)}")
+    for streams in args.streams:
+        print(f"{streams} streams, CPU per token: raw: {cpu[0][streams].line()}; "
+              f"daemon side: {cpu[1][streams].line()}")  # fmt: skip
 
 
 if __name__ == "__main__":

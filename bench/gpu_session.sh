@@ -31,7 +31,8 @@ swaps() {
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     [ -d "$checkpoint" ] || LAYERS=${layers:-40} python3 /tmp/gpu-tools/make_phi4_gptq.py \
         "$checkpoint" "$seed"
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     version=$(python3 bench/gpu_prepare.py "$checkpoint" "$STATE" --keep-current \
         | tee -a "$OUT/setup.txt" | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
     python3 bench/bench_update.py "$STATE" "$CACHE" "$version" "${SIZES[@]}" \
@@ -78,7 +79,8 @@ restart)  # 32 layers instead of 40: another architecture, so the engine restart
     ;;
 constrained)
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
     python3 bench/bench_constrained.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
@@ -87,7 +89,8 @@ constrained)
     ;;
 http)
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
+    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
     python3 bench/bench_http.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
