@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,3 +123,14 @@ async def test_chat_content_is_text_never_control_tokens(engine: VllmEngine) -> 
     # Plain content is encoded exactly as the whole rendered prompt would be.
     rendered = "<|im_start|>user<|im_sep|>plain words<|im_end|><|im_start|>assistant<|im_sep|>"
     assert as_text == engine.encode(rendered)
+
+
+def test_vllms_imports_are_frozen_and_the_engine_is_not(engine: VllmEngine) -> None:
+    """The collector walks what the engine made (so stopping it frees its cycles) but not the
+    heap of vLLM's and torch's imports, whose walk held the GIL ~0.4 s on every full collection.
+    `gc.get_objects()` lists what the collector walks, never the frozen."""
+    import vllm.v1.engine.async_llm as async_llm_module
+
+    walked = gc.get_objects()
+    assert any(obj is engine._llm for obj in walked)
+    assert not any(obj is async_llm_module.__dict__ for obj in walked)

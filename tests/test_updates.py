@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,6 +298,10 @@ async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls
         clients = [asyncio.create_task(_stream_until(target.address, stop, load, i))
                    for i in range(3)]  # fmt: skip
         await asyncio.sleep(1.0)
+        engine_a = target.engine
+        assert isinstance(engine_a, VllmEngine)
+        replaced = weakref.ref(engine_a._llm)  # the vLLM AsyncLLM that A's engine wraps
+        del engine_a
         restarted = await asyncio.to_thread(_update, target.admin, other.version)
         await asyncio.sleep(1.0)
         stop.set()
@@ -315,6 +320,7 @@ async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls
 
     assert restarted.result == admin_pb.UPDATE_RESULT_PROMOTED, restarted.reason
     assert restarted.method == "restart"
+    assert replaced() is None  # nothing keeps a replaced engine's front end past its stop
     assert load.failures == []
     assert load.versions == {tiny_4bit.version, other.version}
     assert on_other == fresh_fp16_outputs
