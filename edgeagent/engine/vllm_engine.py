@@ -348,7 +348,7 @@ def _freeze_import_heap() -> None:
     ever) out of the collector's sight. A full collection walks every tracked object while
     holding the GIL: ~0.4 s in this process on a 2-core box, which every stream felt when the
     collection that frees a swapped-out engine ran (a 0.46 s stall on the event loop); frozen,
-    it takes 10–30 ms and still frees engines, which are created after the freeze. vLLM's own
+    it takes 10 to 30 ms and still frees engines, which are created after the freeze. vLLM's own
     server freezes once it has started (`vllm.utils.gc_utils.freeze_gc_heap`), which here would
     keep every replaced engine for ever. Refcounting still frees frozen objects."""
     if gc.get_freeze_count() == 0:
