@@ -17,6 +17,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -29,10 +30,12 @@ PROMPT = "Tell me about bridges"
 TOKENS = 4
 
 
-async def bursts(send_one, streams: int, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
-    medians, ends_at = [], time.monotonic() + seconds
+async def bursts(
+    send_one: Callable[[int], Awaitable[Sample]], streams: int, seconds: float
+) -> list[float]:
+    medians, ends_at = list[float](), time.monotonic() + seconds
     while time.monotonic() < ends_at:
-        samples: list[Sample] = await asyncio.gather(*(send_one(i) for i in range(streams)))
+        samples = await asyncio.gather(*(send_one(i) for i in range(streams)))
         medians.append(1000 * statistics.median(sample.ttft_s for sample in samples))
     return medians
 

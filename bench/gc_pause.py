@@ -1,6 +1,6 @@
 """How long a full garbage collection holds the GIL in a process that serves with vLLM, with and
 without the heap of vLLM's imports frozen as the engine wrapper freezes it
-(`_freeze_import_heap` in edgeagent/engine/vllm_engine.py). Each mode runs in a fresh process.
+(`freeze_import_heap` in edgeagent/engine/vllm_engine.py). Each mode runs in a fresh process.
 
     .venv/bin/python bench/gc_pause.py [--model DIR]
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 from bench_serving import Sizes, prepare_store, start_raw
 
+from edgeagent.engine.vllm_engine import freeze_import_heap
+
 
 def collect_ms() -> tuple[float, int]:
     started = time.perf_counter()
@@ -33,8 +35,7 @@ def measure(model: Path, freeze: bool) -> None:
     from vllm.v1.engine import async_llm  # noqa: F401
 
     if freeze:
-        gc.collect()
-        gc.freeze()
+        freeze_import_heap()
     llm = start_raw(model, Sizes(0.25, 4, 1024, 1024))
     walked = len(gc.get_objects())
     running = [collect_ms()[0] for _ in range(3)]

@@ -61,7 +61,7 @@ class VllmEngine:
         orphans.mark_daemon()
         stats = _LatestStats()
         args = _engine_args(config)
-        _freeze_import_heap()
+        freeze_import_heap()
         _set_engine_environment(config)
         return cls._launch(args, config, stats)
 
@@ -342,7 +342,7 @@ def _engine_args(config: EngineConfig) -> Any:
     return args
 
 
-def _freeze_import_heap() -> None:
+def freeze_import_heap() -> None:
     """Once per process, after vLLM's and torch's imports and before any engine exists: move
     the objects alive now (~620k, nearly all of them from those imports, and they live for
     ever) out of the collector's sight. A full collection walks every tracked object while
