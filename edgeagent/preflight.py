@@ -16,8 +16,8 @@ from huggingface_hub.utils._validators import validate_repo_id
 
 from edgeagent.errors import ConfigError
 from edgeagent.metrics import loopback_address
-from edgeagent.server.app import check_socket_path, group_id
 from edgeagent.server.auth import check_tcp_callers, server_credentials
+from edgeagent.server.sockets import check_socket_path, group_id
 from edgeagent.settings import Settings
 
 _REVISION = re.compile(r"^[\w.\-/]+$")

@@ -9,10 +9,7 @@ listeners.
 
 from __future__ import annotations
 
-import grp
 import logging
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ from edgeagent.server.admin import add_to_server as add_admin_to_server
 from edgeagent.server.auth import BearerTokenInterceptor, check_tcp_callers, server_credentials
 from edgeagent.server.health import SlotHealth
 from edgeagent.server.service import GenerationService
+from edgeagent.server.sockets import UnixListener
 from edgeagent.settings import ServerSettings
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -45,13 +43,6 @@ class Tokens:
 
     api: str | None = None
     admin: str | None = None
-
-
-@dataclass(frozen=True)
-class UnixListener:
-    path: Path
-    mode: int
-    group: str | None = None
 
 
 class ApiServer:
@@ -120,22 +111,12 @@ class ApiServer:
         return server
 
     async def _start_unix(self, server: grpc.aio.Server, listener: UnixListener) -> None:
-        path = listener.path
-        claim_socket_path(path)
-        if server.add_insecure_port(f"unix:{path}") == 0:
-            raise ConfigError(f"cannot listen on unix socket {path}")
-        # The socket file is created with the umask's mode: never wider than the configured one.
-        old_umask = os.umask(0o777 & ~listener.mode)
-        try:
-            await server.start()
-        finally:
-            os.umask(old_umask)
+        with listener.creating():
+            if server.add_insecure_port(f"unix:{listener.path}") == 0:
+                raise ConfigError(f"cannot listen on unix socket {listener.path}")
+            await server.start()  # creates the socket file
         self._servers.append((server, listener))
-        if listener.group is not None:
-            os.chown(path, -1, group_id(listener.group))
-        os.chmod(path, listener.mode)
-        logger.info("listening on unix socket %s (mode %o%s)", path, listener.mode,
-                    f", group {listener.group}" if listener.group else "")  # fmt: skip
+        listener.restrict("listening")
 
     async def _start_tcp(self, address: str, credentials: grpc.ServerCredentials | None) -> None:
         interceptor = BearerTokenInterceptor(self._tokens.api, self._tokens.admin)
@@ -162,37 +143,7 @@ class ApiServer:
         self._servers.clear()
 
 
-def check_socket_path(path: Path) -> None:
-    """Refuse a path that another live server listens on, or that is not a socket."""
-    if path.is_socket() and _socket_accepts(path):
-        raise ConfigError(f"another server is listening on {path}; is edgeagent already running?")
-    if path.exists() and not path.is_socket():
-        raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-
-
-def claim_socket_path(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    check_socket_path(path)
-    path.unlink(missing_ok=True)  # a socket left behind by a process that died
-
-
-def group_id(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ConfigError(f"server.socket_group: no group named {name!r}") from None
-
-
 def _tls_label(settings: ServerSettings) -> str:
     if settings.tls_cert_file is None:
         return "no TLS"
     return "mutual TLS" if settings.tls_client_ca_file else "TLS"
-
-
-def _socket_accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(str(path))
-        except OSError:
-            return False
-    return True

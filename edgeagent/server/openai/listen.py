@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -18,10 +17,10 @@ from typing import Any
 import uvicorn
 
 from edgeagent.errors import ConfigError
-from edgeagent.server.app import claim_socket_path, group_id
 from edgeagent.server.auth import check_tcp_address, server_credentials
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.app import create_app
+from edgeagent.server.sockets import UnixListener
 from edgeagent.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -59,19 +58,16 @@ class HttpApi:
             raise
 
     def _unix_socket(self) -> socket.socket:
-        path, settings = self.socket_path, self._settings
-        claim_socket_path(path)
+        settings = self._settings
+        unix = UnixListener(self.socket_path, settings.socket_mode, settings.socket_group)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~settings.socket_mode)
         try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old_umask)
-        if settings.socket_group is not None:
-            os.chown(path, -1, group_id(settings.socket_group))
-        os.chmod(path, settings.socket_mode)
-        logger.info("OpenAI-compatible HTTP on unix socket %s (mode %o)", path,
-                    settings.socket_mode)  # fmt: skip
+            with unix.creating():
+                listener.bind(str(unix.path))
+            unix.restrict("OpenAI-compatible HTTP")
+        except BaseException:
+            listener.close()
+            raise
         return listener
 
     async def _serve(self, listener: socket.socket, token: str | None, tls: dict[str, Any]) -> None:
