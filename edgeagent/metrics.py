@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -60,12 +59,13 @@ class Metrics:
             registry=r,
         )  # fmt: skip
 
-    def observer(self, method: str) -> Callable[[grpc.StatusCode], None]:
-        """What the RPC's final status code is reported to (see `errors_as_status`)."""
+    def observer(self, method: str) -> Callable[[str], None]:
+        """What the request's final status code (its name: `OK`, `INVALID_ARGUMENT`, ...) is
+        reported to (see `errors_as_status`)."""
         started = time.perf_counter()
 
-        def finished(code: grpc.StatusCode) -> None:
-            self.requests.labels(method, code.name).inc()
+        def finished(code: str) -> None:
+            self.requests.labels(method, code).inc()
             self.request_duration.observe(time.perf_counter() - started)
 
         return finished

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from edgeagent.engine.slot import ServingSlot
-from edgeagent.server.error_codes import Context, errors_as_status
+from edgeagent.server.grpc_errors import Context, errors_as_status
 from edgeagent.timeline import StartTimeline
 from edgeagent.updates.journal import UpdateOutcome
 from edgeagent.updates.pipeline import Updater

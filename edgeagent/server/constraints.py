@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any
 
 import jsonschema
 
 from edgeagent.engine.interface import Constraint
 from edgeagent.errors import InvalidRequestError
+from edgeagent.server.core import RequestedConstraint
 from edgeagent.settings import LimitSettings
-from edgeagent.v1 import generation_pb2 as pb
 
 # Keywords that describe a schema without constraining its instances.
 ANNOTATIONS = frozenset(
@@ -28,26 +27,29 @@ ANNOTATIONS = frozenset(
 MAX_SCHEMA_DEPTH = 32  # JSON nesting of the schema document; vLLM itself refuses beyond 64
 
 
-def constraint_from(request: pb.Constraint, limits: LimitSettings) -> Constraint | None:
-    """The engine's constraint for `request.constraint`, or None when it has none."""
-    kind = request.WhichOneof("kind")
-    if kind is None:
+def constraint_from(
+    request: RequestedConstraint | None, limits: LimitSettings
+) -> Constraint | None:
+    """The engine's constraint for the request's `constraint`, or None when it has none."""
+    given = request.given if request is not None else []
+    if request is None or not given:
         return None
-    if kind == "json_schema":
+    if len(given) > 1:
+        raise InvalidRequestError("constraint", f"give one kind, not {', '.join(given)}")
+    if request.json_schema is not None:
         return _json_schema(request.json_schema, limits)
-    if kind == "json_object":
+    if request.json_object is not None:
         if not request.json_object:
             raise InvalidRequestError(
                 "constraint.json_object", "set it to true, or send no constraint"
             )
         return Constraint(json_object=True)
-    if kind == "regex":
+    if request.regex is not None:
         return Constraint(regex=_text("constraint.regex", request.regex, limits))
-    if kind == "grammar":
+    if request.grammar is not None:
         return Constraint(grammar=_text("constraint.grammar", request.grammar, limits))
-    if kind == "choice":
-        return Constraint(choice=_choices(request.choice.choices, limits))
-    raise InvalidRequestError("constraint", f"unknown kind {kind!r}")
+    assert request.choice is not None  # the one kind left
+    return Constraint(choice=_choices(request.choice, limits))
 
 
 def _text(field: str, text: str, limits: LimitSettings) -> str:
@@ -67,7 +69,7 @@ def _check_size(field: str, size: int, limits: LimitSettings) -> None:
         )  # fmt: skip
 
 
-def _choices(choices: Any, limits: LimitSettings) -> tuple[str, ...]:
+def _choices(choices: tuple[str, ...], limits: LimitSettings) -> tuple[str, ...]:
     field = "constraint.choice.choices"
     if not choices:
         raise InvalidRequestError(field, "must hold at least one string")
@@ -79,7 +81,7 @@ def _choices(choices: Any, limits: LimitSettings) -> tuple[str, ...]:
         if not choice:
             raise InvalidRequestError(f"{field}[{index}]", "must not be empty")
     _check_size(field, sum(len(c.encode()) for c in choices), limits)
-    return tuple(choices)
+    return choices
 
 
 def _json_schema(text: str, limits: LimitSettings) -> Constraint:

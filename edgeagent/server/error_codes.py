@@ -1,15 +1,13 @@
-"""The one place where edgeagent's errors become gRPC status codes, and HTTP statuses for the
-OpenAI-compatible API."""
+"""The one place where edgeagent's errors become statuses: each error's canonical status (named
+as gRPC's codes are, which `server/grpc_errors.py` converts by name), and its HTTP status and
+OpenAI error `type` for the OpenAI-compatible API."""
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-
-import grpc
 
 from edgeagent.errors import (
     ClientTooSlowError,
@@ -27,30 +25,43 @@ from edgeagent.errors import (
 
 logger = logging.getLogger(__name__)
 
-_CODES: tuple[tuple[type[EdgeAgentError], grpc.StatusCode], ...] = (
-    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (ClientTooSlowError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (RequestCancelledError, grpc.StatusCode.UNAVAILABLE),
-    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UpdateRefusedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+
+class Status(enum.Enum):
+    """How a request ended, in the canonical codes' names (gRPC's `StatusCode` has each)."""
+
+    OK = enum.auto()
+    CANCELLED = enum.auto()
+    UNKNOWN = enum.auto()
+    INVALID_ARGUMENT = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    NOT_FOUND = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    UNAVAILABLE = enum.auto()
+    UNAUTHENTICATED = enum.auto()
+    INTERNAL = enum.auto()
+
+
+INVALID_REQUEST = (400, "invalid_request_error")
+UNAVAILABLE = (503, "service_unavailable_error")
+INTERNAL = (500, "internal_server_error")
+
+# Each error: its status, and its HTTP status and OpenAI error type. The first match wins.
+_TABLE: tuple[tuple[type[EdgeAgentError], Status, tuple[int, str]], ...] = (
+    (InvalidRequestError, Status.INVALID_ARGUMENT, INVALID_REQUEST),
+    (ResourceExhaustedError, Status.RESOURCE_EXHAUSTED, (429, "rate_limit_error")),
+    (ClientTooSlowError, Status.DEADLINE_EXCEEDED, (408, "timeout_error")),
+    (UnavailableError, Status.UNAVAILABLE, UNAVAILABLE),
+    (RequestCancelledError, Status.UNAVAILABLE, UNAVAILABLE),
+    (EngineDeadError, Status.UNAVAILABLE, UNAVAILABLE),
+    (ConfigError, Status.FAILED_PRECONDITION, INVALID_REQUEST),
+    (UpdateRefusedError, Status.FAILED_PRECONDITION, INVALID_REQUEST),
+    (NotFoundError, Status.NOT_FOUND, (404, "not_found_error")),
+    (UnauthenticatedError, Status.UNAUTHENTICATED, (401, "authentication_error")),
 )
-
-
-# HTTP status and OpenAI error `type` for each gRPC code.
-_HTTP: dict[grpc.StatusCode, tuple[int, str]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (408, "timeout_error"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-}
+# A request too big as it is (a refusal without a retry hint): retrying will not help, and
+# OpenAI's clients read `rate_limit_error` as "retry later".
+TOO_LARGE = (413, "invalid_request_error")
 
 
 @dataclass(frozen=True)
@@ -64,65 +75,31 @@ class HttpError:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+def status_for(exc: BaseException) -> tuple[Status, str]:
+    """The status and client-facing message for `exc`; unknown errors say nothing inside."""
+    status, _, message = _mapped(exc)
+    return status, message
+
+
 def http_error_for(exc: BaseException) -> HttpError:
-    """The HTTP status, OpenAI error type and headers for `exc`, from the same table as gRPC's;
-    a refusal for load says when to retry in `Retry-After` (whole seconds, at least 1)."""
-    code, message = status_for(exc)
-    status, kind = _HTTP.get(code, (500, "internal_server_error"))
+    """The HTTP status, OpenAI error type and headers for `exc`, from the same table as its
+    status; a refusal for load says when to retry in `Retry-After` (whole seconds, at least 1)."""
+    _, (status, kind), message = _mapped(exc)
     headers = {}
     if isinstance(exc, ResourceExhaustedError):
         if exc.retry_after_s is not None:
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
         else:
-            status = 413  # too big as it is: retrying will not help
+            status, kind = TOO_LARGE
     param = exc.field if isinstance(exc, InvalidRequestError) else None
     return HttpError(status, kind, message, param, headers)
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for `exc`; unknown errors say nothing inside."""
-    for kind, code in _CODES:
+def _mapped(exc: BaseException) -> tuple[Status, tuple[int, str], str]:
+    for kind, status, http in _TABLE:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return status, http, str(exc)
     if isinstance(exc, EdgeAgentError):
-        return grpc.StatusCode.INTERNAL, str(exc)
+        return Status.INTERNAL, INTERNAL, str(exc)
     logger.error("unexpected error while serving a request", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error; see the server log"
-
-
-Context = grpc.aio.ServicerContext[object, object]
-
-
-@contextlib.asynccontextmanager
-async def errors_as_status(
-    context: Context, on_status: Callable[[grpc.StatusCode], None] | None = None
-) -> AsyncIterator[None]:
-    """End the RPC with the status for any error raised inside (aborts pass through);
-    `on_status` hears the final code (for metrics)."""
-    report = on_status or (lambda code: None)
-    try:
-        yield
-    except grpc.aio.AbortError:
-        report(grpc.StatusCode.UNKNOWN)
-        raise
-    except Exception as exc:
-        report(status_for(exc)[0])
-        await abort_with(context, exc)
-    except BaseException:  # the client went away: asyncio cancels the handler
-        report(grpc.StatusCode.CANCELLED)
-        raise
-    else:
-        report(grpc.StatusCode.OK)
-
-
-RETRY_AFTER_KEY = "retry-after-ms"
-
-
-async def abort_with(context: grpc.aio.ServicerContext[object, object], exc: BaseException) -> None:
-    """End the RPC with the status for `exc` (raises, as `context.abort` does); a refusal for
-    load says when to retry in the trailing metadata (`retry-after-ms`)."""
-    code, message = status_for(exc)
-    if isinstance(exc, ResourceExhaustedError) and exc.retry_after_s is not None:
-        hint_ms = str(round(exc.retry_after_s * 1000))
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, hint_ms),))
-    await context.abort(code, message)
+    return Status.INTERNAL, INTERNAL, "internal error; see the server log"

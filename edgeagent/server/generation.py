@@ -1,6 +1,7 @@
 """The transport-neutral serving core that gRPC and the OpenAI HTTP adapter both call: lease
-what the slot serves, check and tokenize the request, admit it, then stream the engine's
-deltas under the request's time limit, queue limit and the server's cancel reasons."""
+what the slot serves, check and tokenize a `GenerationRequest` (`server/core.py`), admit it,
+then stream the engine's deltas under the request's time limit, queue limit and the server's
+cancel reasons. Errors are edgeagent's own (`errors.py`); each transport maps them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,28 @@ from edgeagent.engine.slot import Lease, ServingSlot
 from edgeagent.errors import EngineError, InvalidRequestError, RequestCancelledError
 from edgeagent.metrics import Metrics
 from edgeagent.server.admission import Admission
-from edgeagent.server.replies import RequestClock
+from edgeagent.server.core import GenerationRequest, Usage
 from edgeagent.server.requests import PreparedRequest, prepare_request
 from edgeagent.settings import LimitSettings
-from edgeagent.v1 import generation_pb2 as pb
+
+
+@dataclass
+class RequestClock:
+    """When a request was admitted, got its first token and ended, and its prefix-cache hits."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    ended: float | None = None
+    cached_prompt_tokens: int = 0
+
+    def usage(self) -> Usage:
+        ended = self.ended if self.ended is not None else time.perf_counter()
+        first = self.first_token if self.first_token is not None else ended
+        return Usage(
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            time_to_first_token_ms=(first - self.started) * 1000,
+            total_time_ms=(ended - self.started) * 1000,
+        )
 
 
 @dataclass
@@ -41,7 +60,7 @@ class GenerationCore:
 
     @contextlib.asynccontextmanager
     async def admit(
-        self, request: pb.GenerateRequest, deadline_s: float | None = None
+        self, request: GenerationRequest, deadline_s: float | None = None
     ) -> AsyncIterator[Admitted]:
         """Lease, check and tokenize `request` for the engine it leased, let it in or refuse it;
         the lease is held until the block ends. `deadline_s`: what the caller's deadline leaves."""

@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from edgeagent.engine.slot import ServingSlot
-from edgeagent.server.error_codes import Context
+from edgeagent.server.grpc_errors import Context
 
 Status = health_pb2.HealthCheckResponse
 

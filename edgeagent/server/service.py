@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import asyncio
 
-from edgeagent.engine.interface import Delta
-from edgeagent.engine.slot import Lease, ServingSlot
+from edgeagent.engine.slot import ServingSlot
 from edgeagent.errors import (
     ClientTooSlowError,
     InvalidRequestError,
 )
 from edgeagent.metrics import Metrics
-from edgeagent.server.error_codes import Context, errors_as_status
+from edgeagent.server.core import CompletionParts
 from edgeagent.server.generation import GenerationCore
-from edgeagent.server.replies import (
-    FINISH_REASONS,
-    CompletionParts,
-    model_info,
-    server_info,
+from edgeagent.server.grpc_errors import Context, errors_as_status
+from edgeagent.server.grpc_mapping import (
+    completion_message,
+    generation_request,
+    prompt_input,
+    stream_message,
     token_infos,
+    usage_message,
 )
-from edgeagent.server.requests import PreparedRequest, tokenize
+from edgeagent.server.replies import model_info, server_info
+from edgeagent.server.requests import tokenize
 from edgeagent.settings import LimitSettings
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -48,7 +50,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context: Context) -> pb.GenerateResponse:
         async with (
             errors_as_status(context, self._metrics.observer("Generate")),
-            self.core.admit(request, context.time_remaining()) as admitted,
+            self.core.admit(generation_request(request), context.time_remaining()) as admitted,
         ):
             lease, prepared = admitted.lease, admitted.prepared
             parts = [CompletionParts(index) for index in range(prepared.options.n)]
@@ -56,16 +58,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             async for delta in self.core.deltas(admitted):
                 parts[delta.index].add(delta)
                 input_tokens = input_tokens or delta.prompt_tokens
-            first = parts[0].message()
+            first = completion_message(parts[0])
             response = pb.GenerateResponse(
                 text=first.text, completion_tokens=first.completion_tokens,
                 finish_reason=first.finish_reason, stop_sequence=first.stop_sequence,
                 tokens=first.tokens, input_tokens=token_infos(input_tokens or ()),
-                usage=admitted.clock.usage(), prompt_tokens=prepared.prompt_tokens,
+                usage=usage_message(admitted.clock.usage()), prompt_tokens=prepared.prompt_tokens,
                 model_version=lease.serving.version,
             )  # fmt: skip
             if len(parts) > 1:
-                response.completions.extend(part.message() for part in parts)
+                response.completions.extend(completion_message(part) for part in parts)
             if request.sampling.HasField("seed"):
                 response.seed = request.sampling.seed
             return response
@@ -74,14 +76,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def GenerateStream(self, request: pb.GenerateRequest, context: Context) -> None:
         async with (
             errors_as_status(context, self._metrics.observer("GenerateStream")),
-            self.core.admit(request, context.time_remaining()) as admitted,
+            self.core.admit(generation_request(request), context.time_remaining()) as admitted,
         ):
-            lease, prepared, clock = admitted.lease, admitted.prepared, admitted.clock
+            prompt_tokens, clock = admitted.prepared.prompt_tokens, admitted.clock
             async for delta in self.core.deltas(admitted):
                 if delta.text or delta.tokens or delta.prompt_tokens or delta.finish_reason:
-                    message = self._stream_message(request, prepared, lease, delta)
+                    message = stream_message(delta, prompt_tokens, admitted.version)
+                    if request.sampling.HasField("seed"):
+                        message.seed = request.sampling.seed
                     if clock.ended is not None:
-                        message.usage.CopyFrom(clock.usage())
+                        message.usage.CopyFrom(usage_message(clock.usage()))
                     await self._write(context, message)
 
     async def _write(self, context: Context, message: pb.GenerateStreamResponse) -> None:
@@ -109,7 +113,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Tokenize(self, request: pb.TokenizeRequest, context: Context) -> pb.TokenizeResponse:
         async with errors_as_status(context):
             serving = self._slot.current()
-            ids = tokenize(request, serving.engine, self._limits)
+            ids = tokenize(prompt_input(request), serving.engine, self._limits)
             texts = serving.engine.token_texts(ids) if request.return_tokens else []
             return pb.TokenizeResponse(
                 token_ids=ids, token_count=len(ids), tokens=texts, model_version=serving.version
@@ -129,18 +133,3 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             text = serving.engine.decode(request.token_ids, request.skip_special_tokens)
             return pb.DetokenizeResponse(text=text, model_version=serving.version)
         raise AssertionError("unreachable: errors end the RPC")
-
-    def _stream_message(
-        self, request: pb.GenerateRequest, prepared: PreparedRequest, lease: Lease, delta: Delta
-    ) -> pb.GenerateStreamResponse:
-        message = pb.GenerateStreamResponse(
-            text=delta.text, prompt_tokens=prepared.prompt_tokens,
-            completion_tokens=delta.completion_tokens,
-            finish_reason=FINISH_REASONS[delta.finish_reason],
-            stop_sequence=delta.stop_sequence or "", model_version=lease.serving.version,
-            index=delta.index, tokens=token_infos(delta.tokens),
-            input_tokens=token_infos(delta.prompt_tokens),
-        )  # fmt: skip
-        if request.sampling.HasField("seed"):
-            message.seed = request.sampling.seed
-        return message

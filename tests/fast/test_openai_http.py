@@ -136,6 +136,7 @@ async def test_client_errors_and_oversized_prompts(box: Box) -> None:
             nowhere = await raw.get("/v1/nothing")
             not_json = await raw.post("/v1/completions", content=b"{")
     assert too_big.status_code == 413, too_big.text
+    assert too_big.json()["error"]["type"] == "invalid_request_error"  # not retried as a 429
     assert nowhere.status_code == 404
     assert "error" in nowhere.json()
     assert not_json.status_code == 400

@@ -1,4 +1,4 @@
-"""OpenAI bodies map onto `GenerateRequest` field by field; conflicting constraints and
+"""OpenAI bodies map onto the core's `GenerationRequest` field by field; conflicting constraints and
 unsupported combinations are refused by name."""
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from edgeagent.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from edgeagent.server.core import ChatMessage, GenerationRequest, RequestedConstraint, TokenOptions
 from edgeagent.server.error_codes import http_error_for
 from edgeagent.server.openai.errors import error_body
 from edgeagent.server.openai.requests import ChatRequest, CompletionRequest, openai_param
-from edgeagent.v1 import generation_pb2 as pb
 
 USER = [{"role": "user", "content": "hi"}]
 SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}}
 
 
-def chat(**fields: Any) -> pb.GenerateRequest:
-    return ChatRequest.model_validate({"messages": USER, **fields}).to_generate_request()
+def chat(**fields: Any) -> GenerationRequest:
+    return ChatRequest.model_validate({"messages": USER, **fields}).to_generation_request()
 
 
 def test_sampling_stopping_and_response_fields() -> None:
@@ -40,40 +40,37 @@ def test_sampling_stopping_and_response_fields() -> None:
     assert request.sampling.seed == 3
     assert request.sampling.top_k == 4
     assert request.sampling.presence_penalty == pytest.approx(0.1)
-    assert not request.sampling.HasField("frequency_penalty")
+    assert request.sampling.frequency_penalty is None
     assert request.n == 2
     assert request.priority == 1
-    assert request.response == pb.ResponseOptions(generated_tokens=True, top_n_tokens=3)
-    assert request.chat.messages[0] == pb.ChatMessage(role="user", content="hi")
+    assert request.token_options == TokenOptions(generated_tokens=True, top_n_tokens=3)
+    assert request.input.chat == (ChatMessage(role="user", content="hi"),)
 
 
 def test_text_parts_are_joined() -> None:
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
     request = chat(messages=[{"role": "user", "content": parts}])
-    assert request.chat.messages[0].content == "ab"
+    assert request.input.chat is not None
+    assert request.input.chat[0].content == "ab"
 
 
 @pytest.mark.parametrize(
     ("fields", "constraint"),
     [
         ({"response_format": {"type": "json_schema", "json_schema": {"schema": SCHEMA}}},
-         pb.Constraint(json_schema=json.dumps(SCHEMA))),
-        ({"response_format": {"type": "json_object"}}, pb.Constraint(json_object=True)),
+         RequestedConstraint(json_schema=json.dumps(SCHEMA))),
+        ({"response_format": {"type": "json_object"}}, RequestedConstraint(json_object=True)),
         ({"response_format": {"type": "text"}}, None),
-        ({"guided_regex": "a+"}, pb.Constraint(regex="a+")),
-        ({"guided_choice": ["x", "y"]}, pb.Constraint(choice=pb.Choices(choices=["x", "y"]))),
-        ({"guided_json": SCHEMA}, pb.Constraint(json_schema=json.dumps(SCHEMA))),
+        ({"guided_regex": "a+"}, RequestedConstraint(regex="a+")),
+        ({"guided_choice": ["x", "y"]}, RequestedConstraint(choice=("x", "y"))),
+        ({"guided_json": SCHEMA}, RequestedConstraint(json_schema=json.dumps(SCHEMA))),
         ({"structured_outputs": {"grammar": "root ::= \"a\""}},
-         pb.Constraint(grammar='root ::= "a"')),
-        ({"structured_outputs": {"json_object": True}}, pb.Constraint(json_object=True)),
+         RequestedConstraint(grammar='root ::= "a"')),
+        ({"structured_outputs": {"json_object": True}}, RequestedConstraint(json_object=True)),
     ],
 )  # fmt: skip
-def test_constraints(fields: dict[str, Any], constraint: pb.Constraint | None) -> None:
-    request = chat(**fields)
-    if constraint is None:
-        assert not request.HasField("constraint")
-    else:
-        assert request.constraint == constraint
+def test_constraints(fields: dict[str, Any], constraint: RequestedConstraint | None) -> None:
+    assert chat(**fields).constraint == constraint
 
 
 @pytest.mark.parametrize(
@@ -93,11 +90,11 @@ def test_refused_combinations(fields: dict[str, Any], field: str) -> None:
 
 
 def test_completions_take_one_prompt_and_integer_logprobs() -> None:
-    request = CompletionRequest(prompt=["x"], logprobs=2).to_generate_request()
-    assert request.prompt == "x"
-    assert request.response.top_n_tokens == 2
+    request = CompletionRequest(prompt=["x"], logprobs=2).to_generation_request()
+    assert request.input.prompt == "x"
+    assert request.token_options.top_n_tokens == 2
     with pytest.raises(InvalidRequestError, match="one prompt per request"):
-        CompletionRequest(prompt=["x", "y"]).to_generate_request()
+        CompletionRequest(prompt=["x", "y"]).to_generation_request()
 
 
 def test_grpc_field_names_become_openai_names() -> None:
@@ -108,23 +105,26 @@ def test_grpc_field_names_become_openai_names() -> None:
 
 
 @pytest.mark.parametrize(
-    ("error", "status", "headers"),
+    ("error", "status", "kind", "headers"),
     [
-        (InvalidRequestError("stopping.stop", "bad"), 400, {}),
-        (ResourceExhaustedError("busy", retry_after_s=2.2), 429, {"Retry-After": "3"}),
-        (ResourceExhaustedError("busy", retry_after_s=0.01), 429, {"Retry-After": "1"}),
-        (ResourceExhaustedError("too big as it is"), 413, {}),
-        (UnavailableError("draining"), 503, {}),
-        (UnauthenticatedError("no token"), 401, {}),
-        (NotFoundError("no such model"), 404, {}),
-        (RuntimeError("a bug"), 500, {}),
+        (InvalidRequestError("stopping.stop", "bad"), 400, "invalid_request_error", {}),
+        (ResourceExhaustedError("busy", retry_after_s=2.2), 429, "rate_limit_error",
+         {"Retry-After": "3"}),
+        (ResourceExhaustedError("busy", retry_after_s=0.01), 429, "rate_limit_error",
+         {"Retry-After": "1"}),
+        # too big as it is: OpenAI's clients would retry a rate_limit_error
+        (ResourceExhaustedError("too big as it is"), 413, "invalid_request_error", {}),
+        (UnavailableError("draining"), 503, "service_unavailable_error", {}),
+        (UnauthenticatedError("no token"), 401, "authentication_error", {}),
+        (NotFoundError("no such model"), 404, "not_found_error", {}),
+        (RuntimeError("a bug"), 500, "internal_server_error", {}),
     ],
-)
+)  # fmt: skip
 def test_http_statuses_come_from_the_same_table_as_grpc_codes(
-    error: Exception, status: int, headers: dict[str, str]
+    error: Exception, status: int, kind: str, headers: dict[str, str]
 ) -> None:
     mapped = http_error_for(error)
-    assert (mapped.status, mapped.headers) == (status, headers)
+    assert (mapped.status, mapped.type, mapped.headers) == (status, kind, headers)
     body = error_body(mapped)["error"]
     assert isinstance(body, dict)
     if isinstance(error, InvalidRequestError):

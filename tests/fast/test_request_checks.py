@@ -10,6 +10,8 @@ import pytest
 
 from edgeagent.engine.interface import Constraint, EngineConfig
 from edgeagent.errors import InvalidRequestError
+from edgeagent.server.core import GenerationRequest, PromptInput, Sampling, Stopping, TokenOptions
+from edgeagent.server.grpc_mapping import generation_request
 from edgeagent.server.requests import prepare_request
 from edgeagent.settings import LimitSettings
 from edgeagent.v1 import generation_pb2 as pb
@@ -23,7 +25,7 @@ def engine(policy: str = "fcfs") -> FakeEngine:
 
 
 def prepare(policy: str = "fcfs", deadline_s: float | None = None, **fields: Any) -> Any:
-    request = pb.GenerateRequest(prompt="hello", **fields)
+    request = generation_request(pb.GenerateRequest(prompt="hello", **fields))
     return prepare_request(request, engine(policy), LIMITS, deadline_s)
 
 
@@ -90,3 +92,31 @@ def test_time_limits_come_from_the_request_and_the_deadline() -> None:
     assert prepare(deadline_s=0.01).time_limit_s == 0.0
     assert prepare().time_limit_s is None
     assert prepare(max_queue_ms=250).max_queue_s == 0.25
+
+
+@pytest.mark.parametrize(
+    ("request_", "named"),
+    [
+        (GenerationRequest(PromptInput("hi"), n=-1), "n"),
+        (GenerationRequest(PromptInput("hi"), stopping=Stopping(min_tokens=-1)),
+         "stopping.min_tokens"),
+        (GenerationRequest(PromptInput("hi"), stopping=Stopping(stop_token_ids=(1, -2))),
+         "stopping.stop_token_ids[1]"),
+        (GenerationRequest(PromptInput("hi"), sampling=Sampling(seed=-1)), "sampling.seed"),
+        (GenerationRequest(PromptInput("hi"), sampling=Sampling(seed=2**64)), "sampling.seed"),
+        (GenerationRequest(PromptInput("hi"), token_options=TokenOptions(top_n_tokens=-1)),
+         "response.top_n_tokens"),
+        (GenerationRequest(PromptInput("hi"), priority=2**31), "priority"),
+        (GenerationRequest(PromptInput()), "input"),
+        (GenerationRequest(PromptInput("")), "prompt"),
+        (GenerationRequest(PromptInput(chat=())), "chat.messages"),
+    ],
+)  # fmt: skip
+def test_values_outside_the_api_types_are_refused_by_name(
+    request_: GenerationRequest, named: str
+) -> None:
+    """gRPC's types bound these as a message is parsed; the checks hold them for the core's
+    request type, which the OpenAI API builds from JSON numbers."""
+    with pytest.raises(InvalidRequestError) as refused:
+        prepare_request(request_, engine(), LIMITS)
+    assert refused.value.field == named

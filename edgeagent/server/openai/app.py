@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI): a thin adapter onto the serving core. A body is
-validated by pydantic, turned into a `pb.GenerateRequest` and served by `GenerationCore`,
-exactly as a gRPC request is; errors take their status from `server/error_codes.py`."""
+validated by pydantic, turned into the core's `GenerationRequest` and served by
+`GenerationCore`, exactly as a gRPC request is; errors take their status from
+`server/error_codes.py`."""
 
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from edgeagent.engine.interface import Delta, FinishReason, TokenDetail
+from edgeagent.server.core import CompletionParts
 from edgeagent.server.generation import Admitted
-from edgeagent.server.replies import CompletionParts
 
 FINISH_REASONS: dict[FinishReason | None, str | None] = {
     None: None,
@@ -89,10 +89,9 @@ def _chat_token(token: TokenDetail) -> JsonDict:
 def unary_body(reply: Reply, parts: list[CompletionParts]) -> JsonDict:
     choices, completion_tokens = [], 0
     for index, part in enumerate(parts):
-        last = part.last or Delta("", 0)
+        last = part.final
         completion_tokens += last.completion_tokens
-        choice = reply.choice(index, "".join(part.texts), part.tokens, last.finish_reason,
-                              "message")  # fmt: skip
+        choice = reply.choice(index, part.text, part.tokens, last.finish_reason, "message")
         choices.append(choice)
     return {**reply.envelope(chunk=False), "choices": choices,
             "usage": reply.usage(completion_tokens)}  # fmt: skip

@@ -1,5 +1,5 @@
-"""OpenAI request bodies (pydantic) and their mapping onto `pb.GenerateRequest`, so that the
-HTTP API is checked by exactly the rules gRPC requests are (`server/requests.py`).
+"""OpenAI request bodies (pydantic) and their mapping onto the core's `GenerationRequest`, so
+that the HTTP API is checked by exactly the rules gRPC requests are (`server/requests.py`).
 
 Unknown fields are refused (`extra="forbid"`), the ones OpenAI has and edgeagent does not
 (`tools`, `logit_bias`, ...) with a message that says so; nothing is silently ignored."""
@@ -12,7 +12,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.errors import InvalidRequestError
-from edgeagent.v1 import generation_pb2 as pb
+from edgeagent.server.core import (
+    ChatMessage,
+    GenerationRequest,
+    PromptInput,
+    RequestedConstraint,
+    Sampling,
+    Stopping,
+    TokenOptions,
+)
 
 # Fields of OpenAI's or vLLM's API that edgeagent does not implement: refused by name.
 UNSUPPORTED = frozenset({
@@ -98,30 +106,24 @@ class _Common(_Strict):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
-    def to_generate_request(self) -> pb.GenerateRequest:
-        request = pb.GenerateRequest(
-            sampling=_sampling(self), stopping=_stopping(self), response=self.response_options()
-        )
-        if self.n is not None:
-            request.n = self.n
-        if self.priority is not None:
-            request.priority = self.priority
+    def to_generation_request(self) -> GenerationRequest:
+        sampling, stopping, token_options = _sampling(self), _stopping(self), self.token_options()
         constraint = self._constraint()
-        if constraint is not None:
-            request.constraint.CopyFrom(constraint)
-        self.set_input(request)
-        return request
+        return GenerationRequest(
+            self.prompt_input(), sampling, stopping, token_options, constraint, n=self.n,
+            priority=self.priority or 0,
+        )  # fmt: skip
 
-    def set_input(self, request: pb.GenerateRequest) -> None:
+    def prompt_input(self) -> PromptInput:
         raise NotImplementedError
 
-    def response_options(self) -> pb.ResponseOptions:
+    def token_options(self) -> TokenOptions:
         raise NotImplementedError
 
     def limit(self) -> int | None:
         return self.max_tokens
 
-    def _constraint(self) -> pb.Constraint | None:
+    def _constraint(self) -> RequestedConstraint | None:
         found = [c for c in (_from_format(self.response_format), _from_structured(
             self.structured_outputs), _from_guided(self)) if c is not None]  # fmt: skip
         if len(found) > 1:
@@ -138,77 +140,74 @@ class ChatRequest(_Common):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
-    def set_input(self, request: pb.GenerateRequest) -> None:
-        request.chat.messages.extend(
-            pb.ChatMessage(role=m.role, content=m.text()) for m in self.messages
-        )
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(chat=tuple(ChatMessage(m.role, m.text()) for m in self.messages))
 
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else (
             self.max_tokens)  # fmt: skip
 
-    def response_options(self) -> pb.ResponseOptions:
+    def token_options(self) -> TokenOptions:
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs", "needs logprobs: true")
         if not self.logprobs:
-            return pb.ResponseOptions()
-        return pb.ResponseOptions(generated_tokens=True, top_n_tokens=self.top_logprobs or 0)
+            return TokenOptions()
+        return TokenOptions(generated_tokens=True, top_n_tokens=self.top_logprobs or 0)
 
 
 class CompletionRequest(_Common):
     prompt: str | list[str]
     logprobs: int | None = None
 
-    def set_input(self, request: pb.GenerateRequest) -> None:
+    def prompt_input(self) -> PromptInput:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
         if len(prompts) != 1:
             raise InvalidRequestError("prompt", f"one prompt per request; got {len(prompts)}")
-        request.prompt = prompts[0]
+        return PromptInput(prompt=prompts[0])
 
-    def response_options(self) -> pb.ResponseOptions:
+    def token_options(self) -> TokenOptions:
         if self.logprobs is None:
-            return pb.ResponseOptions()
+            return TokenOptions()
         if self.logprobs < 0:
             raise InvalidRequestError("logprobs", f"must be >= 0; got {self.logprobs}")
-        return pb.ResponseOptions(generated_tokens=True, top_n_tokens=self.logprobs)
+        return TokenOptions(generated_tokens=True, top_n_tokens=self.logprobs)
 
 
-def _sampling(body: _Common) -> pb.SamplingParameters:
-    names = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-             "frequency_penalty", "repetition_penalty")  # fmt: skip
-    values = {name: getattr(body, name) for name in names if getattr(body, name) is not None}
-    return pb.SamplingParameters(**values)
+def _sampling(body: _Common) -> Sampling:
+    return Sampling(
+        temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+        repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+    )  # fmt: skip
 
 
-def _stopping(body: _Common) -> pb.StoppingCriteria:
-    stopping = pb.StoppingCriteria()
-    if (limit := body.limit()) is not None:
-        stopping.max_tokens = limit
-    if body.stop is not None:
-        stopping.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop)
-    if body.min_tokens is not None:
-        stopping.min_tokens = body.min_tokens
-    stopping.stop_token_ids.extend(body.stop_token_ids or ())
-    stopping.include_stop_sequence = bool(body.include_stop_str_in_output)
-    stopping.ignore_eos = bool(body.ignore_eos)
-    return stopping
+def _stopping(body: _Common) -> Stopping:
+    stop = body.stop if body.stop is not None else ()
+    return Stopping(
+        max_tokens=body.limit(),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop),
+        min_tokens=body.min_tokens or 0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        include_stop_sequence=bool(body.include_stop_str_in_output),
+        ignore_eos=bool(body.ignore_eos),
+    )
 
 
 def _schema(schema: dict[str, Any] | str) -> str:
     return schema if isinstance(schema, str) else json.dumps(schema)
 
 
-def _from_format(fmt: ResponseFormat | None) -> pb.Constraint | None:
+def _from_format(fmt: ResponseFormat | None) -> RequestedConstraint | None:
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return pb.Constraint(json_object=True)
+        return RequestedConstraint(json_object=True)
     if fmt.json_schema is None:
         raise InvalidRequestError("response_format.json_schema", "is required for json_schema")
-    return pb.Constraint(json_schema=_schema(fmt.json_schema.schema_))
+    return RequestedConstraint(json_schema=_schema(fmt.json_schema.schema_))
 
 
-def _from_structured(outputs: StructuredOutputs | None) -> pb.Constraint | None:
+def _from_structured(outputs: StructuredOutputs | None) -> RequestedConstraint | None:
     if outputs is None:
         return None
     given = outputs.model_dump(exclude_none=True)
@@ -222,7 +221,7 @@ def _from_structured(outputs: StructuredOutputs | None) -> pb.Constraint | None:
     )  # fmt: skip
 
 
-def _from_guided(body: _Common) -> pb.Constraint | None:
+def _from_guided(body: _Common) -> RequestedConstraint | None:
     values = (body.guided_json, body.guided_regex, body.guided_choice, body.guided_grammar)
     if all(value is None for value in values):
         return None
@@ -233,21 +232,21 @@ def _from_guided(body: _Common) -> pb.Constraint | None:
 
 def _one(field: str, schema: dict[str, Any] | str | None, regex: str | None,
          choice: list[str] | None, grammar: str | None,
-         json_object: bool | None) -> pb.Constraint:  # fmt: skip
+         json_object: bool | None) -> RequestedConstraint:  # fmt: skip
     if schema is not None:
-        return pb.Constraint(json_schema=_schema(schema))
+        return RequestedConstraint(json_schema=_schema(schema))
     if regex is not None:
-        return pb.Constraint(regex=regex)
+        return RequestedConstraint(regex=regex)
     if choice is not None:
-        return pb.Constraint(choice=pb.Choices(choices=choice))
+        return RequestedConstraint(choice=tuple(choice))
     if grammar is not None:
-        return pb.Constraint(grammar=grammar)
+        return RequestedConstraint(grammar=grammar)
     if json_object:
-        return pb.Constraint(json_object=True)
+        return RequestedConstraint(json_object=True)
     raise InvalidRequestError(field, "json_object must be true when given alone")
 
 
-# gRPC field names in the shared checks' messages, as the OpenAI API calls them.
+# The shared checks' field names (gRPC's), as the OpenAI API calls them.
 PARAM_NAMES = (
     ("chat.messages", "messages"), ("stopping.max_tokens", "max_tokens"),
     ("stopping.stop_token_ids", "stop_token_ids"), ("stopping.stop", "stop"),

@@ -9,18 +9,17 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
-import grpc
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from edgeagent.errors import ClientTooSlowError
-from edgeagent.server.error_codes import http_error_for, status_for
+from edgeagent.server.core import CompletionParts
+from edgeagent.server.error_codes import Status, http_error_for, status_for
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.errors import error_body
 from edgeagent.server.openai.replies import Reply, chunk, sse, unary_body, usage_chunk
 from edgeagent.server.openai.requests import ChatRequest, CompletionRequest
-from edgeagent.server.replies import CompletionParts
 
 logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection first
@@ -36,7 +35,7 @@ class Generation:
         method = "ChatCompletions" if chat else "Completions"
         report = self._core.metrics.observer(f"http.{method}")
         try:
-            generate = body.to_generate_request()
+            generate = body.to_generation_request()
             if body.stream:
                 stack = contextlib.AsyncExitStack()
                 admitted = await stack.enter_async_context(self._core.admit(generate))
@@ -46,9 +45,9 @@ class Generation:
             async with self._core.admit(generate) as admitted:
                 response = await self._unary(Reply(chat, admitted), request)
         except Exception as exc:
-            report(status_for(exc)[0])
+            report(status_for(exc)[0].name)
             raise
-        report(grpc.StatusCode.OK if response.status_code == 200 else grpc.StatusCode.CANCELLED)
+        report((Status.OK if response.status_code == 200 else Status.CANCELLED).name)
         return response
 
     async def _unary(self, reply: Reply, request: Request) -> Response:
@@ -73,9 +72,9 @@ class Generation:
         return JSONResponse(unary_body(reply, parts))
 
     async def _events(
-        self, reply: Reply, include_usage: bool, report: Callable[[grpc.StatusCode], None]
+        self, reply: Reply, include_usage: bool, report: Callable[[str], None]
     ) -> AsyncIterator[bytes]:
-        tokens, started, code = dict[int, int](), set[int](), grpc.StatusCode.CANCELLED
+        tokens, started, status = dict[int, int](), set[int](), Status.CANCELLED
         try:
             async for delta in self._core.deltas(reply.admitted):
                 tokens[delta.index] = delta.completion_tokens
@@ -85,12 +84,12 @@ class Generation:
                     yield sse(chunk(reply, delta, first, include_usage))
             if include_usage:
                 yield sse(usage_chunk(reply, sum(tokens.values())))
-            code = grpc.StatusCode.OK
+            status = Status.OK
         except Exception as exc:
-            code = status_for(exc)[0]
+            status = status_for(exc)[0]
             yield sse(error_body(http_error_for(exc)))
         finally:
-            report(code)
+            report(status.name)
         yield sse("[DONE]")
 
 
