@@ -20,7 +20,6 @@ import asyncio
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -35,11 +34,13 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # as the engine wrapper does
 
+from launcher import launch  # noqa: E402
+
 from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build  # noqa: E402
 from edgeagent.artifacts.manifest import ImportSource  # noqa: E402
 from edgeagent.artifacts.store import ModelStore  # noqa: E402
 from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model  # noqa: E402
-from edgeagent.client import Client, Parameters, build_request  # noqa: E402
+from edgeagent.client import Parameters, build_request  # noqa: E402
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 if TYPE_CHECKING:
@@ -165,31 +166,18 @@ def start_daemon(
     sizes: Sizes,
     extra_env: Mapping[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(state_dir),
-        "EDGEAGENT_CACHE_DIR": str(cache_dir),
-        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
+    settings = {
         "EDGEAGENT_MODEL__KV_CACHE_GIB": str(sizes.kv_cache_gib),
         "EDGEAGENT_MODEL__MAX_NUM_SEQS": str(sizes.max_num_seqs),
         "EDGEAGENT_MODEL__MAX_NUM_BATCHED_TOKENS": str(sizes.max_num_batched_tokens),
         "EDGEAGENT_LOG_LEVEL": "WARNING",
     }
     if sizes.max_model_len is not None:
-        env["EDGEAGENT_MODEL__MAX_MODEL_LEN"] = str(sizes.max_model_len)
-    env.update(extra_env or {})
-    log = (workdir / "daemon.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    target = f"unix:{workdir / 'run' / 'edgeagent.sock'}"
-    with Client(target) as client:
-        try:
-            client.wait_until_serving(timeout=600, daemon=process)
-        except (RuntimeError, TimeoutError) as error:
-            raise SystemExit(f"{error}; see {workdir / 'daemon.log'}") from None
-    return process, target
+        settings["EDGEAGENT_MODEL__MAX_MODEL_LEN"] = str(sizes.max_model_len)
+    settings.update(extra_env or {})
+    daemon = launch(workdir, state_dir, cache_dir, settings)
+    daemon.wait_until_serving(timeout_s=600)
+    return daemon.process, daemon.target
 
 
 def start_raw(model: Path, sizes: Sizes, structured_output_backend: str = "auto") -> AsyncLLM:

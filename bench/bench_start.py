@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import grpc
+from launcher import launch
 
 from edgeagent.client import Parameters, build_request
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -67,20 +67,13 @@ def first_token_s(target: str, started: float, process: subprocess.Popen[bytes])
 
 def run_daemon(state_dir: str, cache_dir: str, settings: dict[str, str]) -> dict[str, object]:
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-start-"))
-    env = {**os.environ, "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
-           "EDGEAGENT_STATE_DIR": state_dir, "EDGEAGENT_CACHE_DIR": cache_dir,
-           "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"), **settings}  # fmt: skip
-    log_path = workdir / "daemon.log"
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen([sys.executable, "-m", "edgeagent", "serve"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    daemon = launch(workdir, Path(state_dir), Path(cache_dir), settings)
     try:
-        seconds = first_token_s(f"unix:{workdir / 'run' / 'edgeagent.sock'}", started, daemon)
+        seconds = first_token_s(daemon.target, started, daemon.process)
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(timeout=120)
-    log = log_path.read_text(errors="replace")
+        daemon.stop()
+    log = daemon.log()
     if out := os.environ.get("OUT"):
         (Path(out) / f"start-{int(time.time())}.log").write_text(log)
     table = re.search(r"after the process started:\n((?:  .*\n)+)", log)

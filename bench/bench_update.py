@@ -16,9 +16,6 @@ import asyncio
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from launcher import launch
 
 from edgeagent.client import Client, Parameters, build_request
+from edgeagent.errors import ConfigError
+from edgeagent.gpu import NvmlProbe
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -44,15 +44,9 @@ class Load:
 
 def device_used_bytes() -> int | None:
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # no NVIDIA GPU: the CPU build
+        return NvmlProbe().read().used_bytes
+    except (ConfigError, ImportError):  # no NVIDIA GPU: the CPU build
         return None
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-    finally:
-        pynvml.nvmlShutdown()
 
 
 async def stream_until(target: str, stop: asyncio.Event, load: Load, client: int, tokens: int):
@@ -152,12 +146,7 @@ def main() -> None:
     parser.add_argument("--every-s", type=float, default=5.0)
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-update-"))
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": args.state_dir,
-        "EDGEAGENT_CACHE_DIR": args.cache_dir,
-        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
+    settings = {
         "EDGEAGENT_UPDATES__WATCH_DROP_DIR": "false",
         "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
         # Swaps between random-weight checkpoints, which the quality gate would refuse; pass
@@ -165,25 +154,18 @@ def main() -> None:
         "EDGEAGENT_UPDATES__QUALITY_GATE": "false",
         **dict(item.split("=", 1) for item in args.settings),
     }
-    log_path = workdir / "daemon.log"
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=log
-        )
-    target = f"unix:{workdir / 'run' / 'edgeagent.sock'}"
-    admin_target = f"unix:{workdir / 'run' / 'admin.sock'}"
+    daemon = launch(workdir, Path(args.state_dir), Path(args.cache_dir), settings)
     try:
-        with Client(target, timeout=600) as client:
-            client.wait_until_serving(timeout=540, daemon=daemon)
+        with Client(daemon.target, timeout=600) as client:
+            client.wait_until_serving(timeout=540, daemon=daemon.process)
             client.generate("warm up", Parameters(max_tokens=8))
-        with Client(admin_target, timeout=60) as admin:
+        with Client(daemon.admin_target, timeout=60) as admin:
             version_a = admin.status().version
-        result = asyncio.run(run(args, target, admin_target, version_a))
+        result = asyncio.run(run(args, daemon.target, daemon.admin_target, version_a))
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        exit_code = daemon.wait(timeout=120)
+        exit_code = daemon.stop()
         out = Path(os.environ.get("OUT", workdir))
-        (out / "daemon-update.log").write_text(log_path.read_text())
+        (out / "daemon-update.log").write_text(daemon.log())
     print(json.dumps(result | {"exit_code": exit_code}, indent=2))
 
 

@@ -13,54 +13,40 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pynvml
+from launcher import launch
 
 from edgeagent.client import Client, Parameters
+from edgeagent.gpu import NvmlProbe
 
 GiB = 1 << 30
 
 
 def used_bytes() -> int:
-    pynvml.nvmlInit()
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-    finally:
-        pynvml.nvmlShutdown()
+    return NvmlProbe().read().used_bytes  # the device the daemon's fit check reads
 
 
 def main(state_dir: str, cache_dir: str, settings: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-gpu-"))
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(workdir / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": state_dir,
-        "EDGEAGENT_CACHE_DIR": cache_dir,
-        "EDGEAGENT_RUNTIME_DIR": str(workdir / "run"),
-        **dict(item.split("=", 1) for item in settings),
-    }
     before = used_bytes()
-    log_path = workdir / "daemon.log"
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=log, stderr=log
-        )
+    daemon = launch(
+        workdir, Path(state_dir), Path(cache_dir), dict(item.split("=", 1) for item in settings)
+    )
     result: dict[str, object] = {"settings": settings}
     try:
-        with Client(f"unix:{workdir / 'run' / 'edgeagent.sock'}", timeout=60) as client:
-            client.wait_until_serving(timeout=540, daemon=daemon)
+        with Client(daemon.target, timeout=60) as client:
+            client.wait_until_serving(timeout=540, daemon=daemon.process)
             result["start_to_serving_s"] = round(time.perf_counter() - started, 1)
             client.generate("warm up", Parameters(max_tokens=8))
             time.sleep(2)
             measured = used_bytes() - before
-            text = log_path.read_text()
+            text = daemon.log()
             predicted = float(re.findall(r"= ([\d.]+) GiB predicted", text)[-1]) * GiB
             result |= {
                 "measured_gib": round(measured / GiB, 3),
@@ -70,17 +56,16 @@ def main(state_dir: str, cache_dir: str, settings: list[str]) -> None:
             }
             refusal = subprocess.run(
                 [sys.executable, "-m", "edgeagent", "fit", "--budget-gib", "9", "--json"],
-                env=env, capture_output=True, text=True, check=False,
+                env=daemon.env, capture_output=True, text=True, check=False,
             )  # fmt: skip
             result["refusal_exit_code"] = refusal.returncode
             result["refusal_problems"] = json.loads(refusal.stdout)["problems"]
             answer = client.generate("still there?", Parameters(max_tokens=16))
             result["still_serving_tokens"] = answer.completion_tokens
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        result["exit_code"] = daemon.wait(timeout=120)
+        result["exit_code"] = daemon.stop()
         (Path(os.environ.get("OUT", workdir)) / f"daemon-{int(started)}.log").write_text(
-            log_path.read_text()
+            daemon.log()
         )
     print(json.dumps(result, indent=2))
 
