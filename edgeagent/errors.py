@@ -1,7 +1,8 @@
 """Every error edgeagent raises on purpose.
 
-gRPC status codes are assigned in `server/error_codes.py`; `exit_code` is what the CLI returns for
-each, so scripts can tell a missing repo from a full disk (the table is in the README).
+Statuses (gRPC codes, HTTP statuses) are assigned in `server/error_codes.py`; `exit_code` is what
+the CLI returns for each, so scripts can tell a missing repo from a full disk (the table is in
+the README).
 """
 
 from __future__ import annotations
