@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from waits import HANG_S
 
 from edgeagent.artifacts.manifest import ImportSource
 from edgeagent.artifacts.store import ModelStore
@@ -25,7 +26,7 @@ CHILD = REPO / "tests" / "crash_child.py"
 def _run_child(root: Path, model: Path, kill_at: int) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(CHILD), str(root), str(model), str(kill_at)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from waits import HANG_S
 
 from edgeagent.artifacts.manifest import ImportSource
 from edgeagent.artifacts.store import Expected, ModelStore
@@ -201,7 +202,7 @@ def test_cli_reports_through_exit_codes(tmp_path: Path, tiny_fp16: Path) -> None
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "edgeagent", *args],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
+            env=env, capture_output=True, text=True, timeout=HANG_S, check=False,
         )  # fmt: skip
 
     imported = cli("models", "import", str(tiny_fp16))
