@@ -146,7 +146,8 @@ class Daemon:
             on_outcome=lambda o: metrics.updates.labels(o.kind, o.result).inc(),
             gate=QualityGate(enabled=updates.quality_gate,
                              max_perplexity_ratio=updates.max_perplexity_ratio,
-                             min_top1_agreement=updates.min_top1_agreement),
+                             min_top1_agreement=updates.min_top1_agreement,
+                             bounds=loader.bounds),
             swap=updates.swap,
         )  # fmt: skip
         await self._start_api(metrics)
@@ -230,7 +231,10 @@ class Daemon:
         )  # fmt: skip
         self._notifier.status(f"starting the engine on {manifest.version}")
         timings = LoadTimings()
-        serving = await self.slot.swap(lambda _: loader.start(manifest, fit, timings), hold_s=0)
+        # The first start is bounded by systemd's start limit, not the loader's (a cold compile).
+        serving = await self.slot.swap(
+            lambda _: loader.start(manifest, fit, timings, bounded=False), hold_s=0
+        )
         assert serving is not None
         self.timeline.split(
             "engine start (vLLM: weights, compile, CUDA graphs, KV cache)", timings.load_s,
@@ -346,7 +350,9 @@ class Daemon:
     async def _engine_healthy(self, updater: Updater) -> bool:
         """True while the engine answers, or once an update in probation has been rolled back."""
         serving = self.slot.serving
-        if updater.busy or serving is None:  # an update answers for the engine meanwhile
+        # An update watches the engines it drives itself: each step it awaits on one is
+        # bounded and polls the engine's health (engine/bounds.py).
+        if updater.busy or serving is None:
             return True
         try:
             await serving.engine.check_health()

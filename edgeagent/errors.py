@@ -125,3 +125,8 @@ class EngineDeadError(EngineError):
 class LoadError(EngineError):
     """A version could not be brought up: it does not fit, its engine failed to start or to
     reload it, or it failed its smoke test."""
+
+
+class EngineUnresponsiveError(LoadError):
+    """An engine step of an update ran past its bound, or the engine died during it: the engine
+    no longer answers and is to be stopped (engine/bounds.py)."""

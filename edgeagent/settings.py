@@ -117,7 +117,8 @@ class ModelSettings(BaseModel):
     quantized_kernel: Literal["auto", "marlin", "machete"] = Field(
         default="auto",
         description="4-bit GPTQ matmul kernel on Hopper: machete is vLLM's pick there; "
-        "auto: the daemon's measured choice (docs/benchmarks.md, engine options)",
+        "auto: the daemon's measured choice (marlin, docs/benchmarks.md, engine options), "
+        "but machete where updates reload weights in place (marlin's reload hangs: issue 26)",
     )
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         default="auto", description="fp8: half the KV cache's bytes per token (2x the context)"
@@ -242,6 +243,16 @@ class UpdateSettings(BaseModel):
     min_top1_agreement: float = Field(
         default=0.9, ge=0, le=1, description="refused below this share of positions"
     )
+    step_timeout_s: float = Field(
+        default=60.0, gt=0, description="the floor of the bound on each step an update awaits "
+        "on an engine (a reload, the smoke test, the quality gate's scoring), to which each "
+        "adds what its work needs (engine/bounds.py); an engine past its bound is stopped and "
+        "the old version served on a fresh one",
+    )  # fmt: skip
+    start_timeout_s: float = Field(
+        default=900.0, gt=0, description="the same floor for an engine start during an update "
+        "(compilation included; plus the weights at 100 MiB/s)",
+    )  # fmt: skip
 
 
 class MetricsSettings(BaseModel):

@@ -27,6 +27,7 @@ class EngineConfig:
     structured_output_backend: str = "auto"
     json_max_whitespace: int = 4  # whitespace characters in a row in constrained JSON
     quantized_kernel: str = "auto"  # "marlin", "machete", or the daemon's choice
+    reloads_in_place: bool = False  # updates will reload weights into it ("auto" kernel)
     kv_cache_dtype: str = "auto"
     async_scheduling: bool | None = None
     speculative: dict[str, Any] | None = None
@@ -135,6 +136,7 @@ class ModelFacts:
     vocab_size: int = 0
     prefix_caching: bool = False
     vllm_version: str = ""
+    quantized_kernel: str = ""  # the 4-bit GPU matmul kernel it runs; "" off a GPU
 
 
 class ChatMessage(Protocol):

@@ -12,19 +12,21 @@ import asyncio
 import dataclasses
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
+from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
 from edgeagent.engine.slot import Serving
-from edgeagent.errors import LoadError
+from edgeagent.errors import EngineError, EngineUnresponsiveError, LoadError
 from edgeagent.failpoints import failpoint
 from edgeagent.fit import FitRequest, Plan, plan
-from edgeagent.gpu import MemoryProbe
-from edgeagent.settings import GiB, Settings
+from edgeagent.gpu import DeviceMemory, MemoryProbe
+from edgeagent.settings import GiB, Settings, SwapMode
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class EngineLoader:
         # The one path every version is served from, in the cache directory beside vLLM's
         # compile cache, whose key it is part of (ModelStore.link_model).
         self._engine_link = settings.cache_dir / "served-model"
+        self.bounds = StepBounds.from_settings(settings)
+        # Whether updates will reload weights into this daemon's engines in place (decided at
+        # the first start, from its fit: the device does not change while the daemon runs);
+        # the engine picks its quantized kernel by it (issue 26).
+        self.reloads_in_place: tuple[bool, str] | None = None
 
     def plan(
         self, manifest: Manifest, replacing: Serving | None = None, beside: Serving | None = None
@@ -60,25 +67,42 @@ class EngineLoader:
         if replacing is not None:
             free = min(device.total_bytes, device.free_bytes + replacing.plan.predicted_bytes)
             device = dataclasses.replace(device, free_bytes=free)
+        return self._plan(manifest, device, beside.plan if beside is not None else None)
+
+    def _plan(self, manifest: Manifest, device: DeviceMemory, beside: Plan | None) -> Plan:
         request = FitRequest.from_settings(self._settings)
         if beside is not None and request.budget_bytes is not None:
-            left = max(0, request.budget_bytes - beside.plan.predicted_bytes)
+            left = max(0, request.budget_bytes - beside.predicted_bytes)
             request = dataclasses.replace(request, budget_bytes=left)
         return plan(manifest.architecture, device, request)
 
+    def _updates_in_place(self, manifest: Manifest, fit: Plan) -> tuple[bool, str]:
+        """Whether an update of `manifest`'s size will reload in place once an engine sized by
+        `fit` serves, as the updater will decide then (`beside_verdict`): a second engine
+        planned on the device as `fit` found it, less what the first will take."""
+        device = fit.device
+        device = dataclasses.replace(device, free_bytes=max(0, device.free_bytes
+                                                            - fit.predicted_bytes))  # fmt: skip
+        second = self._plan(manifest, device, beside=fit)
+        beside, why = beside_verdict(self._settings.updates.swap, second, fit)
+        return not beside, why
+
     async def start(
-        self, manifest: Manifest, fit: Plan, timings: LoadTimings | None = None
-    ) -> Serving:
+        self, manifest: Manifest, fit: Plan, timings: LoadTimings | None = None, *,
+        bounded: bool = True,
+    ) -> Serving:  # fmt: skip
         """A new engine on `manifest` sized by `fit`, smoke-tested (blocks for tens of seconds
-        off the event loop). On LoadError no engine of this call is left running."""
+        off the event loop). On LoadError no engine of this call is left running (one whose
+        start ran past its bound is stopped when the start returns). `bounded`: the start
+        itself is bounded (not the daemon's first, which systemd's start limit bounds)."""
         timings = timings or LoadTimings()
         if not fit.fits:
             raise LoadError(f"{manifest.version} does not fit: " + "; ".join(fit.problems))
+        if self.reloads_in_place is None:
+            self.reloads_in_place = self._updates_in_place(manifest, fit)
         started = time.perf_counter()
         try:
-            engine = await asyncio.to_thread(self._factory, self._config(manifest, fit))
-        except Exception as error:  # whatever the engine raises while starting
-            raise LoadError(f"the engine failed to start on {manifest.version}: {error}") from error
+            engine = await self._started_engine(manifest, fit, bounded)
         finally:
             timings.load_s = time.perf_counter() - started
         serving = Serving(engine, manifest, fit)
@@ -96,6 +120,28 @@ class EngineLoader:
         )  # fmt: skip
         return serving
 
+    async def _started_engine(self, manifest: Manifest, fit: Plan, bounded: bool) -> Engine:
+        """The factory's engine, started on a thread; past its bound the thread cannot be
+        stopped, so the engine it returns at last is shut down then."""
+        starting = asyncio.get_running_loop().run_in_executor(
+            None, self._factory, self._config(manifest, fit)
+        )
+        bound_s = self.bounds.start_s(fit.weight_bytes) if bounded else None
+        try:
+            done, _ = await asyncio.wait({starting}, timeout=bound_s)
+        except asyncio.CancelledError:
+            starting.add_done_callback(_shut_down_when_started)
+            raise
+        if not done:
+            starting.add_done_callback(_shut_down_when_started)
+            raise EngineUnresponsiveError(
+                f"the engine on {manifest.version} did not start within {bound_s:.1f} s"
+            )
+        try:
+            return starting.result()
+        except Exception as error:  # whatever the engine raises while starting
+            raise LoadError(f"the engine failed to start on {manifest.version}: {error}") from error
+
     async def reload(
         self, serving: Serving, manifest: Manifest, timings: LoadTimings | None = None
     ) -> Serving:
@@ -103,8 +149,13 @@ class EngineLoader:
         LoadError the engine still runs, with whatever weights the failure left in it."""
         timings = timings or LoadTimings()
         started = time.perf_counter()
+        engine, bounds = serving.engine, self.bounds
         try:
-            await serving.engine.reload_weights(self._store.model_dir(manifest.version))
+            await within(engine, engine.reload_weights(self._store.model_dir(manifest.version)),
+                         bounds.reload_s(serving.plan.weight_bytes),
+                         f"the reload of {manifest.version}", bounds.poll_s)  # fmt: skip
+        except EngineUnresponsiveError:
+            raise
         except Exception as error:  # any failure inside the engine
             raise LoadError(f"reload of {manifest.version} failed: {error}") from error
         finally:
@@ -123,15 +174,29 @@ class EngineLoader:
     async def stop(self, serving: Serving) -> None:
         await asyncio.to_thread(serving.engine.shutdown)
 
+    async def still_answers(self, serving: Serving, failure: LoadError) -> bool:
+        """Whether `serving`'s engine outlived `failure`: not past a bound, and its health
+        check passes (within the step floor)."""
+        if isinstance(failure, EngineUnresponsiveError):
+            return False
+        try:
+            async with asyncio.timeout(self.bounds.floor_s):
+                await serving.engine.check_health()
+        except (EngineError, TimeoutError):
+            return False
+        return True
+
     async def smoke_test(self, engine: Engine, timings: LoadTimings | None = None) -> None:
         """A short greedy generation must produce tokens with finite log-probabilities."""
         failpoint("load.smoke_test")
-        started = time.perf_counter()
+        started, bounds = time.perf_counter(), self.bounds
         try:
-            await self._generate_finite(engine)
+            await within(engine, self._generate_finite(engine), bounds.smoke_test_s(SMOKE_TOKENS),
+                         "the smoke test", bounds.poll_s)  # fmt: skip
         finally:
             if timings is not None:
                 timings.smoke_s = time.perf_counter() - started
+        bounds.note_smoke_test(time.perf_counter() - started, SMOKE_TOKENS)
 
     async def _generate_finite(self, engine: Engine) -> None:
         options = SamplingOptions(max_tokens=SMOKE_TOKENS, temperature=0.0, logprobs=0)
@@ -163,7 +228,41 @@ class EngineLoader:
             structured_output_backend=model.structured_output_backend,
             json_max_whitespace=model.json_max_whitespace,
             quantized_kernel=model.quantized_kernel,
+            reloads_in_place=self.reloads_in_place is not None and self.reloads_in_place[0],
             kv_cache_dtype=model.kv_cache_dtype,
             async_scheduling=model.async_scheduling,
             speculative=model.speculative,
         )
+
+
+def beside_verdict(mode: SwapMode, second: Plan, first: Plan) -> tuple[bool, str]:
+    """Whether an update's engine may start beside the serving one (sized by `first`), with
+    the reason: the mode allows it and the fit check (`second`, planned in what `first` leaves)
+    gives it at least the serving engine's context and sequences."""
+    if mode == "in_place":
+        return False, "updates.swap is in_place"
+    if not second.fits:
+        return False, "no room for a second engine: " + "; ".join(second.problems)
+    if second.max_model_len < first.max_model_len or (
+        second.max_concurrency < first.max_concurrency
+    ):
+        return False, (
+            f"a second engine would get {second.max_model_len} tokens of context for "
+            f"{second.max_concurrency} sequences, less than the serving engine's "
+            f"{first.max_model_len} for {first.max_concurrency}"
+        )
+    if mode == "auto" and second.device.kind != "gpu":
+        return False, "updates.swap is auto, which swaps beside on a GPU only"
+    return True, (
+        f"a second engine of {second.predicted_bytes / GiB:.2f} GiB fits in the "
+        f"{second.available_bytes / GiB:.2f} GiB the serving engine leaves"
+    )
+
+
+def _shut_down_when_started(starting: asyncio.Future[Engine]) -> None:
+    """The engine of a start given up on, once it is up after all: shut down, off the loop."""
+    if starting.cancelled() or starting.exception() is not None:
+        return
+    engine = starting.result()
+    logger.warning("an engine start given up on finished after all: shutting that engine down")
+    threading.Thread(target=engine.shutdown, name="late-engine-shutdown", daemon=True).start()

@@ -62,11 +62,13 @@ class VllmEngine:
         stats = _LatestStats()
         args = _engine_args(config)
         freeze_import_heap()
-        _set_engine_environment(config)
-        return cls._launch(args, config, stats)
+        kernel = _set_engine_environment(config)
+        return cls._launch(args, config, stats, kernel)
 
     @classmethod
-    def _launch(cls, args: Any, config: EngineConfig, stats: _LatestStats) -> VllmEngine:
+    def _launch(
+        cls, args: Any, config: EngineConfig, stats: _LatestStats, kernel: str
+    ) -> VllmEngine:
         """The engine itself. Its own frame: vLLM's first import happened in `_engine_args`,
         whose frames some library keeps in a stored traceback; the `AsyncLLM` must not be a
         local of any of them, or it outlives its shutdown until interpreter exit."""
@@ -85,6 +87,7 @@ class VllmEngine:
             vocab_size=len(llm.get_tokenizer()),
             prefix_caching=bool(llm.vllm_config.cache_config.enable_prefix_caching),
             vllm_version=vllm_version,
+            quantized_kernel=kernel,
         )
         logger.info("engine started in %.1f s: %s", time.perf_counter() - started, facts)
         return cls(llm, config, facts, stats)
@@ -356,31 +359,55 @@ def freeze_import_heap() -> None:
         gc.freeze()
 
 
-def _set_engine_environment(config: EngineConfig) -> None:
+def _set_engine_environment(config: EngineConfig) -> str:
     """What vLLM reads from the environment rather than its arguments; the engine's processes
-    inherit it when they start."""
+    inherit it when they start. Returns the quantized kernel chosen ("" off a GPU)."""
     from vllm.platforms import current_platform
 
-    _choose_quantized_kernel(config.quantized_kernel)
+    on_gpu = current_platform.is_cuda()
+    kernel, why = choose_quantized_kernel(
+        config.quantized_kernel, config.reloads_in_place, current_platform.is_device_capability(90)
+    )
+    _disable_other_kernel(kernel)
+    if on_gpu:
+        logger.info("4-bit kernel: %s (%s)", kernel, why)
     if current_platform.is_cpu():
         # vLLM 0.32's CPU build saves its AOT compile artifacts but cannot load them back
         # ("'function' object has no attribute 'finalize_loading'"), so every start compiled
         # afresh; its older compile cache loads (tiny model: engine init 26 s cold, 9 s warm
         # against 15 s warm with AOT). GPUs keep AOT, which loads there.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    return kernel if on_gpu else ""
 
 
 # Measured on an H200 with the Phi-4-shaped 4-bit checkpoint (docs/benchmarks.md, "Engine
 # options"): see the table for why "auto" is what it is.
 AUTO_QUANTIZED_KERNEL = "marlin"
 KERNEL_CLASSES = {"marlin": "MarlinLinearKernel", "machete": "MacheteLinearKernel"}
+RELOAD_SAFE_KERNEL = "machete"
 
 
-def _choose_quantized_kernel(choice: str) -> None:
+def choose_quantized_kernel(setting: str, reloads_in_place: bool, hopper: bool) -> tuple[str, str]:
+    """The 4-bit kernel for `model.quantized_kernel` = `setting`, with the reason. `auto` is
+    Marlin (the faster), except where updates reload weights in place on a Hopper GPU: a
+    reload of Marlin-format weights leaves the engine unable to run its next step (issue 26),
+    so Machete there, the one other choice (Hopper only)."""
+    if setting != "auto":
+        return setting, "model.quantized_kernel"
+    if reloads_in_place and hopper:
+        return RELOAD_SAFE_KERNEL, (
+            "auto, updates reload in place: in-place reloads with Marlin hang the engine "
+            "(issue 26); Machete reloads correctly"
+        )
+    if reloads_in_place:
+        return AUTO_QUANTIZED_KERNEL, "auto; Machete, which reloads in place, needs Hopper"
+    return AUTO_QUANTIZED_KERNEL, "auto, updates start a new engine: the faster kernel"
+
+
+def _disable_other_kernel(kernel: str) -> None:
     """vLLM picks the first GPTQ kernel in its list that works on the GPU (Machete on Hopper,
     Marlin elsewhere); disabling the other one picks ours."""
-    wanted = AUTO_QUANTIZED_KERNEL if choice == "auto" else choice
-    other = KERNEL_CLASSES["machete" if wanted == "marlin" else "marlin"]
+    other = KERNEL_CLASSES["machete" if kernel == "marlin" else "marlin"]
     disabled = [k for k in os.environ.get("VLLM_DISABLED_KERNELS", "").split(",") if k]
     disabled = [k for k in disabled if k not in KERNEL_CLASSES.values()] + [other]
     os.environ["VLLM_DISABLED_KERNELS"] = ",".join(disabled)

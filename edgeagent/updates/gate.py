@@ -16,9 +16,10 @@ import logging
 import time
 from dataclasses import dataclass
 
+from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine
 from edgeagent.engine.slot import Serving
-from edgeagent.errors import LoadError
+from edgeagent.errors import EngineUnresponsiveError, LoadError
 from edgeagent.evaluation import EvalSet, Scores, compare, held_out_set, perplexity, score_engine
 
 logger = logging.getLogger(__name__)
@@ -29,14 +30,17 @@ class Reference:
     version: str
     scores: Scores
     perplexity: float
+    seconds: float  # the scoring took: what bounds the candidate's (engine/bounds.py)
 
 
 class QualityGate:
     def __init__(
         self, *, enabled: bool = True, max_perplexity_ratio: float = 1.2,
         min_top1_agreement: float = 0.9, eval_set: EvalSet | None = None,
+        bounds: StepBounds | None = None,
     ) -> None:  # fmt: skip
         self.enabled = enabled
+        self._bounds = bounds or StepBounds()
         self._max_ratio, self._min_agreement = max_perplexity_ratio, min_top1_agreement
         self._eval_set = eval_set
         self._reference: Reference | None = None
@@ -50,22 +54,36 @@ class QualityGate:
     async def reference(self, serving: Serving) -> Reference:
         """The serving version's scores (computed while it serves, once per version)."""
         if self._reference is None or self._reference.version != serving.version:
+            started = time.perf_counter()
             try:
-                scores = await score_engine(serving.engine, self.eval_set)
+                scores = await self._scores(serving.engine, serving.version, None)
+            except EngineUnresponsiveError:
+                raise
             except Exception as error:  # an engine error while scoring
                 raise LoadError(
                     f"quality gate: could not score {serving.version}: {error}"
                 ) from error
-            self._reference = Reference(serving.version, scores, perplexity(scores))
+            self._reference = Reference(serving.version, scores, perplexity(scores),
+                                        time.perf_counter() - started)  # fmt: skip
         return self._reference
+
+    async def _scores(self, engine: Engine, version: str, measured_s: float | None) -> Scores:
+        """The eval set's scores on `engine`, bounded (`measured_s`: the reference's time)."""
+        tokens = sum(len(engine.encode(text)) for text in self.eval_set.texts)
+        bounds = self._bounds
+        return await within(engine, score_engine(engine, self.eval_set),
+                            bounds.scoring_s(measured_s, tokens),
+                            f"the quality gate's scoring of {version}", bounds.poll_s)  # fmt: skip
 
     async def check(self, engine: Engine, version: str, reference: Reference) -> None:
         """Raise LoadError naming the figures when `version`, on `engine`, is not close enough
         to `reference`; remember its scores when it passes (it becomes the reference)."""
         started = time.perf_counter()
         try:
-            scores = await score_engine(engine, self.eval_set)
+            scores = await self._scores(engine, version, reference.seconds)
             comparison = compare(reference.scores, scores)
+        except EngineUnresponsiveError:
+            raise
         except ValueError as different:  # tokenized otherwise: another model
             raise LoadError(f"quality gate: {version} is not comparable with "
                             f"{reference.version} ({different})") from different  # fmt: skip
@@ -82,4 +100,4 @@ class QualityGate:
         if ratio > self._max_ratio or comparison.agreement < self._min_agreement:
             raise LoadError(f"quality gate refused {version}: {figures}")
         logger.info("quality gate passed %s: %s", version, figures)
-        self._reference = Reference(version, scores, ppl)
+        self._reference = Reference(version, scores, ppl, time.perf_counter() - started)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.engine.loader import EngineLoader, LoadTimings
+from edgeagent.engine.loader import EngineLoader, LoadTimings, beside_verdict
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.errors import (
     CorruptArtifactError,
@@ -37,7 +37,6 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
-from edgeagent.fit import GiB
 from edgeagent.settings import SwapMode
 from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
@@ -203,26 +202,11 @@ class Updater:
         return f"{'beside' if beside else 'in place'}: {why}"
 
     def _beside(self, candidate: Manifest, serving: Serving) -> tuple[bool, str]:
-        """Whether the candidate's engine may start beside the serving one, with the reason:
-        the mode allows it and the fit check gives it at least the serving engine's context
-        and sequences in what the serving engine leaves."""
+        """Whether the candidate's engine may start beside the serving one, with the reason."""
         if self._swap_mode == "in_place":
             return False, "updates.swap is in_place"
-        fit, now = self._loader.plan(candidate, beside=serving), serving.plan
-        if not fit.fits:
-            return False, "no room for a second engine: " + "; ".join(fit.problems)
-        if fit.max_model_len < now.max_model_len or fit.max_concurrency < now.max_concurrency:
-            return False, (
-                f"a second engine would get {fit.max_model_len} tokens of context for "
-                f"{fit.max_concurrency} sequences, less than the serving engine's "
-                f"{now.max_model_len} for {now.max_concurrency}"
-            )
-        if self._swap_mode == "auto" and fit.device.kind != "gpu":
-            return False, "updates.swap is auto, which swaps beside on a GPU only"
-        return True, (
-            f"a second engine of {fit.predicted_bytes / GiB:.2f} GiB fits in the "
-            f"{fit.available_bytes / GiB:.2f} GiB the serving engine leaves"
-        )
+        fit = self._loader.plan(candidate, beside=serving)
+        return beside_verdict(self._swap_mode, fit, serving.plan)
 
     def _method(self, candidate: Manifest, serving: Serving) -> Method:
         """How to load the candidate: beside the serving engine where both fit (and the mode
@@ -266,7 +250,8 @@ class Updater:
             except LoadError as error:
                 logger.error("%s of %s failed: %s", method, candidate.version, error)
                 problem.append(str(error))
-                return await self._put_back(old, method)
+                answers = method != "reload" or await self._loader.still_answers(old, error)
+                return await self._put_back(old, method, engine_answers=answers)
 
         paused = time.perf_counter()
         outcome = replace(outcome, method=method)
@@ -350,11 +335,17 @@ class Updater:
             await self._slot.wait_released(old, RETIRE_ABORT_S)
         await self._loader.stop(old)
 
-    async def _put_back(self, old: Serving, method: Method) -> Serving:
-        """Serve `old` again, as it was; if even that fails nothing can be served."""
+    async def _put_back(self, old: Serving, method: Method, *, engine_answers: bool) -> Serving:
+        """Serve `old` again, as it was: its weights reloaded into its engine, or, where a
+        restart stopped that engine or a reload left it no longer answering (hung or dead), on
+        a fresh engine. If even that fails nothing can be served."""
         try:
-            if method == "reload":
+            if method == "reload" and engine_answers:
                 return await self._loader.reload(old, old.manifest)
+            if method == "reload":
+                logger.error("the engine no longer answers: stopping it and starting %s on a "
+                             "fresh engine", old.version)  # fmt: skip
+                await self._loader.stop(old)
             return await self._loader.start(old.manifest, self._loader.plan(old.manifest))
         except LoadError as error:
             raise EngineDeadError(f"could not put {old.version} back: {error}") from error

@@ -35,6 +35,7 @@ from edgeagent.engine.interface import (
     TokenDetail,
     TopToken,
 )
+from edgeagent.engine.vllm_engine import choose_quantized_kernel
 from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
 from edgeagent.gpu import DeviceMemory
 
@@ -59,6 +60,11 @@ class Behaviour:
     reload_error: str | None = None  # reloading this version into an engine raises
     reload_kills_engine: bool = False  # ... and the engine is dead afterwards
     stream_error: str | None = None  # every generation raises (the smoke test fails)
+    # Issue 26's hang: reloading this version returns, then the engine never answers again
+    # (every generation and reload waits for ever) while its health check still passes.
+    hang_after_reload: bool = False
+    stream_hangs: bool = False  # every generation on this version never yields a token
+    dies_in_stream: bool = False  # a generation kills the engine; its stream goes silent
     logprob: float = -0.5  # NaN or inf: the smoke test finds non-finite output
     prompt_logprob: float = -1.0  # each prompt token's: what the quality gate's perplexity reads
 
@@ -154,9 +160,12 @@ class FakeEngine:
 
     def __init__(self, config: EngineConfig, behaviour: Behaviour) -> None:
         self.config, self.behaviour = config, behaviour
+        kernel, _ = choose_quantized_kernel(config.quantized_kernel, config.reloads_in_place,
+                                            hopper=True)  # the fake GPU is a Hopper  # fmt: skip
         self.facts = ModelFacts(config.model_path, config.max_model_len or 4096,
-                                config.max_num_seqs, "Phi3ForCausalLM", "fake", 256)  # fmt: skip
-        self.closed = self.dead = False
+                                config.max_num_seqs, "Phi3ForCausalLM", "fake", 256,
+                                quantized_kernel=kernel)  # fmt: skip
+        self.closed = self.dead = self.wedged = False
         self.running: set[str] = set()
         self._aborted: set[str] = set()
         self.reloads: list[Path] = []
@@ -184,6 +193,10 @@ class FakeEngine:
         self._check_alive()
         if self.behaviour.stream_error is not None:
             raise EngineError(self.behaviour.stream_error)
+        if self.behaviour.dies_in_stream:
+            self.dead = True
+        if self.wedged or self.behaviour.stream_hangs or self.behaviour.dies_in_stream:
+            await _forever()
         self.running.add(request_id)
         try:
             texts = [""] * options.n
@@ -271,6 +284,8 @@ class FakeEngine:
 
     async def reload_weights(self, weights_path: Path) -> None:
         self._check_alive()
+        if self.wedged:
+            await _forever()
         behaviour = Behaviour.read(weights_path)
         await asyncio.sleep(behaviour.reload_s)
         self.reloads.append(weights_path)
@@ -278,6 +293,7 @@ class FakeEngine:
             self.dead = behaviour.reload_kills_engine
             raise EngineError(behaviour.reload_error)
         self.behaviour = behaviour
+        self.wedged = behaviour.hang_after_reload
 
     def shutdown(self) -> None:
         self.closed = True
@@ -291,6 +307,11 @@ class FakeEngine:
             raise EngineDeadError("this engine was shut down")
         if self.dead:
             raise EngineDeadError("the engine core process died")
+
+
+async def _forever() -> None:
+    """What awaiting an engine that will never answer looks like (cancellation ends it)."""
+    await asyncio.Event().wait()
 
 
 def expected_words(behaviour_seed: int, prompt: str, count: int) -> str:
