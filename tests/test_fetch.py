@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 from hub_server import HubServer
 from safetensors.torch import save_file
+from waits import HANG_S, wait_until
 
 from edgeagent.artifacts.fetch import HubFetcher, HubTarget
 from edgeagent.artifacts.manifest import HubSource, ImportSource
@@ -246,7 +246,8 @@ def test_full_disk_refuses_or_stops_and_leaves_current_serving(
         fetching.start()
         _wait_for_part(store, "model.safetensors.part", at_least=MiB)
         _fill(filler)
-        fetching.join(timeout=60)
+        fetching.join(timeout=HANG_S)
+        assert not fetching.is_alive(), "hang guard: the fetch neither failed nor finished"
     finally:
         hub.bytes_per_s = None
     assert len(errors) == 1, errors
@@ -282,15 +283,15 @@ def _fill(path: Path) -> None:
 def _wait_for_part(
     store: ModelStore, name: str, at_least: int, process: subprocess.Popen[str] | None = None
 ) -> Path:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def grown() -> Path | None:
         for part in store.staging_root.glob(f"*/{name}"):
             if part.stat().st_size >= at_least:
                 return part
         if process is not None and process.poll() is not None:
             raise AssertionError(f"fetch exited early: {process.communicate()}")
-        time.sleep(0.02)
-    raise AssertionError(f"no {name} of {at_least} bytes in staging")
+        return None
+
+    return wait_until(f"a {name} of {at_least} bytes in staging", grown, every_s=0.02)
 
 
 def _cli_env(hub: HubServer, tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -317,5 +318,5 @@ def _run_cli(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgeagent", *args], env=_cli_env(hub, tmp_path, **env),
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
