@@ -120,6 +120,11 @@ class ModelSettings(BaseModel):
         "auto: the daemon's measured choice (marlin, docs/benchmarks.md, engine options), "
         "but machete where updates reload weights in place (marlin's reload hangs: issue 26)",
     )
+    cpu_quantized_kernel: Literal["auto", "edgeagent"] = Field(
+        default="auto",
+        description="4-bit GPTQ on a CPU: auto: vLLM's kernel where its CPU build has one "
+        "(AVX-512), else edgeagent's; edgeagent: always edgeagent's (the AVX2 path, anywhere)",
+    )
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
         default="auto", description="fp8: half the KV cache's bytes per token (2x the context)"
     )

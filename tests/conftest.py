@@ -113,6 +113,7 @@ def engine(tiny_model: Path) -> Iterator[VllmEngine]:
         max_num_seqs=8,
         max_model_len=TEST_CONTEXT,
         scheduling_policy="priority",  # requests' priority field is tested against it
+        cpu_quantized_kernel="edgeagent",  # the AVX2 path, on every CPU (test_cpu_kernels.py)
     )
     engine = VllmEngine.start(config)
     yield engine

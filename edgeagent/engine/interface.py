@@ -28,6 +28,7 @@ class EngineConfig:
     json_max_whitespace: int = 4  # whitespace characters in a row in constrained JSON
     quantized_kernel: str = "auto"  # "marlin", "machete", or the daemon's choice
     reloads_in_place: bool = False  # updates will reload weights into it ("auto" kernel)
+    cpu_quantized_kernel: str = "auto"  # "edgeagent": its CPU 4-bit kernel even where vLLM has one
     kv_cache_dtype: str = "auto"
     async_scheduling: bool | None = None
     speculative: dict[str, Any] | None = None

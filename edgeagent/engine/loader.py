@@ -229,6 +229,7 @@ class EngineLoader:
             json_max_whitespace=model.json_max_whitespace,
             quantized_kernel=model.quantized_kernel,
             reloads_in_place=self.reloads_in_place is not None and self.reloads_in_place[0],
+            cpu_quantized_kernel=model.cpu_quantized_kernel,
             kv_cache_dtype=model.kv_cache_dtype,
             async_scheduling=model.async_scheduling,
             speculative=model.speculative,

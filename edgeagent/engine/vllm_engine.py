@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeagent.engine import orphans
+from edgeagent.engine import cpu_kernels, orphans
 from edgeagent.engine.interface import (
     ChatMessage,
     Delta,
@@ -237,6 +237,12 @@ class VllmEngine:
     def load(self) -> EngineLoad:
         return self._stats.latest
 
+    async def quantized_kernels(self) -> list[str]:
+        """The 4-bit kernels the model's layers run on, as vLLM chose them (empty when the
+        model is not quantized)."""
+        per_worker = await self._llm.collective_rpc("quantized_kernels")
+        return sorted({name for names in per_worker for name in names})
+
     async def reload_weights(self, weights_path: Path) -> None:
         """Swap in the weights at `weights_path` (same architecture and layout) in place.
 
@@ -372,6 +378,7 @@ def _set_engine_environment(config: EngineConfig) -> str:
     if on_gpu:
         logger.info("4-bit kernel: %s (%s)", kernel, why)
     if current_platform.is_cpu():
+        os.environ[cpu_kernels.KERNEL_ENV] = config.cpu_quantized_kernel
         # vLLM 0.32's CPU build saves its AOT compile artifacts but cannot load them back
         # ("'function' object has no attribute 'finalize_loading'"), so every start compiled
         # afresh; its older compile cache loads (tiny model: engine init 26 s cold, 9 s warm

@@ -24,6 +24,19 @@ class WorkerExtension:
             cache.zero_()
         return len(caches)
 
+    def quantized_kernels(self) -> list[str]:
+        """The names of the 4-bit kernels this worker's linear layers run on (vLLM picks one
+        per layer from its platform's list; edgeagent's CPU plugin may be first in it)."""
+        runner: Any = getattr(self, "model_runner", None)
+        model: Any = getattr(runner, "model", None)
+        kernels = {
+            type(method.kernel).__name__
+            for module in (model.modules() if model is not None else ())
+            if (method := getattr(module, "quant_method", None)) is not None
+            and hasattr(method, "kernel")
+        }
+        return sorted(kernels)
+
     def release_cached_memory(self) -> int:
         """Give the allocator's cached blocks back to the device; returns the bytes still
         reserved by PyTorch in this worker (0 on the CPU build).
