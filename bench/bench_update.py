@@ -4,7 +4,10 @@ Starts `edgeagent serve` on STATE_DIR's current version (A), streams from N clie
 the whole time, and updates through the admin API A → B → A → ... (`--updates` swaps, one every
 `--every-s` seconds). For each swap it prints the daemon's outcome (pause, reload, smoke test),
 the longest gap in token delivery any client saw around it, and the device's used memory (NVML on
-a GPU) before and after, with the allocator's cache released. Not a test: numbers only.
+a GPU) before and after, with the allocator's cache released. With `--check-answers`, after
+each swap a greedy 32-token answer is asked for and compared with the answer of a freshly
+started engine on the same version (A's before the first swap; B's from a second daemon started
+on B after the run). Not a test: numbers only.
 
     python bench/bench_update.py STATE_DIR CACHE_DIR VERSION_B [--streams 8] [KEY=VALUE ...]
 """
@@ -25,6 +28,7 @@ from pathlib import Path
 import grpc
 from launcher import launch
 
+from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Client, Parameters, build_request
 from edgeagent.errors import ConfigError
 from edgeagent.gpu import NvmlProbe
@@ -33,6 +37,7 @@ from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
 GiB = 1 << 30
+CHECK_PROMPT = "The answer after a swap"
 
 
 @dataclass
@@ -87,6 +92,11 @@ def steady_gap(arrivals: dict[int, list[float]], windows: list[tuple[float, floa
     )
 
 
+def greedy_answer(target: str) -> str:
+    with Client(target, timeout=120) as client:
+        return client.generate(CHECK_PROMPT, Parameters(max_tokens=32, temperature=0)).text
+
+
 async def run(
     args: argparse.Namespace, target: str, admin_target: str, version_a: str
 ) -> dict[str, object]:
@@ -96,6 +106,7 @@ async def run(
         for i in range(args.streams)
     ]
     swaps, swaps_at = [], []
+    answers: list[tuple[str, str]] = []  # (version served, its greedy answer) after each swap
     async with grpc.aio.insecure_channel(admin_target) as channel:
         admin = admin_grpc.AdminServiceStub(channel)
         await asyncio.sleep(args.every_s)
@@ -106,6 +117,9 @@ async def run(
             outcome = await admin.Update(admin_pb.UpdateRequest(version=version))
             answered = time.perf_counter()
             swaps_at.append((asked - 1, answered + 1))
+            if args.check_answers:
+                served = (await admin.GetStatus(admin_pb.GetStatusRequest())).version
+                answers.append((served, await asyncio.to_thread(greedy_answer, target)))
             await asyncio.sleep(args.every_s)
             swaps.append({
                 "to": version[:12],
@@ -131,6 +145,7 @@ async def run(
         "messages": sum(len(times) for times in load.arrivals.values()),
         "longest_gap_outside_swaps_s": round(steady_gap(load.arrivals, swaps_at), 3),
         "swaps": swaps,
+        "answers_after_swaps": answers,
     }
 
 
@@ -144,6 +159,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--every-s", type=float, default=5.0)
+    parser.add_argument("--check-answers", action="store_true")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-update-"))
     settings = {
@@ -161,12 +177,44 @@ def main() -> None:
             client.generate("warm up", Parameters(max_tokens=8))
         with Client(daemon.admin_target, timeout=60) as admin:
             version_a = admin.status().version
+        fresh = {version_a: greedy_answer(daemon.target)} if args.check_answers else {}
         result = asyncio.run(run(args, daemon.target, daemon.admin_target, version_a))
     finally:
         exit_code = daemon.stop()
         out = Path(os.environ.get("OUT", workdir))
         (out / "daemon-update.log").write_text(daemon.log())
+    if args.check_answers:
+        fresh |= fresh_answers(args, workdir, settings, exclude=set(fresh))
+        result["answers_match_fresh_engines"] = all(
+            fresh.get(version) == answer for version, answer in result["answers_after_swaps"]
+        )
+        result["fresh_answers"] = fresh
     print(json.dumps(result | {"exit_code": exit_code}, indent=2))
+
+
+def fresh_answers(
+    args: argparse.Namespace, workdir: Path, settings: dict[str, str], exclude: set[str]
+) -> dict[str, str]:
+    """Each swapped-to version's greedy answer from a daemon started on it (the store's current
+    moved there for the start, then put back)."""
+    store = ModelStore(Path(args.state_dir) / "models")
+    current = store.refs().current
+    answers = {}
+    try:
+        for version in {args.version_b} - exclude:
+            store.activate(version)
+            (workdir / f"fresh-{version[:12]}").mkdir()
+            daemon = launch(workdir / f"fresh-{version[:12]}", Path(args.state_dir),
+                            Path(args.cache_dir), settings)  # fmt: skip
+            try:
+                daemon.wait_until_serving(540)
+                answers[version] = greedy_answer(daemon.target)
+            finally:
+                daemon.stop()
+    finally:
+        if current is not None:
+            store.activate(current)
+    return answers
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
+#   bash bench/gpu_session.sh inplace [N] [KERNELS]  # N in-place swaps (8) under 16 streams in a
+#       12 GiB budget, for each kernel (auto marlin machete), answers checked against fresh engines
 #   bash bench/gpu_session.sh beside [N]  # N swaps (8) under 16 streams, candidate beside the old
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
@@ -23,6 +25,14 @@ python3 -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_ou
 # The bundle's grpcio-tools may be newer than the host's grpcio; the stubs use nothing newer.
 sed -i "s/^GRPC_GENERATED_VERSION = .*/GRPC_GENERATED_VERSION = '$(python3 -c \
     'import grpc; print(grpc.__version__)')'/" edgeagent/v1/*_grpc.py
+# edgeagent runs from the checkout, not installed, so vLLM would not find its plugins (the Marlin
+# reload fix among them) by their entry points: declare them beside the bundle.
+plugins=/tmp/site/edgeagent_plugins-0.dist-info
+mkdir -p "$plugins"
+printf 'Metadata-Version: 2.1\nName: edgeagent-plugins\nVersion: 0\n' > "$plugins/METADATA"
+sed -n '/^\[project.entry-points."vllm.general_plugins"\]/,/^$/p' pyproject.toml \
+    | sed 's/^\[project.entry-points."vllm.general_plugins"\]/[vllm.general_plugins]/' \
+    > "$plugins/entry_points.txt"
 # Version A (/tmp/phi4) serves; CHECKPOINT (LAYERS layers, SEED) is stored beside it; clients
 # stream while bench_update.py swaps A -> it -> A ...; its report goes to $OUT/OUTFILE.
 swaps() {
@@ -70,6 +80,13 @@ ttft)
     ;;
 update)  # a second version of the same layout: in-place reloads
     EDGEAGENT_UPDATES__SWAP=in_place swaps /tmp/phi4b "" 1 bench-update.txt --updates 4 --every-s 8
+    ;;
+inplace)  # issue 26: a card that holds one engine (12 GiB), each kernel the daemon may choose
+    for kernel in ${3:-auto marlin machete}; do
+        EDGEAGENT_MEMORY__BUDGET_GIB=12 EDGEAGENT_MODEL__QUANTIZED_KERNEL=$kernel \
+            swaps /tmp/phi4b "" 1 "bench-inplace-$kernel.txt" --updates "${2:-8}" --every-s 6 \
+            --streams 16 --check-answers
+    done
     ;;
 beside)  # the same, with the default swap (auto: beside where the fit check says both fit)
     swaps /tmp/phi4b "" 1 bench-beside.txt --updates "${2:-8}" --every-s 6 --streams 16

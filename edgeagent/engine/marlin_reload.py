@@ -37,6 +37,7 @@ def register() -> None:
     original = kernel.process_weights_after_loading
     if not getattr(original, _PATCHED, False):
         kernel.process_weights_after_loading = keeping_workspace(original)
+        logger.info("vLLM %s: Marlin reloads keep their workspace (edgeagent's fix)", vllm_version)
 
 
 def keeping_workspace(process: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:

@@ -1,0 +1,79 @@
+"""4-bit decode on a CPU: edgeagent's kernel (the AVX2 path) against the fp16 model and, where
+the CPU build has one, vLLM's own 4-bit kernel; each on its own engine, in one run, as ratios.
+
+    .venv/bin/python bench/bench_cpu_4bit.py FP16_DIR GPTQ_DIR [--avx2] [--rounds 3]
+
+FP16_DIR is the trained embedded model (`.cache/trained/tiny-phi4-*`), GPTQ_DIR its 4-bit build
+(a store version's `model/` directory). `--avx2` caps torch, oneDNN and MKL at AVX2 in the
+engines' processes as the training child does (vLLM's own library is still the one the CPU's
+features pick). Each variant: single-stream greedy decode of `--tokens` tokens, the best of
+`--rounds`, after one warm-up. Not a test: numbers only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from edgeagent.artifacts.dataset import Exchange
+from edgeagent.artifacts.train import X86_TRAINING_KERNELS
+from edgeagent.engine.interface import EngineConfig, SamplingOptions
+from edgeagent.engine.vllm_engine import VllmEngine
+
+PROMPT = Exchange("Tell me about edgeagent.", "").prompt()
+
+
+async def decode_speed(engine: VllmEngine, tokens: int, rounds: int) -> float:
+    options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    best = 0.0
+    for round_ in range(rounds + 1):
+        started, generated = time.perf_counter(), 0
+        async for delta in engine.stream(engine.encode(PROMPT), options, f"bench-{round_}"):
+            generated = delta.completion_tokens
+        if round_:  # the first is the warm-up
+            best = max(best, generated / (time.perf_counter() - started))
+    return best
+
+
+def measure(model: Path, kernel: str, tokens: int, rounds: int) -> tuple[float, list[str]]:
+    config = EngineConfig(model_path=model, kv_cache_bytes=128 << 20, max_num_seqs=4,
+                          max_model_len=1024, cpu_quantized_kernel=kernel)  # fmt: skip
+    engine = VllmEngine.start(config)
+    try:
+
+        async def run() -> tuple[float, list[str]]:
+            return await decode_speed(engine, tokens, rounds), await engine.quantized_kernels()
+
+        return asyncio.run(run())
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("fp16", type=Path)
+    parser.add_argument("gptq", type=Path)
+    parser.add_argument("--avx2", action="store_true")
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if args.avx2:
+        os.environ.update(X86_TRAINING_KERNELS)
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    variants = [("fp16", args.fp16, "auto"), ("4-bit, edgeagent's kernel", args.gptq, "edgeagent"),
+                ("4-bit, vLLM's kernel (auto)", args.gptq, "auto")]  # fmt: skip
+    speeds: dict[str, float] = {}
+    for label, model, kernel in variants:
+        speeds[label], kernels = measure(model, kernel, args.tokens, args.rounds)
+        print(f"{label:32s} {speeds[label]:7.1f} tok/s  kernels {kernels or ['(none)']}",
+              flush=True)  # fmt: skip
+    base = speeds["fp16"]
+    for label, speed in speeds.items():
+        print(f"{label:32s} {speed / base:5.2f}x the fp16 model")
+
+
+if __name__ == "__main__":
+    main()
