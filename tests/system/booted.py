@@ -33,6 +33,7 @@ from typing import TypeVar
 
 import pytest
 from conftest import REPO
+from waits import HANG_S
 
 BOOT = Path(__file__).with_name("boot-systemd.sh")
 ROOTS = Path("/var/tmp/edgeagent-system")  # never under /tmp: see the module's docstring
@@ -70,7 +71,7 @@ class BootedSystem:
         return ["nsenter", "-t", str(self.pid), "-a", "--", *as_user, *argv]
 
     def run(
-        self, *argv: str, user: str | None = None, check: bool = True, timeout: float = 120,
+        self, *argv: str, user: str | None = None, check: bool = True, timeout: float = HANG_S,
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:  # fmt: skip
         done = subprocess.run(
@@ -128,18 +129,19 @@ class BootedSystem:
         target.chmod(mode)
 
     def cli(self, *args: str, user: str | None = None, check: bool = True,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+            timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:  # fmt: skip
         return self.run(EDGEAGENT, *args, user=user, check=check, timeout=timeout)
 
 
-def wait_for(what: str, probe: Callable[[], T | None], within_s: float, every_s: float = 0.5) -> T:
-    deadline = time.monotonic() + within_s
+def wait_for(what: str, probe: Callable[[], T | None], every_s: float = 0.5) -> T:
+    """Poll until `probe` returns something true; only a hang guard (HANG_S) bounds it."""
+    deadline = time.monotonic() + HANG_S
     while time.monotonic() < deadline:
         found = probe()
         if found:
             return found
         time.sleep(every_s)
-    raise AssertionError(f"not within {within_s} s: {what}")
+    raise AssertionError(f"hang guard: still waiting for {what} after {HANG_S:g} s")
 
 
 @contextlib.contextmanager
@@ -155,14 +157,14 @@ def booted(name: str, shared: Path | None = None) -> Iterator[BootedSystem]:
     if shared is not None:
         binds[shared] = str(shared)
     booting = subprocess.run(
-        ["bash", str(BOOT)], capture_output=True, text=True, timeout=60, check=False,
+        ["bash", str(BOOT)], capture_output=True, text=True, timeout=HANG_S, check=False,
         env={**os.environ, "SDROOT": str(root),
              "SDBINDS": " ".join(f"{src.resolve()}:{dst}" for src, dst in binds.items())},
     )  # fmt: skip
     assert booting.returncode == 0, booting.stderr
     system = BootedSystem(int(booting.stdout.strip()))
     try:
-        wait_for("the booted system running", lambda: _settled(system), within_s=60)
+        wait_for("the booted system running", lambda: _settled(system))
         _install_interpreter(system)
         yield system
     finally:

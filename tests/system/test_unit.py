@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from real_daemon import start_daemon
+from waits import HANG_S
 
 from edgeagent.artifacts.build import EMBEDDED_RECIPE
 from edgeagent.artifacts.manifest import Manifest
@@ -28,7 +29,9 @@ from system.booted import EDGEAGENT, NEEDS_ROOT, REPO_INSIDE, BootedSystem, boot
 
 pytestmark = [
     pytest.mark.system,
-    pytest.mark.timeout(900),
+    # Only a hang guard: the first test carries the install (training and building the embedded
+    # model, then its engine's start: ~5 min on a quiet box); CI machines may be 6x slower.
+    pytest.mark.timeout(3600),
     NEEDS_ROOT,
 ]  # fmt: skip
 
@@ -37,7 +40,7 @@ CONFIG = """\
 log_level = "INFO"
 [server]
 tcp_address = "127.0.0.1:50051"
-drain_grace_s = 30.0
+drain_grace_s = 60.0
 [model]
 source = "embedded"
 kv_cache_gib = 0.25
@@ -76,9 +79,10 @@ def installed() -> Iterator[Installed]:
         watcher.start()
         started = time.monotonic()
         try:
+            # Hang guards: the first start trains, builds and starts the engine.
             install = system.run(
                 "bash", f"{REPO_INSIDE}/deploy/install.sh", "--exec", EDGEAGENT,
-                "--health-wait", "600", check=False, timeout=700,
+                "--health-wait", f"{3 * HANG_S:.0f}", check=False, timeout=4 * HANG_S,
             )  # fmt: skip
         finally:
             watching.set()
@@ -185,9 +189,9 @@ def test_a_dropped_update_is_hot_swapped_inside_the_unit(
     system.run("chown", "-R", "edgeagent:edgeagent", "/var/lib/edgeagent/incoming")
     staged.rename(system.path("/var/lib/edgeagent/drop/next"))
     wait_for("the dropped version served",
-             lambda: system.served_version() == tiny_4bit_b.version, within_s=300)  # fmt: skip
+             lambda: system.served_version() == tiny_4bit_b.version)  # fmt: skip
     wait_for("the drop filed as done",
-             lambda: system.path("/var/lib/edgeagent/drop/done/next").is_dir(), 60)  # fmt: skip
+             lambda: system.path("/var/lib/edgeagent/drop/done/next").is_dir())  # fmt: skip
     assert "--- " in _generate(system)
     assert system.show("NRestarts") == "0"
 
@@ -207,7 +211,7 @@ def test_a_hub_fetch_runs_inside_the_unit(installed: Installed, tiny_fp16_b: Pat
         )
         system.systemctl("restart", UNIT)
         wait_for("the hub's version served",
-                 lambda: system.served_version() not in {"", before}, 300)  # fmt: skip
+                 lambda: system.served_version() not in {"", before})  # fmt: skip
     manifest = system.cli("models", "show", "current").stdout
     assert '"edge/tiny"' in manifest
     assert system.served_version() in manifest
@@ -219,10 +223,11 @@ def test_the_watchdog_restarts_a_stopped_daemon(installed: Installed) -> None:
     restarts = int(system.show("NRestarts"))
     stopped = time.monotonic()
     system.run("kill", "-STOP", system.show("MainPID"))
-    wait_for("a restart by the watchdog",
-             lambda: int(system.show("NRestarts")) > restarts, within_s=15 + 5 + 30)  # fmt: skip
+    # The mechanism is asserted (systemd's "Watchdog timeout"), not the time: a stopped
+    # process's abort and core dump take longer on a slower machine.
+    wait_for("a restart by the watchdog", lambda: int(system.show("NRestarts")) > restarts)
     restarted_after = time.monotonic() - stopped
-    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"))
     assert "--- " in _generate(system)
     assert "Watchdog timeout" in system.journal()
     print(
@@ -238,8 +243,8 @@ def test_an_engine_death_is_restarted_by_systemd_and_journaled(installed: Instal
     assert core, "no engine core process"
     system.run("kill", "-KILL", *core)
     wait_for("a restart after the engine died",
-             lambda: int(system.show("NRestarts")) > restarts, within_s=60)  # fmt: skip
-    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+             lambda: int(system.show("NRestarts")) > restarts)  # fmt: skip
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"))
     assert "--- " in _generate(system)
     assert "engine died" in system.journal("-p", "err")
 
@@ -249,11 +254,10 @@ def test_a_sigkilled_daemon_takes_its_engine_processes_with_it(installed: Instal
     before = set(system.run("pgrep", "-u", "edgeagent").stdout.split())
     restarts = int(system.show("NRestarts"))
     system.run("kill", "-KILL", system.show("MainPID"))
-    wait_for("a restart after SIGKILL",
-             lambda: int(system.show("NRestarts")) > restarts, within_s=60)  # fmt: skip
+    wait_for("a restart after SIGKILL", lambda: int(system.show("NRestarts")) > restarts)
     left = before & set(system.run("pgrep", "-u", "edgeagent", check=False).stdout.split())
     assert not left, f"processes of the killed daemon still running: {left}"
-    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"), 300)
+    wait_for("serving again", lambda: system.show("StatusText").startswith("serving"))
     assert "--- " in _generate(system)
 
 
@@ -274,7 +278,7 @@ def test_stop_under_eight_streams_drains_them_and_exits_0(installed: Installed) 
     stopping = time.monotonic()
     system.systemctl("stop", UNIT)
     stop_s = time.monotonic() - stopping
-    results = [stream.communicate(timeout=60) for stream in streams]
+    results = [stream.communicate(timeout=HANG_S) for stream in streams]
     codes = [stream.returncode for stream in streams]
     journal = system.journal()
     system.systemctl("start", UNIT)
@@ -282,12 +286,13 @@ def test_stop_under_eight_streams_drains_them_and_exits_0(installed: Installed) 
     assert all("--- " in err for _, err in results)
     assert system.show("Result") == "success"
     assert "SIGKILL" not in journal.split("Stopping")[-1]
+    assert "draining 8 request(s)" in journal  # all eight were in flight at the stop
     print(f"\nstop under 8 streams: {stop_s:.1f} s, all 8 finished")
 
 
 def test_the_journal_carries_priorities(installed: Installed) -> None:
     system = installed.system
-    wait_for("serving", lambda: system.show("StatusText").startswith("serving"), 300)
+    wait_for("serving", lambda: system.show("StatusText").startswith("serving"))
     warnings = system.journal("-p", "warning")
     everything = system.journal()
     assert "engine died" in warnings  # logged at error by the earlier test
@@ -310,7 +315,7 @@ def test_start_to_ready_under_systemd_and_bare(
         started = time.monotonic()
         bare = start_daemon(tmp_path, 10.0, served)
         bare_s = time.monotonic() - started
-        assert bare.terminate(60) == 0
+        assert bare.terminate(HANG_S) == 0
     assert under_systemd is not None
     print(f"\nstart -> READY, warm: under systemd {under_systemd:.1f} s, bare {bare_s:.1f} s")
 
