@@ -6,20 +6,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import CACHE
 from transformers import AutoTokenizer
+from waits import HANG_S, wait_until
 
+from edgeagent.artifacts import build, train
 from edgeagent.artifacts.build import build_embedded
 from edgeagent.artifacts.manifest import BuildSource, Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
 
 
-@pytest.mark.timeout(600)  # the first to want the trained model may train it (~3 min) and build
 def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
     model_store: ModelStore, embedded_4bit: Manifest, trained_fp16: Path
 ) -> None:
@@ -49,31 +49,40 @@ def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
 
 
 def test_the_same_base_and_recipe_build_once(
-    model_store: ModelStore, embedded_4bit: Manifest
+    model_store: ModelStore, embedded_4bit: Manifest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started = time.perf_counter()
+    """The training is cached and the build found in the store: neither the trainer nor the
+    AutoRound worker runs again, and the store gains nothing."""
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ran again")
+
+    monkeypatch.setattr(train, "_run_trainer", must_not_run)
+    monkeypatch.setattr(build, "_worker", must_not_run)
+    versions = [m.version for m in model_store.manifests()]
     assert build_embedded(model_store, CACHE) == embedded_4bit
-    assert time.perf_counter() - started < 10  # training cached, found in the store: not rerun
+    assert [m.version for m in model_store.manifests()] == versions
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_stopped_build_leaves_no_version_and_no_quantizer(
     sig: signal.Signals, tiny_fp16: Path, tmp_path: Path
 ) -> None:
-    """1. A long build. 2. Its worker starts tuning. 3. The CLI gets SIGTERM (exit 130,
-    staging removed) or SIGKILL (the worker dies with it; gc removes the staging)."""
+    """1. A long build. 2. Its worker starts tuning (AutoRound logs its first block).
+    3. The CLI gets SIGTERM (exit 130, staging removed) or SIGKILL (the worker dies with it; gc
+    removes the staging)."""
+    store = ModelStore(tmp_path / "state" / "models")
     with subprocess.Popen(
         [sys.executable, "-m", "edgeagent", "build", str(tiny_fp16), "--iters", "1000"],
         env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as process:  # fmt: skip
         worker = _wait_for_worker(process.pid)
-        time.sleep(3)
+        wait_until("the worker tuning its first block", lambda: _tuning(store, process))
         process.send_signal(sig)
-        code = process.wait(timeout=60)
+        code = process.wait(timeout=HANG_S)
     assert code == (130 if sig == signal.SIGTERM else -9)
     _wait_gone(worker)
 
-    store = ModelStore(tmp_path / "state" / "models")
     assert store.manifests() == []
     if sig == signal.SIGKILL:
         store.gc(keep=1)
@@ -106,32 +115,43 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 def _run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "edgeagent", *args], env=_env(tmp_path, **env),
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
 
 
 def _wait_for_worker(parent: int) -> int:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def child() -> int | None:
         for task in Path(f"/proc/{parent}/task").iterdir():
             children = (task / "children").read_text().split()
             if children:
                 return int(children[0])
-        time.sleep(0.1)
-    raise AssertionError("the build worker never started")
+        return None
+
+    return wait_until("the build worker to start", child, every_s=0.1)
+
+
+def _tuning(store: ModelStore, process: subprocess.Popen[str]) -> bool:
+    """Whether AutoRound has started on a block (its log in the build's staging); fails
+    at once if the build exited first."""
+    assert process.poll() is None, process.communicate()
+    return any(
+        "Quantizing model.layers." in log.read_text(errors="replace")
+        for log in store.staging_root.glob("*/worker.log")
+    )
 
 
 def _wait_gone(pid: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    """Until the worker has exited (SIGKILL by its parent death signal, or stopped by the
+    CLI); if it keeps running the hang guard fails the test: it outlived its parent."""
+
+    def exited() -> bool:
         try:
             state = Path(f"/proc/{pid}/stat").read_text().split()[2]
         except FileNotFoundError:
-            return
-        if state == "Z":  # exited; only its entry is left for a parent that is gone
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"the AutoRound worker {pid} outlived its parent")
+            return True
+        return state == "Z"  # exited; only its entry is left for a parent that is gone
+
+    wait_until(f"the AutoRound worker {pid} to exit after its parent", exited, every_s=0.1)
 
 
 def test_builtin_calibration_text_is_the_same_in_every_process() -> None:
