@@ -31,6 +31,7 @@ from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import EngineFactory
 from edgeagent.engine.loader import EngineLoader, LoadTimings
+from edgeagent.engine.placement import require_fit
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.errors import (
@@ -148,7 +149,6 @@ class Daemon:
                              max_perplexity_ratio=updates.max_perplexity_ratio,
                              min_top1_agreement=updates.min_top1_agreement,
                              bounds=loader.bounds),
-            swap=updates.swap,
         )  # fmt: skip
         await self._start_api(metrics)
         self._start_update_sources(store, self.updater)
@@ -221,8 +221,7 @@ class Daemon:
     async def _load(self, loader: EngineLoader, manifest: Manifest) -> Serving:
         fit = loader.plan(manifest)
         self.timeline.mark("fit check")
-        if not fit.fits:
-            raise LoadError(f"version {manifest.version} does not fit: " + "; ".join(fit.problems))
+        require_fit(manifest, fit)
         logger.info(
             "model %s version %s (%s, %s), context %d tokens, %d sequences at full context%s",
             manifest.model_id, manifest.version, manifest.source_label,

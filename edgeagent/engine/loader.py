@@ -21,12 +21,13 @@ from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
+from edgeagent.engine.placement import Placement, beside_verdict, require_fit, same_layout
 from edgeagent.engine.slot import Serving
 from edgeagent.errors import EngineError, EngineUnresponsiveError, LoadError
 from edgeagent.failpoints import failpoint
 from edgeagent.fit import FitRequest, Plan, plan
 from edgeagent.gpu import DeviceMemory, MemoryProbe
-from edgeagent.settings import GiB, Settings, SwapMode
+from edgeagent.settings import GiB, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,28 @@ class EngineLoader:
         beside, why = beside_verdict(self._settings.updates.swap, second, fit)
         return not beside, why
 
+    def beside(self, candidate: Manifest, serving: Serving) -> tuple[bool, str]:
+        """Whether `candidate`'s engine may start beside `serving`'s, with the reason."""
+        mode = self._settings.updates.swap
+        if mode == "in_place":
+            return False, "updates.swap is in_place"
+        return beside_verdict(mode, self.plan(candidate, beside=serving), serving.plan)
+
+    def place(self, candidate: Manifest, serving: Serving) -> Placement:
+        """How an update loads `candidate` over `serving`: beside it where both fit (and
+        `updates.swap` allows), else reloaded in place (same layout), else a new engine in place
+        of the old if that fits; LoadError when it does not."""
+        beside, why = self.beside(candidate, serving)
+        if beside:
+            return "beside"
+        if self._settings.updates.swap == "beside":
+            logger.info("%s cannot start beside %s (%s): swapping in place",
+                        candidate.version, serving.version, why)  # fmt: skip
+        if same_layout(candidate, serving.manifest):
+            return "reload"
+        require_fit(candidate, self.plan(candidate, replacing=serving))
+        return "restart"
+
     async def start(
         self, manifest: Manifest, fit: Plan, timings: LoadTimings | None = None, *,
         bounded: bool = True,
@@ -96,8 +119,7 @@ class EngineLoader:
         start ran past its bound is stopped when the start returns). `bounded`: the start
         itself is bounded (not the daemon's first, which systemd's start limit bounds)."""
         timings = timings or LoadTimings()
-        if not fit.fits:
-            raise LoadError(f"{manifest.version} does not fit: " + "; ".join(fit.problems))
+        require_fit(manifest, fit)
         if self.reloads_in_place is None:
             self.reloads_in_place = self._updates_in_place(manifest, fit)
         started = time.perf_counter()
@@ -234,30 +256,6 @@ class EngineLoader:
             async_scheduling=model.async_scheduling,
             speculative=model.speculative,
         )
-
-
-def beside_verdict(mode: SwapMode, second: Plan, first: Plan) -> tuple[bool, str]:
-    """Whether an update's engine may start beside the serving one (sized by `first`), with
-    the reason: the mode allows it and the fit check (`second`, planned in what `first` leaves)
-    gives it at least the serving engine's context and sequences."""
-    if mode == "in_place":
-        return False, "updates.swap is in_place"
-    if not second.fits:
-        return False, "no room for a second engine: " + "; ".join(second.problems)
-    if second.max_model_len < first.max_model_len or (
-        second.max_concurrency < first.max_concurrency
-    ):
-        return False, (
-            f"a second engine would get {second.max_model_len} tokens of context for "
-            f"{second.max_concurrency} sequences, less than the serving engine's "
-            f"{first.max_model_len} for {first.max_concurrency}"
-        )
-    if mode == "auto" and second.device.kind != "gpu":
-        return False, "updates.swap is auto, which swaps beside on a GPU only"
-    return True, (
-        f"a second engine of {second.predicted_bytes / GiB:.2f} GiB fits in the "
-        f"{second.available_bytes / GiB:.2f} GiB the serving engine leaves"
-    )
 
 
 def _shut_down_when_started(starting: asyncio.Future[Engine]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from edgeagent.artifacts.manifest import Manifest
 from edgeagent.artifacts.store import ModelStore
-from edgeagent.engine.loader import EngineLoader, LoadTimings, beside_verdict
+from edgeagent.engine.loader import EngineLoader, LoadTimings
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.errors import (
     CorruptArtifactError,
@@ -37,7 +37,6 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
-from edgeagent.settings import SwapMode
 from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
 
@@ -69,10 +68,8 @@ class Updater:
         probation: Probation | None = None,
         on_outcome: Callable[[UpdateOutcome], None] = lambda outcome: None,
         gate: QualityGate | None = None,
-        swap: SwapMode = "auto",
     ) -> None:
         self._store, self._loader, self._slot = store, loader, slot
-        self._swap_mode = swap
         self.journal = journal
         self._hold_s, self._probation_s = hold_s, probation_s
         self._on_outcome = on_outcome
@@ -177,7 +174,7 @@ class Updater:
             outcome = replace(outcome, verify_s=time.perf_counter() - started)
             self.journal.advance("verified")
             failpoint("update.verified")
-            method = self._method(candidate, serving)
+            method: Method = self._loader.place(candidate, serving)
             reference = await self._gate_reference(kind, serving)
             return await self._swap(candidate, serving, outcome, method, reference)
         except (UpdateRefusedError, CorruptArtifactError, UnavailableError, LoadError) as error:
@@ -198,33 +195,8 @@ class Updater:
         serving = self._slot.serving
         if serving is None:
             return ""
-        beside, why = self._beside(serving.manifest, serving)
+        beside, why = self._loader.beside(serving.manifest, serving)
         return f"{'beside' if beside else 'in place'}: {why}"
-
-    def _beside(self, candidate: Manifest, serving: Serving) -> tuple[bool, str]:
-        """Whether the candidate's engine may start beside the serving one, with the reason."""
-        if self._swap_mode == "in_place":
-            return False, "updates.swap is in_place"
-        fit = self._loader.plan(candidate, beside=serving)
-        return beside_verdict(self._swap_mode, fit, serving.plan)
-
-    def _method(self, candidate: Manifest, serving: Serving) -> Method:
-        """How to load the candidate: beside the serving engine where both fit (and the mode
-        allows), else in place, or with a new engine if it fits."""
-        beside, why = self._beside(candidate, serving)
-        if beside:
-            return "beside"
-        if self._swap_mode == "beside":
-            logger.info("%s cannot start beside %s (%s): swapping in place",
-                        candidate.version, serving.version, why)  # fmt: skip
-        if same_layout(candidate, serving.manifest):
-            return "reload"
-        fit = self._loader.plan(candidate, replacing=serving)
-        if not fit.fits:
-            raise UpdateRefusedError(
-                f"{candidate.version} does not fit: " + "; ".join(fit.problems)
-            )
-        return "restart"
 
     async def _gate_reference(self, kind: Kind, serving: Serving) -> Reference | None:
         """The serving version's scores, taken before the pause; None when the gate does not
@@ -419,16 +391,3 @@ def _settled(task: asyncio.Task[Any]) -> None:
     "exception was never retrieved" noise (the outcome is in the journal and the log)."""
     if not task.cancelled():
         task.exception()
-
-
-LAYOUT_KEYS = ("quant_method", "bits", "group_size", "sym", "desc_act", "checkpoint_format")
-
-
-def same_layout(a: Manifest, b: Manifest) -> bool:
-    """In-place reload needs the same tensors: the architecture and the quantization layout
-    (not the recipe that produced the numbers) alike."""
-
-    def layout(m: Manifest) -> dict[str, object]:
-        return {key: (m.quantization or {}).get(key) for key in LAYOUT_KEYS}
-
-    return a.architecture == b.architecture and layout(a) == layout(b)

@@ -105,11 +105,11 @@ class Box:
 async def slot_and_updater(box: Box, name: str = "a") -> tuple[ServingSlot, Updater]:
     """The daemon's serving core on `box` without its servers: the version `name` loaded into a
     slot as at start-up, and the updater over it (for tests that assemble servers themselves)."""
-    settings, store, manifest = box.settings(), box.store, box.versions[name]
-    loader = EngineLoader(settings, store, FakeEngines(), FakeProbe())
+    store, manifest = box.store, box.versions[name]
+    loader = EngineLoader(box.settings(), store, FakeEngines(), FakeProbe())
     slot = ServingSlot()
     await slot.swap(lambda _: loader.start(manifest, loader.plan(manifest)), hold_s=0)
-    return slot, Updater(store, loader, slot, box.journal, swap=settings.updates.swap)
+    return slot, Updater(store, loader, slot, box.journal)
 
 
 class Calls:
