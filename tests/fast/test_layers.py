@@ -1,0 +1,80 @@
+"""The house's floors (issue 27): no import runs back up them, and no module imports itself
+round a circle. cli → daemon → server → updates → engine → fit → artifacts → settings, errors
+and the other modules that import nothing of edgeagent's but errors."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import edgeagent
+
+PACKAGE = Path(edgeagent.__file__).parent
+FLOORS = {  # the first module-name prefix that matches places a module
+    "cli": 7, "client": 7, "__main__": 7,
+    "daemon": 6, "preflight": 6,
+    "server": 5, "metrics": 5,
+    "updates": 4,
+    "engine": 3, "evaluation": 3,
+    "fit": 2,
+    "artifacts": 1,
+}  # fmt: skip
+BASE = 0  # settings, errors, gpu, progress, failpoints, timeline, offloop, systemd, logs, tasks
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path, known: set[str]) -> set[str]:
+    """The edgeagent modules `path` imports (a `from package import module` names the module)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found |= {name.removeprefix("edgeagent.") for name in names} & known
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py") if "v1" not in p.parts}
+    known = set(paths)
+    return {name: imports(path, known) - {name} for name, path in paths.items()}
+
+
+def floor(module: str) -> int:
+    top = module.split(".")[0]
+    return FLOORS.get(top, BASE)
+
+
+def test_no_import_runs_up_a_floor() -> None:
+    upward = sorted(
+        f"{module} (floor {floor(module)}) imports {target} (floor {floor(target)})"
+        for module, targets in graph().items()
+        for target in targets
+        if floor(target) > floor(module)
+    )
+    assert upward == []
+
+
+def test_no_import_cycles() -> None:
+    edges, cycles, done = graph(), list[list[str]](), set[str]()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            cycles.append([*path[path.index(module) :], module])
+            return
+        if module in done:
+            return
+        for target in sorted(edges[module]):
+            visit(target, [*path, module])
+        done.add(module)
+
+    for module in sorted(edges):
+        visit(module, [])
+    assert cycles == []
