@@ -1,5 +1,6 @@
 """Which version a starting daemon serves: `current` when it verifies, fits and passes its smoke
-test, else `previous` (never one marked bad), else exit 10 naming every reason."""
+test, else `previous` (never one marked bad), else exit 10 naming every reason. The start rows
+S1-S6 of docs/update-failures.md, each by its test of the same name."""
 
 from __future__ import annotations
 
@@ -58,13 +59,13 @@ async def test_the_start_timeline_accounts_for_the_start_phase_by_phase(box: Box
     assert sum(seconds for _, seconds in phases) == pytest.approx(since_start)
 
 
-async def test_a_corrupt_current_falls_back_to_previous(box_b_current: Box) -> None:
+async def test_row_s1_a_corrupt_current_falls_back_to_previous(box_b_current: Box) -> None:
     box = box_b_current
     _flip_byte((box.store.model_dir(box.versions["b"].version) / "fake-engine.json").resolve())
     assert await _serves(box) == box.versions["a"].version
 
 
-async def test_a_start_trusts_files_as_recorded_then_hashes_them_and_rolls_back(
+async def test_row_s6_a_start_trusts_files_as_recorded_then_hashes_them_and_rolls_back(
     box_b_current: Box,
 ) -> None:
     """Bytes changed in place with the inode, size and mtime kept (what a disk's bit flip
@@ -88,13 +89,36 @@ async def test_a_start_trusts_files_as_recorded_then_hashes_them_and_rolls_back(
     assert box.store.refs().current == box.versions["a"].version
 
 
-async def test_a_current_that_fails_to_load_falls_back_to_previous(box: Box) -> None:
+async def test_row_s3_a_current_that_fails_to_load_falls_back_to_previous(box: Box) -> None:
     failing = box.add("fails", Behaviour(seed=3, start_error="CUDA out of memory"), current=True)
     assert await _serves(box) == box.versions["a"].version
     assert box.store.refs().current == failing.version  # a transient failure is retried next start
 
 
-async def test_nothing_servable_names_every_reason(box_b_current: Box) -> None:
+async def test_row_s2_a_current_that_does_not_fit_falls_back_to_previous(
+    box: Box, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its widest layer's activations alone (2048 tokens x 2 x 2M x 4 bytes) outgrow the GPU."""
+    huge = box.add("huge", quantized=False, intermediate_size=2_000_000, current=True)
+    assert await _serves(box) == box.versions["a"].version
+    assert f"cannot serve the current version: {huge.version} does not fit" in caplog.text
+    assert box.store.refs().current == huge.version
+    assert huge.version not in box.journal.bad  # it may fit another day
+
+
+async def test_row_s3_a_current_whose_smoke_test_fails_falls_back_to_previous(
+    box: Box, caplog: pytest.LogCaptureFixture
+) -> None:
+    mute = box.add("mute", Behaviour(seed=6, stream_error="device-side assert"), current=True)
+    async with in_process(box) as daemon:
+        assert (await daemon.generate()).model_version == box.versions["a"].version
+        assert len(daemon.engines.live) == 1  # the smoke-tested engine was stopped
+    assert "cannot serve the current version: smoke test failed" in caplog.text
+    assert box.store.refs().current == mute.version
+    assert mute.version not in box.journal.bad
+
+
+async def test_row_s5_nothing_servable_names_every_reason(box_b_current: Box) -> None:
     box = box_b_current
     box.add("a-mute", Behaviour(seed=1, stream_error="no kernel image"))
     box.add("b-mute", Behaviour(seed=2, stream_error="no kernel image"), current=True)
@@ -108,7 +132,7 @@ async def test_nothing_servable_names_every_reason(box_b_current: Box) -> None:
     assert str(refused.value).count("smoke test failed: no kernel image") == 2
 
 
-async def test_a_previous_marked_bad_is_not_fallen_back_to(box_b_current: Box) -> None:
+async def test_row_s4_a_previous_marked_bad_is_not_fallen_back_to(box_b_current: Box) -> None:
     box = box_b_current
     journal = box.journal
     journal.mark_bad(box.versions["a"].version, "failed its probation")
