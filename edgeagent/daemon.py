@@ -22,11 +22,9 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
-from edgeagent.artifacts.fetch import HubTarget
-from edgeagent.artifacts.prepare import acquire_default, hub_fetcher, open_store
+from edgeagent.artifacts.prepare import acquire_default, open_store
 from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import EngineFactory
@@ -35,23 +33,19 @@ from edgeagent.engine.slot import ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.errors import EngineError, StoppedError
 from edgeagent.gpu import MemoryProbe, default_probe
-from edgeagent.metrics import Metrics, serve_metrics
+from edgeagent.metrics import Metrics
 from edgeagent.offloop import kill_descendants, run_off_loop
 from edgeagent.preflight import check_settings
-from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
-from edgeagent.server.admin import AdminService
-from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
-from edgeagent.server.health import SlotHealth
+from edgeagent.server.app import ApiServer
+from edgeagent.server.listeners import Listeners
 from edgeagent.server.openai.listen import HttpApi
-from edgeagent.server.service import GenerationService
 from edgeagent.settings import Settings
 from edgeagent.systemd import Notifier, StatusHandler
 from edgeagent.tasks import Supervisor
 from edgeagent.timeline import StartTimeline
-from edgeagent.updates.drop_dir import DropDirectory, take_drop
-from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.lifecycle import Lifecycle
 from edgeagent.updates.pipeline import Updater
+from edgeagent.updates.sources import update_sources
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +72,9 @@ class Daemon:
         self._probe = probe or default_probe()
         self._tasks = Supervisor()
         self.lifecycle: Lifecycle | None = None
-        self.api: ApiServer | None = None
-        self.http: HttpApi | None = None
+        self.metrics = Metrics()
+        self.listeners = Listeners(settings, self.slot, self.metrics)
         self._cancel = threading.Event()
-        self._stop_metrics: Callable[[], None] | None = None
         self._notifier = Notifier()
         self._started_at = time.monotonic()
         self.timeline = StartTimeline()
@@ -112,7 +105,7 @@ class Daemon:
         # goes to /tmp by default, which the unit's PrivateTmp empties on every start.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
         store = open_store(settings)
-        metrics = Metrics()
+        metrics = self.metrics
         loader = EngineLoader(settings, store, self._engine_factory, self._probe)
         lifecycle = self.lifecycle = Lifecycle(
             settings, store, loader, self.slot, timeline=timeline, off_loop=self._off_loop,
@@ -131,9 +124,10 @@ class Daemon:
         if self.should_exit:
             raise StoppedError("stopped while starting the engine")
         metrics.watch_slot(self.slot)
-        await self._start_api(metrics, lifecycle.updater)
-        self._start_update_sources(store, lifecycle.updater)
-        self._notifier.ready(self._serving_status())
+        await self.listeners.start(lifecycle.updater, timeline, self._probe)
+        for name, source in update_sources(settings, store, lifecycle.updater):
+            self._tasks.start(name, source)
+        self._notifier.ready(lifecycle.describe())
         timeline.mark("servers up, READY")
         if (check := lifecycle.check_after_start()) is not None:
             self._tasks.start("check-after-start", check)
@@ -143,6 +137,14 @@ class Daemon:
     @property
     def updater(self) -> Updater | None:
         return self.lifecycle.updater if self.lifecycle is not None else None
+
+    @property
+    def api(self) -> ApiServer | None:
+        return self.listeners.api
+
+    @property
+    def http(self) -> HttpApi | None:
+        return self.listeners.http
 
     async def _fill_empty_store(self, store: ModelStore) -> None:
         """A source like the others: an empty store is filled from the configured one."""
@@ -186,58 +188,9 @@ class Daemon:
                 self._notifier.extend_timeout(EXTEND_BY_S)
             await asyncio.sleep(TICK_S)
 
-    async def _start_api(self, metrics: Metrics, updater: Updater) -> None:
-        settings = self.settings
-        tokens = Tokens(settings.api_token_value, settings.admin_token_value)
-        service = GenerationService(self.slot, settings.limits, metrics,
-                                    settings.server.stream_write_timeout_s)  # fmt: skip
-        self.api = ApiServer(
-            service,
-            SlotHealth(self.slot, [SERVICE_NAME, ADMIN_SERVICE_NAME]), settings.server,
-            settings.socket_path, AdminService(self.slot, updater, self.timeline),
-            settings.admin_socket_path, tokens,
-        )  # fmt: skip
-        await self.api.start()
-        if settings.server.http_enabled:
-            self.http = HttpApi(service.core, settings.server, settings.http_socket_path,
-                                settings.api_token_value)  # fmt: skip
-            await self.http.start()
-        if settings.metrics.address:
-            metrics.watch_device(self._probe)
-            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
-
-    def _start_update_sources(self, store: ModelStore, updater: Updater) -> None:
-        settings = self.settings
-        if settings.updates.watch_drop_dir:
-            drop = settings.drop_dir
-
-            async def take(claimed: Path) -> None:
-                await take_drop(claimed, drop, store, updater)
-
-            self._tasks.start("drop-directory", DropDirectory(drop, take).run)
-            logger.info("watching %s for model updates (a directory with a READY file)", drop)
-        if settings.polls_hub:
-            updates = settings.updates
-            poller = HubPoller(
-                hub_fetcher(settings, store), HubTarget(settings.hub.repo, settings.hub.revision),
-                updater, interval_s=updates.hub_poll_interval_s, jitter=updates.hub_poll_jitter,
-                max_backoff_s=updates.hub_poll_max_backoff_s,
-            )  # fmt: skip
-            self._tasks.start("hub-poll", poller.run)
-            logger.info("polling the hub for new commits of %s every %g s",
-                        poller.target, updates.hub_poll_interval_s)  # fmt: skip
-
-    def _serving_status(self) -> str:
-        serving, updater = self.slot.serving, self.updater
-        if serving is None:
-            return f"not serving: {self.slot.why_empty}"
-        if updater is not None and updater.candidate:
-            return f"updating to {updater.candidate}; serving {serving.version}"
-        return f"serving {serving.model_id} {serving.version}"
-
     def _announce(self) -> None:
         """Tell systemd what is going on when it changed (an update began or ended)."""
-        status = self._serving_status()
+        status = self.lifecycle.describe() if self.lifecycle is not None else ""
         if status != self._announced:
             self._announced = status
             self._notifier.status(status)
@@ -267,12 +220,7 @@ class Daemon:
                 f"the server shut down; the request was still running "
                 f"after the {grace:g} s drain grace period"
             )
-        if self.http is not None:
-            await self.http.stop(grace_s=1.0)
-        if self.api is not None:
-            await self.api.stop(grace=1.0)
-        if self._stop_metrics is not None:
-            self._stop_metrics()
+        await self.listeners.stop()
         if self.lifecycle is not None:
             await self.lifecycle.unload()
         orphans.stop_resource_tracker()

@@ -169,6 +169,15 @@ class Lifecycle:
         logger.info("version %s passed its full check (sha256 of every file) after the start",
                     version)  # fmt: skip
 
+    def describe(self) -> str:
+        """What serves, or why nothing does, or the update under way: for systemd's STATUS=."""
+        serving, candidate = self._slot.serving, self.updater.candidate
+        if serving is None:
+            return f"not serving: {self._slot.why_empty}"
+        if candidate:
+            return f"updating to {candidate}; serving {serving.version}"
+        return f"serving {serving.model_id} {serving.version}"
+
     async def tick(self) -> str | None:
         """The main loop's tick: end a probation whose time is up, and check the engine every
         `model.health_check_s`. Why the daemon must stop (nothing can serve), else None."""
