@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import CACHE, TEST_CONTEXT, api_server, wait_until_engine_idle
+from waits import HANG_S, until
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -165,12 +166,13 @@ async def test_updates_under_load_fail_no_request_and_serve_the_new_weights(
     clients = [asyncio.create_task(_stream_until(target.address, stop, load, i)) for i in range(4)]
     async with grpc.aio.insecure_channel(target.admin) as channel:
         admin = admin_grpc.AdminServiceStub(channel)
-        await asyncio.sleep(1.0)
+        await until("the clients' first 4 replies", lambda: load.completed >= 4)
         to_b = await admin.Update(admin_pb.UpdateRequest(version=tiny_4bit_b.version[:8]))
-        await asyncio.sleep(0.5)
+        await until("a client served by B", lambda: tiny_4bit_b.version in load.versions)
         on_b = await _greedy_all(engine)
         back = await admin.Rollback(admin_pb.RollbackRequest())
-        await asyncio.sleep(1.0)
+        rolled_back_at = load.completed
+        await until("4 replies after the rollback", lambda: load.completed >= rolled_back_at + 4)
         status = await admin.GetStatus(admin_pb.GetStatusRequest())
     stop.set()
     await asyncio.gather(*clients)
@@ -297,13 +299,13 @@ async def test_another_layout_restarts_the_engine_and_a_crash_in_probation_rolls
         load, stop = Load(), asyncio.Event()
         clients = [asyncio.create_task(_stream_until(target.address, stop, load, i))
                    for i in range(3)]  # fmt: skip
-        await asyncio.sleep(1.0)
+        await until("the clients' first 3 replies", lambda: load.completed >= 3)
         engine_a = target.engine
         assert isinstance(engine_a, VllmEngine)
         replaced = weakref.ref(engine_a._llm)  # the vLLM AsyncLLM that A's engine wraps
         del engine_a
         restarted = await asyncio.to_thread(_update, target.admin, other.version)
-        await asyncio.sleep(1.0)
+        await until("a client served by fp16", lambda: other.version in load.versions)
         stop.set()
         await asyncio.gather(*clients)
         on_other = await _greedy_all(target.engine)
@@ -353,18 +355,17 @@ def _kill_newest_engine_core() -> None:
 
 async def _until_engine_death_handled(updater: Updater, slot: ServingSlot) -> UpdateOutcome:
     """What the daemon's health check does: notice the dead engine, hand it to the updater."""
-    for _ in range(300):
-        try:
-            await slot.current().engine.check_health()
-        except EngineDeadError as died:
-            outcome = await updater.engine_died(str(died))
-            assert outcome is not None, "not in probation"
-            return outcome
-        await asyncio.sleep(0.1)
-    raise AssertionError("the engine's death went unnoticed for 30 s")
+    async with asyncio.timeout(HANG_S):  # hang guard
+        while True:
+            try:
+                await slot.current().engine.check_health()
+            except EngineDeadError as died:
+                outcome = await updater.engine_died(str(died))
+                assert outcome is not None, "not in probation"
+                return outcome
+            await asyncio.sleep(0.1)
 
 
-@pytest.mark.timeout(600)  # the first test to want the trained model trains it (~3 min)
 async def test_the_quality_gate_promotes_a_close_candidate_and_refuses_bad_ones_under_load(
     model_store: ModelStore, trained_fp16: Path, tiny_fp16: Path, tmp_path: Path
 ) -> None:
@@ -382,7 +383,7 @@ async def test_the_quality_gate_promotes_a_close_candidate_and_refuses_bad_ones_
             load, stop = Load(), asyncio.Event()
             clients = [asyncio.create_task(_stream_until(target.address, stop, load, i))
                        for i in range(2)]  # fmt: skip
-            await asyncio.sleep(0.5)
+            await until("the clients' first 2 replies", lambda: load.completed >= 2)
             outcomes = [await asyncio.to_thread(_update, target.admin, candidate.version)
                         for candidate in (close, noisy, other)]  # fmt: skip
             stop.set()
