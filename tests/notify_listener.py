@@ -10,6 +10,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from waits import HANG_S
+
 
 @dataclass
 class Listener:
@@ -21,7 +23,7 @@ class Listener:
     def texts(self) -> list[str]:
         return [text for _, text in self.messages]
 
-    def wait_for(self, text: str, within_s: float = 10.0) -> None:
+    def wait_for(self, text: str, within_s: float = HANG_S) -> None:
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             if any(text in message for message in self.texts()):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import REPO
+from waits import HANG_S
 
 from edgeagent.artifacts.manifest import ImportSource
 from edgeagent.artifacts.store import ModelStore
@@ -102,7 +103,7 @@ def start_daemon(
     daemon = RunningDaemon(process, f"unix:{tmp_path / 'run' / 'edgeagent.sock'}", log)
     with Client(daemon.target) as client:
         try:
-            client.wait_until_serving(timeout=480, daemon=process)
+            client.wait_until_serving(timeout=HANG_S, daemon=process)
         except (RuntimeError, TimeoutError) as error:
             process.kill()
             process.wait()
