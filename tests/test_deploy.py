@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from waits import HANG_S
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="useradd/groupadd into a scratch root need root"
@@ -43,7 +44,7 @@ def _install(root: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(REPO / "deploy/install.sh"), "--root", str(root), "--exec", str(EXEC),
          "--no-start", *extra],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
 
 
@@ -157,9 +158,9 @@ def test_the_fleet_playbook_installs_canary_first_with_each_groups_revision(
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "PATH": f"{EXEC.parent}:{os.environ['PATH']}",
            "ANSIBLE_LOCAL_TEMP": str(tmp_path / "ansible-tmp")}  # fmt: skip
 
-    first = subprocess.run(playbook, capture_output=True, text=True, env=env, timeout=600,
+    first = subprocess.run(playbook, capture_output=True, text=True, env=env, timeout=HANG_S,
                            check=False)  # fmt: skip
-    second = subprocess.run(playbook, capture_output=True, text=True, env=env, timeout=600,
+    second = subprocess.run(playbook, capture_output=True, text=True, env=env, timeout=HANG_S,
                             check=False)  # fmt: skip
 
     assert first.returncode == 0, first.stdout[-3000:]
@@ -180,6 +181,6 @@ def test_the_fleet_playbook_installs_canary_first_with_each_groups_revision(
 def test_ansible_lint_passes() -> None:
     lint = subprocess.run(
         [str(Path(sys.executable).parent / "ansible-lint")], cwd=REPO / "deploy/ansible",
-        capture_output=True, text=True, timeout=300, check=False,
+        capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
     assert lint.returncode == 0, lint.stdout[-3000:] + lint.stderr[-3000:]
