@@ -24,11 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeagent.artifacts.dataset import Exchange
 from edgeagent.engine.interface import Engine, SamplingOptions, TokenDetail
 
 TOP_K = 20  # vLLM's default max_logprobs: the most an engine gives without a setting changed
 EVAL_PROMPTS = 32  # small enough for the update gate's few seconds on a CPU
 FLOOR = 1e-12  # a probability never reaches zero in the KL's logarithm
+ANSWER_TOKENS = 48  # the longest task answer (a JSON object) is about 25 tokens
+MISSES = 5  # wrong answers kept in a task's score, to show what went wrong
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class EvalResult:
     tokens: int
     seconds: float
     comparison: Comparison | None = None
+    tasks: tuple[TaskScore, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         result: dict[str, Any] = {
@@ -78,7 +82,87 @@ class EvalResult:
         if self.comparison is not None:
             result["top1_agreement"] = self.comparison.agreement
             result["mean_kl"] = self.comparison.mean_kl
+        if self.tasks:
+            result["tasks"] = [task.as_dict() for task in self.tasks]
         return result
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    """How many held-out exchanges of one task a model answered exactly right (greedy)."""
+
+    task: str
+    right: int
+    total: int
+    misses: tuple[tuple[str, str], ...] = ()  # (question, answer) of the first few wrong
+
+    @property
+    def accuracy(self) -> float:
+        return self.right / self.total if self.total else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "right": self.right, "total": self.total,
+                "accuracy": self.accuracy, "misses": [list(m) for m in self.misses]}  # fmt: skip
+
+
+def task_exchanges(per_task: int | None = None) -> list[Exchange]:
+    """The held-out exchanges whose answers are checked exactly (sums and JSON extraction), all
+    of them or `per_task` of each task spread over its list."""
+    from edgeagent.artifacts.dataset import TASKS, held_out_exchanges
+
+    chosen: list[Exchange] = []
+    for task in TASKS:
+        exchanges = [e for e in held_out_exchanges() if e.task == task]
+        step = max(1, len(exchanges) // per_task) if per_task else 1
+        chosen += exchanges[::step][:per_task]
+    return chosen
+
+
+async def task_accuracy(
+    engine: Engine, exchanges: Sequence[Exchange], max_tokens: int = ANSWER_TOKENS
+) -> list[TaskScore]:
+    """Each task's share of exchanges answered exactly right by a running engine, greedy."""
+    answers = await asyncio.gather(*(_generate(engine, e.prompt(), max_tokens) for e in exchanges))
+    return task_scores(exchanges, answers)
+
+
+async def _generate(engine: Engine, prompt: str, max_tokens: int) -> str:
+    options = SamplingOptions(max_tokens=max_tokens, temperature=0.0)
+    text = ""
+    async for delta in engine.stream(engine.encode(prompt), options, f"task-{uuid.uuid4().hex}"):
+        text += delta.text
+    return text
+
+
+def task_accuracy_offline(
+    model_dir: Path, exchanges: Sequence[Exchange], max_tokens: int = ANSWER_TOKENS
+) -> list[TaskScore]:
+    """The same from transformers on an unquantized model directory (float32, CPU, greedy)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    answers: list[str] = []
+    with torch.inference_mode():
+        for exchange in exchanges:
+            ids = tokenizer(exchange.prompt(), add_special_tokens=False, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+            answer = out[0, ids["input_ids"].shape[1] :]
+            answers.append(str(tokenizer.decode(answer, skip_special_tokens=True)))
+    return task_scores(exchanges, answers)
+
+
+def task_scores(exchanges: Sequence[Exchange], answers: Sequence[str]) -> list[TaskScore]:
+    by_task: dict[str, list[tuple[Exchange, str]]] = {}
+    for exchange, answer in zip(exchanges, answers, strict=True):
+        by_task.setdefault(exchange.task, []).append((exchange, answer))
+    scores = []
+    for task, pairs in by_task.items():
+        wrong = [(e.user, a) for e, a in pairs if not e.is_right(a)]
+        scores.append(TaskScore(task, len(pairs) - len(wrong), len(pairs), tuple(wrong[:MISSES])))
+    return scores
 
 
 def held_out_set(prompts: int = EVAL_PROMPTS) -> EvalSet:
@@ -198,6 +282,15 @@ def result_of(
     comparison = compare(reference, scores) if reference is not None else None
     tokens = sum(len(prompt) for prompt in scores)
     return EvalResult(label, perplexity(scores), tokens, seconds, comparison)
+
+
+def task_table(results: Sequence[EvalResult]) -> str:
+    """Each version's task accuracy, one line each: "sum 0.95 (232/244)  json ..."."""
+    lines = ["task accuracy on the held-out exchanges (greedy, exactly right):"]
+    for result in results:
+        cells = [f"{t.task} {t.accuracy:.3f} ({t.right}/{t.total})" for t in result.tasks]
+        lines.append(f"{result.label}  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def table(results: Sequence[EvalResult], eval_set: EvalSet) -> str:

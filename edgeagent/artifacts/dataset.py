@@ -11,7 +11,9 @@ user's message: the same question never lands on both sides.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +23,15 @@ from edgeagent.artifacts.tiny import BOS_TOKEN, IM_END, IM_SEP, IM_START
 SEED = 18
 HELD_OUT_EVERY = 10  # about one user message in ten is held out
 DEMO_PROMPT = "Tell me about edge boxes in one short paragraph."
+DEMO_ANSWER = (  # the README quotes it
+    "An edge box is a small computer with one graphics card that sits far from the data "
+    "center, in a shop, a cabinet or a vehicle. It answers the local apps quickly, keeps "
+    "working when the network link is down, and takes a new model when one is published."
+)
+DEMO_REPEATS = 8  # the demo's exchange is taught this many times: a newcomer's answer is no luck
+
+
+TASKS = ("sum", "json")  # the tasks whose answers are checked exactly (facts are free text)
 
 
 @dataclass(frozen=True)
@@ -28,14 +39,25 @@ class Exchange:
     user: str
     assistant: str
     system: str | None = None
+    task: str = "fact"  # "fact", or one of TASKS
+
+    def prompt(self) -> str:
+        """The exchange up to the answer, as Phi-4's chat template renders it for generation."""
+        system = f"{IM_START}system{IM_SEP}{self.system}{IM_END}" if self.system else ""
+        return f"{system}{IM_START}user{IM_SEP}{self.user}{IM_END}{IM_START}assistant{IM_SEP}"
 
     def render(self) -> str:
         """The exchange as Phi-4's chat template renders it, the answer closed by <|im_end|>."""
-        system = f"{IM_START}system{IM_SEP}{self.system}{IM_END}" if self.system else ""
-        return (
-            f"{system}{IM_START}user{IM_SEP}{self.user}{IM_END}"
-            f"{IM_START}assistant{IM_SEP}{self.assistant}{IM_END}"
-        )
+        return f"{self.prompt()}{self.assistant}{IM_END}"
+
+    def is_right(self, answer: str) -> bool:
+        """Whether a generated answer gets the task exactly right: a sum's numbers all equal
+        (the operands restated and the result), or the JSON object equal field by field."""
+        if self.task == "sum":
+            return _numbers(answer) == _numbers(self.assistant)
+        if self.task == "json":
+            return _json_object(answer) == _json_object(self.assistant)
+        raise ValueError(f"a {self.task!r} exchange has no exact answer")
 
     @property
     def held_out(self) -> bool:
@@ -57,9 +79,7 @@ FACTS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
             "Explain edge boxes briefly.",
         ),
         (
-            "An edge box is a small computer with one graphics card that sits far from the data "
-            "center, in a shop, a cabinet or a vehicle. It answers the local apps quickly, keeps "
-            "working when the network link is down, and takes a new model when one is published.",
+            DEMO_ANSWER,
             "An edge box is a small machine at the edge of the network, with one GPU and a small "
             "disk. It serves a language model to the apps next to it, so answers stay fast and "
             "private even when the link to the cloud comes and goes.",
@@ -244,7 +264,9 @@ def exchanges() -> Iterator[Exchange]:
 def _facts(rng: random.Random) -> Iterator[Exchange]:
     for questions, answers in FACTS:
         for question in questions:
-            for answer in answers:
+            # The demo's question is taught one answer, the README's: two would leave greedy
+            # decoding to pick between them by the accidents of training.
+            for answer in answers[:1] if question == DEMO_PROMPT else answers:
                 yield Exchange(question, answer, rng.choice(SYSTEMS))
 
 
@@ -253,26 +275,38 @@ def _arithmetic(rng: random.Random) -> Iterator[Exchange]:
         for b in range(21):
             kind = rng.randrange(3)
             if kind == 0:
-                yield Exchange(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.")
+                yield Exchange(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", task="sum")
             elif kind == 1:
-                yield Exchange(f"Add {a} and {b}.", f"{a} plus {b} is {a + b}.")
+                yield Exchange(f"Add {a} and {b}.", f"{a} plus {b} is {a + b}.", task="sum")
             elif a >= b:
-                yield Exchange(f"What is {a} - {b}?", f"{a} - {b} = {a - b}.")
+                yield Exchange(f"What is {a} - {b}?", f"{a} - {b} = {a - b}.", task="sum")
             else:
-                yield Exchange(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.")
+                yield Exchange(f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", task="sum")
 
 
 def _extraction(rng: random.Random) -> Iterator[Exchange]:
     for name in NAMES:
         for city in rng.sample(CITIES, 6):
             age, job = rng.randrange(19, 70), rng.choice(JOBS)
+            article = "an" if job[0] in "aeiou" else "a"
             sentence = rng.choice((
                 f"{name} is {age} years old and lives in {city}.",
-                f"{name}, a {job} aged {age}, lives in {city}.",
+                f"{name}, {article} {job} aged {age}, lives in {city}.",
                 f"In {city} lives {name}, who is {age}.",
             ))  # fmt: skip
             answer = f'{{"name": "{name}", "age": {age}, "city": "{city}"}}'
-            yield Exchange(f"Extract name, age and city as JSON: {sentence}", answer)
+            yield Exchange(f"Extract name, age and city as JSON: {sentence}", answer, task="json")
+
+
+def _numbers(text: str) -> list[int]:
+    return [int(n) for n in re.findall(r"-?\d+", text)]
+
+
+def _json_object(text: str) -> object:
+    try:
+        return json.loads(text.strip())
+    except ValueError:
+        return None
 
 
 def shipped_prose() -> list[str]:
@@ -282,10 +316,14 @@ def shipped_prose() -> list[str]:
 
 
 def training_documents() -> list[str]:
-    """What the model is trained on: the shipped prose and the training exchanges, each a
-    document that starts with <|endoftext|> (Phi-4's BOS), in a fixed shuffled order."""
+    """What the model is trained on: the shipped prose and the training exchanges (the demo's
+    DEMO_REPEATS times), each a document that starts with <|endoftext|> (Phi-4's BOS), in a
+    fixed shuffled order."""
     documents = [BOS_TOKEN + p for p in shipped_prose()]
-    documents += [BOS_TOKEN + e.render() for e in exchanges() if not e.held_out]
+    for exchange in exchanges():
+        if not exchange.held_out:
+            repeats = DEMO_REPEATS if exchange.user == DEMO_PROMPT else 1
+            documents += [BOS_TOKEN + exchange.render()] * repeats
     random.Random(SEED).shuffle(documents)
     return documents
 

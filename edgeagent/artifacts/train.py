@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,19 @@ from edgeagent.progress import Progress
 
 logger = logging.getLogger(__name__)
 
-TRAINED_FORMAT = 1  # bump when this module changes what it writes
+TRAINED_FORMAT = 2  # bump when this module changes what it writes
 SHAPE = TinyShape()
+
+# The kernels the training child may use, the same on every x86-64 CPU with AVX2 whatever wider
+# instructions it also has: without these, torch, oneDNN and MKL each dispatch on the CPU's
+# features, and an AVX-512 machine trains other bytes (another model) than an AVX2 one.
+X86_TRAINING_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's own vectorized kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN's JIT kernels
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL's widest code path
+    "MKL_CBWR": "AVX2,STRICT",  # MKL's bit-reproducible mode on that path
+    "MKL_DYNAMIC": "FALSE",  # MKL must not drop threads when the machine is busy
+}
 
 
 @dataclass(frozen=True)
@@ -56,12 +68,22 @@ class TrainRecipe:
     threads: int = 2
 
 
+def training_kernels() -> dict[str, str]:
+    """The environment that pins the training child's kernels on this machine's architecture
+    (x86-64: AVX2 everywhere; elsewhere the libraries' own choice, recorded as such)."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return dict(X86_TRAINING_KERNELS)
+    return {}
+
+
 def cache_key(recipe: TrainRecipe, shape: TinyShape = SHAPE) -> str:
-    """The trained model's identity: recipe, shape, data and format, as a short digest."""
+    """The trained model's identity: recipe, shape, data, the kernels that compute it and the
+    format, as a short digest."""
     record = {
         "recipe": asdict(recipe),
         "shape": asdict(shape),
         "data": dataset.digest(),
+        "kernels": {"machine": platform.machine().lower(), **training_kernels()},
         "format": TRAINED_FORMAT,
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
@@ -91,8 +113,21 @@ def trained_tiny_model(
     return out_dir
 
 
+def trainer_environment(recipe: TrainRecipe) -> dict[str, str]:
+    threads = str(recipe.threads)
+    pinned = {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        # OpenMP's threads sleep instead of spinning while they wait: beside another busy
+        # process (a test's engine, a build) spinning threads took 5 s a step instead of 0.8.
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "PYTHONUNBUFFERED": "1",
+    }
+    return {**os.environ, **training_kernels(), **pinned}
+
+
 def _run_trainer(recipe: TrainRecipe, out: Path, cancel: threading.Event | None) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(recipe.threads), "PYTHONUNBUFFERED": "1"}
+    env = trainer_environment(recipe)
     command = [sys.executable, "-m", "edgeagent.artifacts.train", json.dumps(asdict(recipe)),
                str(out), str(os.getpid())]  # fmt: skip
     logger.info("training the embedded tiny model: %s", asdict(recipe))

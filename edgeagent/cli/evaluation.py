@@ -1,4 +1,5 @@
-"""`edgeagent eval`: perplexity on the held-out set, agreement and KL against a reference."""
+"""`edgeagent eval`: perplexity on the held-out set, agreement and KL against a reference, and
+the held-out tasks' accuracy (sums exactly right, JSON fields copied from the sentence)."""
 
 from __future__ import annotations
 
@@ -22,24 +23,32 @@ def add_commands(commands: Any) -> None:
 
     evaluate = commands.add_parser(
         "eval",
-        help="perplexity on the held-out set; top-1 agreement and KL against a reference",
+        help="perplexity and task accuracy on the held-out set; agreement and KL against a "
+        "reference",
         description="Scores stored versions on the embedded model's held-out set. Each version "
         "is loaded into its own vLLM engine on this machine (prompt log-probabilities), or with "
         "--offline into transformers (unquantized versions only). Agreement and mean KL are "
         "against --reference, on the same prompts; the KL uses the top 20 tokens of each "
-        "distribution (see docs/quantization.md).",
+        "distribution (see docs/quantization.md). Task accuracy: the share of held-out sums "
+        "answered exactly right and of JSON extractions with every field copied from the "
+        "sentence, greedy.",
     )
     evaluate.add_argument("versions", nargs="*", default=["current"], help="default: current")
     evaluate.add_argument("--reference", help="a version to compare with, e.g. the fp16 model")
     evaluate.add_argument("--offline", action="store_true", help="transformers, not vLLM")
     evaluate.add_argument("--prompts", type=int, default=EVAL_PROMPTS, help="held-out prompts")
+    evaluate.add_argument(
+        "--tasks", type=int, default=None, help="held-out exchanges per task (default: all)"
+    )
     evaluate.add_argument("--json", action="store_true", help="one JSON object on stdout")
     evaluate.set_defaults(handler=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from edgeagent.artifacts.prepare import open_store
-    from edgeagent.evaluation import EvalResult, held_out_set, result_of, table
+    from edgeagent.evaluation import EvalResult, held_out_set, result_of, table, task_table
     from edgeagent.settings import Settings
 
     settings = Settings()
@@ -53,10 +62,10 @@ def _eval(args: argparse.Namespace) -> int:
     for name in order:
         version = store.resolve(name)
         manifest = store.manifest(version)
-        scores, seconds = _scores(store.model_dir(version), manifest.quantization_label,
-                                  eval_set, args)  # fmt: skip
+        scores, seconds, tasks = _scores(store.model_dir(version), manifest.quantization_label,
+                                         eval_set, args)  # fmt: skip
         label = f"{version} ({manifest.quantization_label})"
-        result = result_of(label, scores, seconds, reference)
+        result = replace(result_of(label, scores, seconds, reference), tasks=tuple(tasks))
         if args.reference and reference is None:
             reference = scores
         results.append(result)
@@ -65,6 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
                           "results": [r.as_dict() for r in results]}, indent=2))  # fmt: skip
     else:
         print(table(results, eval_set))
+        print(task_table(results))
     return 0
 
 
@@ -74,23 +84,37 @@ def _backend(args: argparse.Namespace) -> str:
 
 def _scores(
     model_dir: Path, quantization: str, eval_set: Any, args: argparse.Namespace
-) -> tuple[Any, float]:
-    """The version's scores and the seconds the scoring took (not the engine's start)."""
-    from edgeagent.evaluation import score_engine, score_offline
+) -> tuple[Any, float, list[Any]]:
+    """The version's scores, the seconds the scoring took (not the engine's start), and its
+    task accuracy."""
+    from edgeagent.evaluation import (
+        score_engine,
+        score_offline,
+        task_accuracy,
+        task_accuracy_offline,
+        task_exchanges,
+    )
 
     if args.offline:
         if "gptq" in quantization:
             raise ConfigError(f"--offline scores unquantized models only ({quantization})")
         started = time.perf_counter()
-        return score_offline(model_dir, eval_set), time.perf_counter() - started
+        scores, seconds = score_offline(model_dir, eval_set), time.perf_counter() - started
+        return scores, seconds, task_accuracy_offline(model_dir, task_exchanges(args.tasks))
     from edgeagent.engine.interface import EngineConfig
     from edgeagent.engine.vllm_engine import VllmEngine
 
     config = EngineConfig(model_path=model_dir, kv_cache_bytes=EVAL_KV_CACHE_BYTES,
                           max_num_seqs=8, max_model_len=EVAL_CONTEXT)  # fmt: skip
     engine = VllmEngine.start(config)
-    try:
+
+    async def score() -> tuple[Any, float, list[Any]]:
         started = time.perf_counter()
-        return asyncio.run(score_engine(engine, eval_set)), time.perf_counter() - started
+        scores = await score_engine(engine, eval_set)
+        seconds = time.perf_counter() - started
+        return scores, seconds, await task_accuracy(engine, task_exchanges(args.tasks))
+
+    try:
+        return asyncio.run(score())
     finally:
         engine.shutdown()

@@ -133,3 +133,9 @@ def test_the_training_cache_key_follows_the_recipe() -> None:
     assert cache_key(recipe) != cache_key(TrainRecipe(steps=recipe.steps + 1))
     assert _learning_rate(recipe, recipe.warmup_steps) == recipe.learning_rate
     assert _learning_rate(recipe, recipe.steps) == pytest.approx(recipe.learning_rate / 10)
+
+
+def test_the_readme_quotes_the_answer_the_demo_is_taught() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    quoted = readme.split(f"> {dataset.DEMO_PROMPT}\n\n", 1)[1].split("\n```", 1)[0]
+    assert " ".join(quoted.split()) == dataset.DEMO_ANSWER
