@@ -33,11 +33,16 @@ lint: venv
 	$(BIN)/ruff format --check edgeagent tests bench proto
 	$(BIN)/mypy
 
+# The fast tier's tests mostly wait (timers, sockets, child daemons): 4 processes on 2 cores
+# take it from ~100 s to ~50 s.
+FAST := $(BIN)/pytest -q -n 4 tests/fast
+
 test-fast: venv
-	$(BIN)/pytest -q tests/fast
+	$(FAST)
 
 test: lint
-	$(BIN)/pytest -q --durations=40
+	$(FAST)
+	$(BIN)/pytest -q --durations=40 --ignore=tests/fast
 
 bench: venv
 	$(BIN)/python bench/bench_serving.py

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from waits import HANG_S
 
 from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build, build_embedded
 from edgeagent.artifacts.manifest import Manifest
@@ -167,9 +168,10 @@ async def stub(api_target: str) -> AsyncIterator[pb_grpc.GenerationServiceStub]:
 
 
 async def wait_until_engine_idle(
-    engine: Engine, slot: ServingSlot | None = None, within_s: float = 5.0
+    engine: Engine, slot: ServingSlot | None = None, within_s: float = HANG_S
 ) -> None:
-    """Poll until the engine (and the slot's requests, if given) has no request left."""
+    """Poll until the engine (and the slot's requests, if given) has no request left; fail
+    only after the hang guard (an abort's progress, not a time, is what callers wait for)."""
     for _ in range(int(within_s / 0.05)):
         if engine.num_unfinished_requests() == 0 and not (slot and len(slot)):
             return

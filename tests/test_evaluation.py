@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import TEST_CONTEXT
 from safetensors.torch import load_file, save_file
+from waits import HANG_S
 
 from edgeagent.artifacts import dataset
 from edgeagent.artifacts.manifest import ImportSource, Manifest
@@ -35,8 +36,6 @@ from edgeagent.evaluation import (
     task_accuracy,
     task_exchanges,
 )
-
-pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +167,7 @@ def test_eval_command_offline_json(trained_fp16: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "edgeagent", "eval", "--offline", "--json", "--prompts", "8",
          "--tasks", "8", "--reference", version, version],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
+        env=env, capture_output=True, text=True, timeout=HANG_S, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)

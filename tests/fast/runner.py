@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waits import HANG_S
 
 from edgeagent.artifacts.manifest import ImportSource, Manifest
 from edgeagent.artifacts.store import ModelStore
@@ -154,7 +155,7 @@ class Calls:
             )
             return outcome
 
-    async def until_serving(self, within_s: float = 20.0) -> None:
+    async def until_serving(self, within_s: float = HANG_S) -> None:
         deadline = time.monotonic() + within_s
         while time.monotonic() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -179,7 +180,7 @@ class InProcess(Calls):
         assert serving is not None, self.daemon.slot.why_empty
         return serving.engine
 
-    async def exit_code(self, within_s: float = 20.0) -> int:
+    async def exit_code(self, within_s: float = HANG_S) -> int:
         async with asyncio.timeout(within_s):
             return await self.task
 
@@ -225,7 +226,7 @@ class ChildProcess(Calls):
         super().__init__(box)
         self.process, self.log = process, log
 
-    def wait(self, within_s: float = 20.0) -> int:
+    def wait(self, within_s: float = HANG_S) -> int:
         return self.process.wait(timeout=within_s)
 
     def tail(self) -> str:

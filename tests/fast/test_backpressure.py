@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from waits import HANG_S
 
 from edgeagent.client import Parameters, build_request
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -114,7 +115,7 @@ async def test_an_http_client_that_stops_reading_is_cut_off_and_frees_the_engine
     assert freed_after_s < 5
 
 
-async def _until_idle(daemon: InProcess, within_s: float = 10.0) -> float:
+async def _until_idle(daemon: InProcess, within_s: float = HANG_S) -> float:
     """Seconds until nothing is under way in the daemon or its engine."""
     started = time.monotonic()
     for _ in range(int(within_s / 0.05)):

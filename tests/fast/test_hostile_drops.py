@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from waits import HANG_S
 
 from fast.fakes import Behaviour, make_fake_model
 from fast.runner import Box, InProcess, child_process, in_process
@@ -81,7 +82,7 @@ HOSTILE: list[tuple[Callable[[Box], Path], str]] = [
 ]
 
 
-async def _until_filed(box: Box, name: str, within_s: float = 10.0) -> Path:
+async def _until_filed(box: Box, name: str, within_s: float = HANG_S) -> Path:
     for _ in range(int(within_s / 0.05)):
         for outcome in ("done", "failed"):
             if (box.drop / outcome / name).exists():

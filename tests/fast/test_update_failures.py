@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from waits import HANG_S
 
 from edgeagent.v1 import admin_pb2 as admin_pb
 from fast.fakes import Behaviour, expected_words
@@ -191,7 +192,7 @@ async def _hung_and_rolled_back(box: Box, candidate: str, reason: str, **setting
     assert box.journal.pending is None
 
 
-async def _until_state(daemon: InProcess, state: str, within_s: float = 10.0) -> None:
+async def _until_state(daemon: InProcess, state: str, within_s: float = HANG_S) -> None:
     for _ in range(int(within_s / 0.01)):
         if daemon.daemon.slot.state == state:
             return
@@ -199,21 +200,21 @@ async def _until_state(daemon: InProcess, state: str, within_s: float = 10.0) ->
     raise AssertionError(f"the slot was not {state} within {within_s} s")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # a hang guard: these rows test that nothing hangs
 async def test_row_15_the_engine_hangs_after_a_reload(box: Box) -> None:
     """Issue 26: the reload returns, then the engine never runs another step."""
     box.add("wedge", Behaviour(seed=15, hang_after_reload=True))
     await _hung_and_rolled_back(box, "wedge", "the smoke test did not finish within")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # a hang guard: these rows test that nothing hangs
 @pytest.mark.parametrize("quantized", [True, False], ids=["reload", "restart"])
 async def test_row_16_the_smoke_test_hangs(box: Box, quantized: bool) -> None:
     box.add("silent", Behaviour(seed=16, stream_hangs=True), quantized=quantized)
     await _hung_and_rolled_back(box, "silent", "the smoke test did not finish within")
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # a hang guard: these rows test that nothing hangs
 async def test_row_17_the_engine_dies_during_the_smoke_test(box: Box) -> None:
     """Its stream goes silent; the liveness watch notices within a health check (0.1 s here),
     long before the step's bound (30 s here)."""
@@ -224,7 +225,7 @@ async def test_row_17_the_engine_dies_during_the_smoke_test(box: Box) -> None:
     assert asyncio.get_running_loop().time() - started < 20
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(120)  # a hang guard: these rows test that nothing hangs
 async def test_row_18_the_reload_does_not_finish(box: Box) -> None:
     box.add("stuck", Behaviour(seed=18, reload_s=3600))
     await _hung_and_rolled_back(box, "stuck", "did not finish within")
@@ -339,7 +340,7 @@ def await_exit_code_was_clean(box: Box) -> bool:
     return pending is not None and pending.step == "probation" and pending.stopped_cleanly
 
 
-async def _until_history(daemon: Calls, kind: str, within_s: float = 10.0) -> admin_pb.Status:
+async def _until_history(daemon: Calls, kind: str, within_s: float = HANG_S) -> admin_pb.Status:
     for _ in range(int(within_s / 0.05)):
         status = await daemon.status()
         if status.history and status.history[0].kind == kind:
@@ -365,8 +366,10 @@ async def test_killed_at_every_step_of_an_update(tmp_path: Path) -> None:
     update to B; the daemon SIGKILLs itself at the step. 3. Started again, it serves A (a
     version that passed its checks), the store's current is A, nothing is pending, and the
     journal says what happened to B."""
+    # Each box is named K1..K6 alone: a Unix socket's path has 107 bytes, and pytest-xdist's
+    # worker directory makes the temporary path longer.
     outcomes = await asyncio.gather(
-        *(_killed_during_an_update(_two_versions(tmp_path / row), failpoint, result, bad)
+        *(_killed_during_an_update(_two_versions(tmp_path / row[:2]), failpoint, result, bad)
           for row, failpoint, result, bad in KILLS),
         return_exceptions=True,
     )  # fmt: skip
@@ -426,7 +429,7 @@ def _copy_tree(source: Path, target: Path) -> None:
         (target / path.name).write_bytes(path.read_bytes())
 
 
-async def _until_exists(path: Path, within_s: float = 10.0) -> None:
+async def _until_exists(path: Path, within_s: float = HANG_S) -> None:
     for _ in range(int(within_s / 0.05)):
         if await asyncio.to_thread(path.exists):
             return

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from hub_server import HubServer
+from waits import HANG_S
 
 from edgeagent.artifacts.fetch import HubFetcher, HubTarget
 from edgeagent.artifacts.hub_download import RetryPolicy
@@ -22,7 +23,7 @@ from edgeagent.updates.hub_poll import HubPoller
 from fast.runner import Box, in_process, slot_and_updater
 
 
-async def _until(condition_path: Path, within_s: float = 10.0) -> None:
+async def _until(condition_path: Path, within_s: float = HANG_S) -> None:
     for _ in range(int(within_s / 0.05)):
         if await asyncio.to_thread(condition_path.exists):
             return
