@@ -33,7 +33,7 @@ from typing import TypeVar
 
 import pytest
 from conftest import REPO
-from waits import HANG_S
+from waits import HANG_S, wait_until
 
 BOOT = Path(__file__).with_name("boot-systemd.sh")
 ROOTS = Path("/var/tmp/edgeagent-system")  # never under /tmp: see the module's docstring
@@ -134,14 +134,9 @@ class BootedSystem:
 
 
 def wait_for(what: str, probe: Callable[[], T | None], every_s: float = 0.5) -> T:
-    """Poll until `probe` returns something true; only a hang guard (HANG_S) bounds it."""
-    deadline = time.monotonic() + HANG_S
-    while time.monotonic() < deadline:
-        found = probe()
-        if found:
-            return found
-        time.sleep(every_s)
-    raise AssertionError(f"hang guard: still waiting for {what} after {HANG_S:g} s")
+    """Poll until `probe` returns something true; only a hang guard (HANG_S) bounds it. Half a
+    second between polls: each probe runs a command inside the booted system."""
+    return wait_until(what, probe, every_s)
 
 
 @contextlib.contextmanager
