@@ -33,7 +33,10 @@ def check_settings(settings: Settings) -> None:
     server = settings.server
     if server.socket_group is not None:
         group_id(server.socket_group)
-    for path in (settings.socket_path, settings.admin_socket_path):
+    sockets = [settings.socket_path, settings.admin_socket_path]
+    if server.http_enabled:
+        sockets.append(settings.http_socket_path)
+    for path in sockets:
         check_socket_path(path)
     server_credentials(server)
     check_tcp_callers(server, settings.api_token_value)

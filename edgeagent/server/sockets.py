@@ -44,8 +44,18 @@ class UnixListener:
                     f", group {self.group}" if self.group else "")  # fmt: skip
 
 
+# sun_path holds 108 bytes with its terminating NUL (unix(7)); a longer path fails only at bind.
+MAX_SOCKET_PATH_BYTES = 107
+
+
 def check_socket_path(path: Path) -> None:
-    """Refuse a path that another live server listens on, or that is not a socket."""
+    """Refuse a path too long for a Unix socket, one that another live server listens on, or one
+    that is not a socket."""
+    if (length := len(os.fsencode(path))) > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{path} is {length} bytes; a Unix socket's path may have at most "
+            f"{MAX_SOCKET_PATH_BYTES}: choose a shorter runtime_dir or socket path"
+        )
     if path.is_socket() and _socket_accepts(path):
         raise ConfigError(f"another server is listening on {path}; is edgeagent already running?")
     if path.exists() and not path.is_socket():

@@ -54,6 +54,11 @@ BAD_SETTINGS = [
     ),
     pytest.param({"EDGEAGENT_HUB__REVISION": "../../etc"}, "hub.revision", id="revision"),
     pytest.param({"EDGEAGENT_HUB__REPO": "org/na..me"}, "hub.repo", id="repo"),
+    pytest.param(
+        {"EDGEAGENT_SERVER__HTTP_SOCKET_PATH": "/tmp/" + "s" * 103 + ".sock"},
+        "a Unix socket's path may have at most 107",
+        id="socket-path-too-long",
+    ),
 ]
 
 
