@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from hub_server import HubServer  # noqa: E402
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget  # noqa: E402
-from edgeagent.artifacts.store import ModelStore  # noqa: E402
-from edgeagent.artifacts.tiny import build_tiny_model  # noqa: E402
+from edgeagent.demo.tiny import build_tiny_model  # noqa: E402
+from edgeagent.sources.fetch import HubFetcher, HubTarget  # noqa: E402
+from edgeagent.store.store import ModelStore  # noqa: E402
 
 MiB = 1 << 20
 

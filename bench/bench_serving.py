@@ -36,11 +36,11 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # as the engine wrapper does
 
 from launcher import launch  # noqa: E402
 
-from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build  # noqa: E402
-from edgeagent.artifacts.manifest import ImportSource  # noqa: E402
-from edgeagent.artifacts.store import ModelStore  # noqa: E402
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model  # noqa: E402
 from edgeagent.client import Parameters, build_request  # noqa: E402
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID, build_tiny_model  # noqa: E402
+from edgeagent.sources.build import EMBEDDED_RECIPE, BuildRequest, build  # noqa: E402
+from edgeagent.store.manifest import ImportSource  # noqa: E402
+from edgeagent.store.store import ModelStore  # noqa: E402
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc  # noqa: E402
 
 if TYPE_CHECKING:

@@ -28,10 +28,10 @@ from pathlib import Path
 import grpc
 from launcher import launch
 
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Client, Parameters, build_request
 from edgeagent.errors import ConfigError
 from edgeagent.gpu import NvmlProbe
+from edgeagent.store.store import ModelStore
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import write_tokenizer
+from edgeagent.demo.tiny import write_tokenizer
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 
 
 def main(checkpoint: Path, state_dir: Path, activate: bool) -> None:

@@ -31,18 +31,18 @@ def main() -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(args.cache_dir / "vllm"))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
-    from edgeagent.artifacts.build import (
+    from edgeagent.demo.tiny import build_tiny_model
+    from edgeagent.demo.train import trained_tiny_model
+    from edgeagent.evaluation import held_out_set, result_of, score_offline
+    from edgeagent.sources.build import (
         EMBEDDED_RECIPE,
         BuildRequest,
         build,
         build_embedded,
         embedded_calibration,
     )
-    from edgeagent.artifacts.manifest import ImportSource
-    from edgeagent.artifacts.store import ModelStore
-    from edgeagent.artifacts.tiny import build_tiny_model
-    from edgeagent.artifacts.train import trained_tiny_model
-    from edgeagent.evaluation import held_out_set, result_of, score_offline
+    from edgeagent.store.manifest import ImportSource
+    from edgeagent.store.store import ModelStore
 
     store = ModelStore(args.state / "models")
     eval_set = held_out_set()

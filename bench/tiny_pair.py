@@ -10,9 +10,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import build_tiny_model
+from edgeagent.demo.tiny import build_tiny_model
+from edgeagent.sources.build import EMBEDDED_RECIPE, BuildRequest, build
+from edgeagent.store.store import ModelStore
 
 
 def main() -> None:

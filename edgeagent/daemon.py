@@ -24,8 +24,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from edgeagent.artifacts.prepare import acquire_default, open_store
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine import orphans
 from edgeagent.engine.interface import EngineFactory
 from edgeagent.engine.loader import EngineLoader
@@ -40,6 +38,8 @@ from edgeagent.server.app import ApiServer
 from edgeagent.server.listeners import Listeners
 from edgeagent.server.openai.listen import HttpApi
 from edgeagent.settings import Settings
+from edgeagent.sources.prepare import acquire_default
+from edgeagent.store.store import ModelStore, open_store
 from edgeagent.systemd import Notifier, StatusHandler
 from edgeagent.tasks import Supervisor
 from edgeagent.timeline import StartTimeline

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeagent.artifacts.dataset import Exchange
+from edgeagent.demo.dataset import Exchange
 from edgeagent.engine.interface import Engine, SamplingOptions, TokenDetail
 
 TOP_K = 20  # vLLM's default max_logprobs: the most an engine gives without a setting changed
@@ -108,7 +108,7 @@ class TaskScore:
 def task_exchanges(per_task: int | None = None) -> list[Exchange]:
     """The held-out exchanges whose answers are checked exactly (sums and JSON extraction), all
     of them or `per_task` of each task spread over its list."""
-    from edgeagent.artifacts.dataset import TASKS, held_out_exchanges
+    from edgeagent.demo.dataset import TASKS, held_out_exchanges
 
     chosen: list[Exchange] = []
     for task in TASKS:
@@ -168,7 +168,7 @@ def task_scores(exchanges: Sequence[Exchange], answers: Sequence[str]) -> list[T
 def held_out_set(prompts: int = EVAL_PROMPTS) -> EvalSet:
     """The embedded model's held-out exchanges (never trained on), rendered in Phi-4's chat
     template: the first `prompts`, spread over the tasks by taking every n-th."""
-    from edgeagent.artifacts.dataset import held_out_exchanges
+    from edgeagent.demo.dataset import held_out_exchanges
 
     exchanges = held_out_exchanges()
     step = max(1, len(exchanges) // prompts)

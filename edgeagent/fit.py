@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from edgeagent.artifacts.manifest import Architecture
 from edgeagent.gpu import DeviceMemory
 from edgeagent.settings import Settings
+from edgeagent.store.manifest import Architecture
 
 MiB, GiB = 1 << 20, 1 << 30
 KV_DTYPE_BYTES = 2

@@ -20,11 +20,8 @@ import grpc
 import pytest
 from waits import HANG_S
 
-from edgeagent.artifacts.build import EMBEDDED_RECIPE, BuildRequest, build, build_embedded
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, build_tiny_model
-from edgeagent.artifacts.train import trained_tiny_model
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID, build_tiny_model
+from edgeagent.demo.train import trained_tiny_model
 from edgeagent.engine.interface import Engine, EngineConfig
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
@@ -34,6 +31,9 @@ from edgeagent.server.app import SERVICE_NAME, ApiServer
 from edgeagent.server.health import SlotHealth
 from edgeagent.server.service import GenerationService
 from edgeagent.settings import LimitSettings, ServerSettings
+from edgeagent.sources.build import EMBEDDED_RECIPE, BuildRequest, build, build_embedded
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parent.parent

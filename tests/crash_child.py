@@ -17,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 
 MUTATIONS = ("mkdir", "link", "symlink", "rename", "replace", "fsync", "chmod", "unlink", "rmdir")
 count = 0

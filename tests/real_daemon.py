@@ -14,9 +14,9 @@ from pathlib import Path
 from conftest import REPO
 from waits import HANG_S
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Client
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 
 
 @dataclass

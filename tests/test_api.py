@@ -16,9 +16,9 @@ import pytest
 from conftest import TEST_CONTEXT, TEST_LIMITS, wait_until_engine_idle
 from waits import until
 
-from edgeagent.artifacts.manifest import Manifest
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
+from edgeagent.store.manifest import Manifest
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 

@@ -13,11 +13,12 @@ from conftest import CACHE
 from transformers import AutoTokenizer
 from waits import HANG_S, wait_until
 
-from edgeagent.artifacts import build, train
-from edgeagent.artifacts.build import build_embedded
-from edgeagent.artifacts.manifest import BuildSource, Manifest
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
+from edgeagent.demo import train
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
+from edgeagent.sources import build
+from edgeagent.sources.build import build_embedded
+from edgeagent.store.manifest import BuildSource, Manifest
+from edgeagent.store.store import ModelStore
 
 
 def test_embedded_model_is_4bit_gptq_with_its_recipe_recorded(
@@ -156,10 +157,10 @@ def _wait_gone(pid: int) -> None:
 
 def test_builtin_calibration_text_is_the_same_in_every_process() -> None:
     """A process's imports must not change the text, or the same recipe would build twice."""
-    from edgeagent.artifacts.calibration import load_calibration
+    from edgeagent.sources.calibration import load_calibration
 
     fresh = subprocess.run(
-        [sys.executable, "-I", "-c", "from edgeagent.artifacts.calibration import "
+        [sys.executable, "-I", "-c", "from edgeagent.sources.calibration import "
          "load_calibration as f; print(f(None).sha256)"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip

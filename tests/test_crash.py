@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO
 from waits import HANG_S
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 
 CHILD = REPO / "tests" / "crash_child.py"
 

@@ -22,10 +22,10 @@ from notify_listener import listening
 from real_daemon import RunningDaemon, is_zombie, start_daemon
 from waits import HANG_S, until, wait_until
 
-from edgeagent.artifacts.manifest import ImportSource, Manifest
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
 from edgeagent.client import Client, Parameters, build_request
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID
+from edgeagent.store.manifest import ImportSource, Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -447,7 +447,7 @@ def test_sigterm_while_building_stops_the_build_and_exits_cleanly(
 
 
 def _wait_for_grandchild(pid: int) -> int:
-    """The build worker: a child of the daemon running edgeagent.artifacts.build_worker."""
+    """The build worker: a child of the daemon running edgeagent.sources.build_worker."""
 
     def worker() -> int | None:
         for task in Path(f"/proc/{pid}/task").iterdir():

@@ -20,9 +20,7 @@ from conftest import TEST_CONTEXT
 from safetensors.torch import load_file, save_file
 from waits import HANG_S
 
-from edgeagent.artifacts import dataset
-from edgeagent.artifacts.manifest import ImportSource, Manifest
-from edgeagent.artifacts.store import ModelStore
+from edgeagent.demo import dataset
 from edgeagent.engine.interface import SamplingOptions
 from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.evaluation import (
@@ -36,6 +34,8 @@ from edgeagent.evaluation import (
     task_accuracy,
     task_exchanges,
 )
+from edgeagent.store.manifest import ImportSource, Manifest
+from edgeagent.store.store import ModelStore
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,15 @@ from hub_server import HubServer
 from safetensors.torch import save_file
 from waits import HANG_S, wait_until
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
-from edgeagent.artifacts.manifest import HubSource, ImportSource
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.errors import (
     CorruptArtifactError,
     HubUnreachableError,
     InsufficientDiskError,
     NotFoundError,
 )
+from edgeagent.sources.fetch import HubFetcher, HubTarget
+from edgeagent.store.manifest import HubSource, ImportSource
+from edgeagent.store.store import ModelStore
 
 TOKEN = "hf_test_token_5f0c9a"
 MiB = 1 << 20

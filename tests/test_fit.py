@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from edgeagent.artifacts.manifest import Architecture, architecture_of, read_config
 from edgeagent.fit import FitRequest, MiB, kv_bytes_per_token, plan
 from edgeagent.gpu import DeviceMemory, SystemMemoryProbe
+from edgeagent.store.manifest import Architecture, architecture_of, read_config
 
 GiB = 1 << 30
 H, INTER, NH, KV, HD, V, G, LAYERS = 5120, 17920, 40, 10, 128, 100352, 128, 40

@@ -21,10 +21,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from hypothesis import HealthCheck, given, settings
 
-from edgeagent.artifacts.manifest import Manifest
 from edgeagent.client import Parameters, build_request
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
+from edgeagent.store.manifest import Manifest
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
 

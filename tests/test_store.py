@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from waits import HANG_S
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     CorruptArtifactError,
     InsufficientDiskError,
     NotFoundError,
     UnavailableError,
 )
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import Expected, ModelStore
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from edgeagent.artifacts.tiny import SPECIAL_TOKENS, build_tiny_model
+from edgeagent.demo.tiny import SPECIAL_TOKENS, build_tiny_model
 
 
 def _digests(directory: Path) -> dict[str, str]:

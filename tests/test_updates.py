@@ -27,8 +27,6 @@ import pytest
 from conftest import CACHE, TEST_CONTEXT, api_server, wait_until_engine_idle
 from waits import HANG_S, until
 
-from edgeagent.artifacts.manifest import ImportSource, Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Parameters, build_request
 from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
 from edgeagent.engine.loader import EngineLoader
@@ -38,6 +36,8 @@ from edgeagent.errors import EngineDeadError
 from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.server.admin import AdminService
 from edgeagent.settings import ModelSettings, Settings
+from edgeagent.store.manifest import ImportSource, Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.gate import QualityGate
 from edgeagent.updates.journal import UpdateJournal, UpdateOutcome
 from edgeagent.updates.pipeline import Updater

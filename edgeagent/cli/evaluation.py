@@ -47,9 +47,9 @@ def add_commands(commands: Any) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from edgeagent.artifacts.prepare import open_store
     from edgeagent.evaluation import EvalResult, held_out_set, result_of, table, task_table
     from edgeagent.settings import Settings
+    from edgeagent.store.store import open_store
 
     settings = Settings()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

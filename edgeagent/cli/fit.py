@@ -23,9 +23,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from edgeagent.artifacts.prepare import open_store
     from edgeagent.gpu import default_probe
     from edgeagent.settings import Settings
+    from edgeagent.store.store import open_store
 
     settings = Settings()
     manifest = open_store(settings).manifest(args.version)

@@ -9,9 +9,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.settings import BuildSettings, Settings
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore, open_store
 
 
 def add_commands(commands: Any) -> None:
@@ -61,8 +61,6 @@ def _activate_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _context() -> tuple[Settings, ModelStore]:
-    from edgeagent.artifacts.prepare import open_store
-
     settings = Settings()
     logging.basicConfig(level=settings.log_level, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: staging kept or cleaned
@@ -74,8 +72,8 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from edgeagent.artifacts.fetch import HubTarget
-    from edgeagent.artifacts.prepare import hub_fetcher
+    from edgeagent.sources.fetch import HubTarget
+    from edgeagent.sources.prepare import hub_fetcher
 
     settings, store = _context()
     if args.offline:
@@ -88,7 +86,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from edgeagent.artifacts.build import BuildRequest, build
+    from edgeagent.sources.build import BuildRequest, build
 
     settings, store = _context()
     recipe = _recipe(settings.build, args)
@@ -119,7 +117,7 @@ def _base_model(settings: Settings, base: str) -> tuple[Path, str]:
         return Path(base), str(base)
     from huggingface_hub import snapshot_download
 
-    from edgeagent.artifacts.fetch import MODEL_FILE_PATTERNS, HubTarget
+    from edgeagent.sources.fetch import MODEL_FILE_PATTERNS, HubTarget
 
     target = HubTarget.parse(base)
     path = snapshot_download(
@@ -205,7 +203,7 @@ def _gc(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from edgeagent.artifacts.manifest import ImportSource
+    from edgeagent.store.manifest import ImportSource
 
     _, store = _context()
     manifest = store.import_directory(

@@ -180,8 +180,8 @@ def _wait_for_socket(path: Path, daemon: subprocess.Popen[bytes], log_path: Path
 
 def _prepare_embedded(settings: Any) -> None:
     """Train and quantize the embedded model into an empty store, each phase on screen."""
-    from edgeagent.artifacts.build import build_embedded
-    from edgeagent.artifacts.prepare import open_store
+    from edgeagent.sources.build import build_embedded
+    from edgeagent.store.store import open_store
 
     store = open_store(settings)
     if store.refs().current is not None:
@@ -241,7 +241,7 @@ def _info_lines(info: pb.ModelInfo) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from edgeagent.artifacts.tiny import build_tiny_model
+    from edgeagent.demo.tiny import build_tiny_model
 
     print(build_tiny_model(args.out, seed=args.seed))
     return 0

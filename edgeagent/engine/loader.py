@@ -17,8 +17,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
 from edgeagent.engine.placement import Placement, beside_verdict, require_fit, same_layout
@@ -28,6 +26,8 @@ from edgeagent.failpoints import failpoint
 from edgeagent.fit import FitRequest, Plan, plan
 from edgeagent.gpu import DeviceMemory, MemoryProbe
 from edgeagent.settings import GiB, Settings
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore
 
 logger = logging.getLogger(__name__)
 

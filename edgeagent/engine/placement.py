@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from edgeagent.artifacts.manifest import Manifest
 from edgeagent.errors import LoadError
 from edgeagent.fit import Plan
 from edgeagent.settings import GiB, SwapMode
+from edgeagent.store.manifest import Manifest
 
 Placement = Literal["beside", "reload", "restart"]
 

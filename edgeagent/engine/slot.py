@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from edgeagent.artifacts.manifest import Manifest
 from edgeagent.engine.interface import Engine
 from edgeagent.errors import UnavailableError
 from edgeagent.fit import Plan
+from edgeagent.store.manifest import Manifest
 
 State = Literal["starting", "serving", "swapping", "empty", "draining"]
 

@@ -9,7 +9,7 @@ half-way finds it in `taken/` at its next start and handles it again (importing 
 is the same version), so a drop is never lost.
 
 Nothing in a drop is trusted: it is imported without following links and as its files were
-when listed (`artifacts/snapshot.py`), so a symlink, FIFO, device file, unreadable file or a
+when listed (`store/snapshot.py`), so a symlink, FIFO, device file, unreadable file or a
 file still growing refuses it. Whatever refuses a drop files it under `failed/` with the
 reason, in the log and in `edgeagent status`, and the next drop is taken as usual.
 """
@@ -24,10 +24,10 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.errors import EdgeAgentError
 from edgeagent.failpoints import failpoint
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.pipeline import Updater
 
 logger = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import logging
 import random
 import threading
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
 from edgeagent.errors import EdgeAgentError
+from edgeagent.sources.fetch import HubFetcher, HubTarget
 from edgeagent.updates.journal import UpdateOutcome
 from edgeagent.updates.pipeline import Updater
 

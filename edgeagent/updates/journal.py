@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from edgeagent.artifacts.durable import write_durably
+from edgeagent.store.durable import write_durably
 
 logger = logging.getLogger(__name__)
 

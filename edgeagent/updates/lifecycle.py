@@ -19,8 +19,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine.loader import EngineLoader, LoadTimings
 from edgeagent.engine.placement import require_fit
 from edgeagent.engine.slot import Serving, ServingSlot
@@ -33,6 +31,8 @@ from edgeagent.errors import (
     NotFoundError,
 )
 from edgeagent.settings import Settings
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.timeline import StartTimeline
 from edgeagent.updates.gate import QualityGate
 from edgeagent.updates.journal import UpdateJournal, UpdateOutcome

@@ -25,8 +25,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.engine.loader import EngineLoader, LoadTimings
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.errors import (
@@ -37,6 +35,8 @@ from edgeagent.errors import (
     UpdateRefusedError,
 )
 from edgeagent.failpoints import failpoint
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.gate import QualityGate, Reference
 from edgeagent.updates.journal import Kind, Method, UpdateJournal, UpdateOutcome
 

@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from edgeagent.artifacts.store import ModelStore
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.journal import Pending, Result, UpdateJournal, UpdateOutcome
 
 logger = logging.getLogger(__name__)

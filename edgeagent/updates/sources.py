@@ -7,10 +7,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from edgeagent.artifacts.fetch import HubTarget
-from edgeagent.artifacts.prepare import hub_fetcher
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.settings import Settings
+from edgeagent.sources.fetch import HubTarget
+from edgeagent.sources.prepare import hub_fetcher
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.drop_dir import DropDirectory, take_drop
 from edgeagent.updates.hub_poll import HubPoller
 from edgeagent.updates.pipeline import Updater

@@ -18,13 +18,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from waits import HANG_S
 
-from edgeagent.artifacts.manifest import ImportSource, Manifest
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.client import Parameters, build_request
 from edgeagent.daemon import Daemon
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.settings import Settings
+from edgeagent.store.manifest import ImportSource, Manifest
+from edgeagent.store.store import ModelStore
 from edgeagent.updates.journal import UpdateJournal
 from edgeagent.updates.pipeline import Updater
 from edgeagent.v1 import admin_pb2 as admin_pb

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeagent.artifacts import dataset
 from edgeagent.cli.evaluation import add_commands
+from edgeagent.demo import dataset
 from edgeagent.evaluation import (
     Comparison,
     EvalResult,
@@ -126,7 +126,7 @@ def test_demo_prints_each_phase_of_the_daemons_start_once(
 
 
 def test_the_training_cache_key_follows_the_recipe() -> None:
-    from edgeagent.artifacts.train import TrainRecipe, _learning_rate, cache_key
+    from edgeagent.demo.train import TrainRecipe, _learning_rate, cache_key
 
     recipe = TrainRecipe()
     assert cache_key(recipe) == cache_key(TrainRecipe())

@@ -18,10 +18,6 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
-from edgeagent.artifacts.hub_download import RetryPolicy
-from edgeagent.artifacts.manifest import ImportSource
-from edgeagent.artifacts.store import ModelStore
 from edgeagent.errors import (
     AccessDeniedError,
     CorruptArtifactError,
@@ -29,6 +25,10 @@ from edgeagent.errors import (
     HubUnreachableError,
     NotFoundError,
 )
+from edgeagent.sources.fetch import HubFetcher, HubTarget
+from edgeagent.sources.hub_download import RetryPolicy
+from edgeagent.store.manifest import ImportSource
+from edgeagent.store.store import ModelStore
 from fast.fakes import Behaviour, make_fake_model
 
 REPO = "edge/tiny"

@@ -1,6 +1,7 @@
 """The house's floors (issue 27): no import runs back up them, and no module imports itself
-round a circle. cli → daemon → server → updates → engine → fit → artifacts → settings, errors
-and the other modules that import nothing of edgeagent's but errors."""
+round a circle. cli → daemon → server → updates → engine → fit → sources (hub fetch, AutoRound
+build) → demo (the tiny model, its data) → store → settings, errors and the other modules that
+import nothing of edgeagent's but errors."""
 
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import edgeagent
 
 PACKAGE = Path(edgeagent.__file__).parent
 FLOORS = {  # the first module-name prefix that matches places a module
-    "cli": 7, "client": 7, "__main__": 7,
-    "daemon": 6, "preflight": 6,
-    "server": 5, "metrics": 5,
-    "updates": 4,
-    "engine": 3, "evaluation": 3,
-    "fit": 2,
-    "artifacts": 1,
+    "cli": 9, "client": 9, "__main__": 9,
+    "daemon": 8, "preflight": 8,
+    "server": 7, "metrics": 7,
+    "updates": 6,
+    "engine": 5, "evaluation": 5,
+    "fit": 4,
+    "sources": 3,
+    "demo": 2,
+    "store": 1,
 }  # fmt: skip
-BASE = 0  # settings, errors, gpu, progress, failpoints, timeline, offloop, systemd, logs, tasks
+# Floor 0: settings, errors, gpu, progress, failpoints, timeline, offloop, systemd, logs, tasks,
+# children.
+BASE = 0
 
 
 def module_name(path: Path) -> str:

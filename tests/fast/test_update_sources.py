@@ -15,8 +15,8 @@ import pytest
 from hub_server import HubServer
 from waits import HANG_S
 
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
-from edgeagent.artifacts.hub_download import RetryPolicy
+from edgeagent.sources.fetch import HubFetcher, HubTarget
+from edgeagent.sources.hub_download import RetryPolicy
 from edgeagent.tasks import Supervisor
 from edgeagent.updates.drop_dir import DropDirectory
 from edgeagent.updates.hub_poll import HubPoller

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 from waits import HANG_S
 
-from edgeagent.artifacts.manifest import Manifest
+from edgeagent.store.manifest import Manifest
 from system.booted import EDGEAGENT, NEEDS_ROOT, ROOTS, BootedSystem, booted, wait_for
 
 pytestmark = [

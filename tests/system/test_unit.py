@@ -22,9 +22,9 @@ import pytest
 from real_daemon import start_daemon
 from waits import HANG_S
 
-from edgeagent.artifacts.build import EMBEDDED_RECIPE
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID
+from edgeagent.sources.build import EMBEDDED_RECIPE
+from edgeagent.store.manifest import Manifest
 from system.booted import EDGEAGENT, NEEDS_ROOT, REPO_INSIDE, BootedSystem, booted, wait_for
 
 pytestmark = [

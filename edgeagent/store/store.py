@@ -32,8 +32,15 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError
 
-from edgeagent.artifacts.durable import fsync_dir, fsync_file, write_durably
-from edgeagent.artifacts.manifest import (
+from edgeagent.errors import (
+    CorruptArtifactError,
+    InsufficientDiskError,
+    NotFoundError,
+    UnavailableError,
+)
+from edgeagent.settings import GiB, Settings
+from edgeagent.store.durable import fsync_dir, fsync_file, write_durably
+from edgeagent.store.manifest import (
     FileEntry,
     Manifest,
     Source,
@@ -41,13 +48,7 @@ from edgeagent.artifacts.manifest import (
     new_manifest,
     sha256_of,
 )
-from edgeagent.artifacts.snapshot import copy_member, list_members
-from edgeagent.errors import (
-    CorruptArtifactError,
-    InsufficientDiskError,
-    NotFoundError,
-    UnavailableError,
-)
+from edgeagent.store.snapshot import copy_member, list_members
 
 logger = logging.getLogger(__name__)
 
@@ -428,6 +429,11 @@ class ModelStore:
                     report.removed_staging += not name.startswith(".trash-")
                     shutil.rmtree(path, ignore_errors=True)
                 lock_path.unlink()
+
+
+def open_store(settings: Settings) -> ModelStore:
+    """The store as the settings describe it: its directory and the free space it keeps."""
+    return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB))
 
 
 def _check_expected(path: Path, entry: FileEntry, expected: Expected) -> None:

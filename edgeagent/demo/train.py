@@ -7,7 +7,7 @@ rerun on the same machine write the same bytes. The result is cached under the c
 keyed by a digest of the recipe, the shape, the data and a format number (bumped when this code
 changes what it writes), so the demo and the tests train once.
 
-Training runs in a child process (`python -m edgeagent.artifacts.train RECIPE OUT PPID`, which
+Training runs in a child process (`python -m edgeagent.demo.train RECIPE OUT PPID`, which
 dies with its parent like the AutoRound worker): it sets torch's global switches (threads,
 deterministic algorithms) that the daemon's own process must not inherit, and a signal stops it
 cleanly.
@@ -31,11 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeagent.artifacts import dataset
-from edgeagent.artifacts.durable import fsync_dir, fsync_tree
-from edgeagent.artifacts.tiny import TinyShape, write_config, write_tokenizer
+from edgeagent.children import die_with_parent
+from edgeagent.demo import dataset
+from edgeagent.demo.tiny import TinyShape, write_config, write_tokenizer
 from edgeagent.errors import BuildError, StoppedError
 from edgeagent.progress import Progress
+from edgeagent.store.durable import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def trainer_environment(recipe: TrainRecipe) -> dict[str, str]:
 
 def _run_trainer(recipe: TrainRecipe, out: Path, cancel: threading.Event | None) -> None:
     env = trainer_environment(recipe)
-    command = [sys.executable, "-m", "edgeagent.artifacts.train", json.dumps(asdict(recipe)),
+    command = [sys.executable, "-m", "edgeagent.demo.train", json.dumps(asdict(recipe)),
                str(out), str(os.getpid())]  # fmt: skip
     logger.info("training the embedded tiny model: %s", asdict(recipe))
     progress = Progress("train tiny-phi4", recipe.steps, unit="steps")
@@ -245,7 +246,5 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    from edgeagent.artifacts.build_worker import die_with_parent
-
     die_with_parent(int(sys.argv[3]))  # a killed daemon must not leave training running
     train(TrainRecipe(**json.loads(sys.argv[1])), Path(sys.argv[2]))

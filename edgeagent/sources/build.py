@@ -25,15 +25,15 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgeagent.artifacts import dataset
-from edgeagent.artifacts.calibration import Calibration, load_calibration
-from edgeagent.artifacts.manifest import BuildSource, Manifest, read_config, sha256_of
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.artifacts.tiny import EMBEDDED_MODEL_ID
-from edgeagent.artifacts.train import trained_tiny_model
+from edgeagent.demo import dataset
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID
+from edgeagent.demo.train import trained_tiny_model
 from edgeagent.errors import BuildError, ConfigError, StoppedError
 from edgeagent.progress import Progress
 from edgeagent.settings import BuildSettings
+from edgeagent.sources.calibration import Calibration, load_calibration
+from edgeagent.store.manifest import BuildSource, Manifest, read_config, sha256_of
+from edgeagent.store.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def _run_worker(
 @contextlib.contextmanager
 def _worker(job_path: Path, env: dict[str, str], stderr: Any) -> Iterator[subprocess.Popen[str]]:
     worker = subprocess.Popen(
-        [sys.executable, "-m", "edgeagent.artifacts.build_worker", str(job_path), str(os.getpid())],
+        [sys.executable, "-m", "edgeagent.sources.build_worker", str(job_path), str(os.getpid())],
         stdout=subprocess.PIPE, stderr=stderr, env=env, text=True,
     )  # fmt: skip
     try:

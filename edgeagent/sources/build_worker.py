@@ -1,4 +1,4 @@
-"""The AutoRound run, in its own process: `python -m edgeagent.artifacts.build_worker JOB PPID`.
+"""The AutoRound run, in its own process: `python -m edgeagent.sources.build_worker JOB PPID`.
 
 A separate process because AutoRound may call `sys.exit`, holds the whole base model in memory
 and is stopped cleanly only by a signal. It reads a job file written by `build.py`, writes the
@@ -8,17 +8,16 @@ GPTQ export into the job's output directory, and reports on stdout one JSON obje
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import re
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
+from edgeagent.children import die_with_parent
+
 BLOCK_DONE = re.compile(r"quantized \d+/\d+ layers in the block")
 
 
@@ -93,14 +92,6 @@ def _report_blocks(total: int) -> None:
                 _emit({"event": "block", "done": self.done, "total": total})
 
     logging.getLogger("autoround").addHandler(BlockCounter())
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """A killed edgeagent must not leave AutoRound running: ask Linux for SIGKILL on its death."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        raise SystemExit(1)
 
 
 def _emit(event: dict[str, Any]) -> None:

@@ -34,10 +34,6 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils._headers import build_hf_headers
 
-from edgeagent.artifacts.hub_checks import check_commit, check_listing
-from edgeagent.artifacts.hub_download import RetryPolicy, call_with_retries, download
-from edgeagent.artifacts.manifest import HubSource, Manifest
-from edgeagent.artifacts.store import Expected, ModelStore
 from edgeagent.errors import (
     AccessDeniedError,
     ConfigError,
@@ -47,6 +43,10 @@ from edgeagent.errors import (
     NotFoundError,
 )
 from edgeagent.progress import Progress
+from edgeagent.sources.hub_checks import check_commit, check_listing
+from edgeagent.sources.hub_download import RetryPolicy, call_with_retries, download
+from edgeagent.store.manifest import HubSource, Manifest
+from edgeagent.store.store import Expected, ModelStore
 
 logger = logging.getLogger(__name__)
 

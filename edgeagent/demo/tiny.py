@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from edgeagent.artifacts.durable import fsync_dir, fsync_tree
+from edgeagent.store.durable import fsync_dir, fsync_tree
 
 EMBEDDED_MODEL_ID = "edgeagent/tiny-phi4"
 
@@ -81,7 +81,7 @@ def build_tiny_model(out_dir: Path, seed: int = 0, shape: TinyShape = TinyShape(
 
 
 def _corpus_lines() -> list[str]:
-    text = resources.files("edgeagent.artifacts").joinpath("corpus.txt").read_text("utf-8")
+    text = resources.files("edgeagent.demo").joinpath("corpus.txt").read_text("utf-8")
     return [line for line in text.splitlines(keepends=True) if line.strip()]
 
 

@@ -32,8 +32,8 @@ from huggingface_hub import get_session
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils._http import hf_raise_for_status
 
-from edgeagent.artifacts.store import Expected
 from edgeagent.errors import CorruptArtifactError, HubUnreachableError, StoppedError
+from edgeagent.store.store import Expected
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 
-from edgeagent.artifacts.tiny import BOS_TOKEN, IM_END, IM_SEP, IM_START
+from edgeagent.demo.tiny import BOS_TOKEN, IM_END, IM_SEP, IM_START
 
 SEED = 18
 HELD_OUT_EVERY = 10  # about one user message in ten is held out
@@ -310,8 +310,8 @@ def _json_object(text: str) -> object:
 
 
 def shipped_prose() -> list[str]:
-    """The paragraphs of the shipped corpus (edgeagent/artifacts/corpus.txt)."""
-    text = resources.files("edgeagent.artifacts").joinpath("corpus.txt").read_text("utf-8")
+    """The paragraphs of the shipped corpus (edgeagent/demo/corpus.txt)."""
+    text = resources.files("edgeagent.demo").joinpath("corpus.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -1,5 +1,5 @@
-"""The store as the settings describe it, and filling an empty one from the configured source:
-the hub repo and revision, or the embedded tiny model built with AutoRound. (Which stored
+"""Filling an empty store from the configured source: the hub repo and revision, or the embedded
+tiny model built with AutoRound; and the hub fetcher as the settings describe it. (Which stored
 version is served is the daemon's choice: `current`, else `previous`.)
 """
 
@@ -8,18 +8,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from edgeagent.artifacts.build import build_embedded
-from edgeagent.artifacts.fetch import HubFetcher, HubTarget
-from edgeagent.artifacts.hub_download import RetryPolicy
-from edgeagent.artifacts.manifest import Manifest
-from edgeagent.artifacts.store import ModelStore
-from edgeagent.settings import GiB, Settings
+from edgeagent.settings import Settings
+from edgeagent.sources.build import build_embedded
+from edgeagent.sources.fetch import HubFetcher, HubTarget
+from edgeagent.sources.hub_download import RetryPolicy
+from edgeagent.store.manifest import Manifest
+from edgeagent.store.store import ModelStore
 
 logger = logging.getLogger(__name__)
-
-
-def open_store(settings: Settings) -> ModelStore:
-    return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB))
 
 
 def hub_fetcher(settings: Settings, store: ModelStore) -> HubFetcher:

@@ -15,8 +15,8 @@ from pathlib import PurePosixPath
 
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-from edgeagent.artifacts.snapshot import STORE_NAMES
 from edgeagent.errors import CorruptArtifactError
+from edgeagent.store.snapshot import STORE_NAMES
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
