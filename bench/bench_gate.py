@@ -18,7 +18,8 @@ from pathlib import Path
 
 from edgeagent.engine.interface import EngineConfig
 from edgeagent.engine.vllm_engine import VllmEngine
-from edgeagent.evaluation import compare, held_out_set, perplexity, score_engine
+from edgeagent.eval_set import held_out_set
+from edgeagent.evaluation import compare, perplexity, score_engine
 
 
 async def measure(engine: VllmEngine, rounds: int) -> list[float]:

@@ -33,7 +33,8 @@ def main() -> None:
 
     from edgeagent.demo.tiny import build_tiny_model
     from edgeagent.demo.train import trained_tiny_model
-    from edgeagent.evaluation import held_out_set, result_of, score_offline
+    from edgeagent.eval_set import held_out_set
+    from edgeagent.evaluation import result_of, score_offline
     from edgeagent.sources.build import (
         EMBEDDED_RECIPE,
         BuildRequest,

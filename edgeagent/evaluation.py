@@ -1,10 +1,11 @@
 """How good is a model version: perplexity on a held-out set, and how close it is to a reference.
 
-A version is scored by reading, for every token of every prompt in the eval set, the
-log-probability the model gave that token and the model's `top_k` most likely tokens at that
-position. Two scorers produce the same `Scores`: `score_engine` asks a running engine for prompt
-log-probabilities (vLLM's `prompt_logprobs`; the update gate calls it in-process on the engine it
-is about to promote), and `score_offline` runs transformers on an unquantized model directory.
+A version is scored by reading, for every token of every prompt in the eval set
+(`eval_set.py`), the log-probability the model gave that token and the model's `top_k` most
+likely tokens at that position. Two scorers produce the same `Scores`: `score_engine` asks a
+running engine for prompt log-probabilities (vLLM's `prompt_logprobs`; the update gate calls it
+in-process on the engine it is about to promote), and `score_offline` runs transformers on an
+unquantized model directory.
 
 From scores: perplexity (exact: it needs only each actual token's log-probability); against a
 reference's scores on the same prompts, top-1 agreement (exact: the most likely token is in any
@@ -26,9 +27,9 @@ from typing import Any
 
 from edgeagent.demo.dataset import Exchange
 from edgeagent.engine.interface import Engine, SamplingOptions, TokenDetail
+from edgeagent.eval_set import EvalSet
 
 TOP_K = 20  # vLLM's default max_logprobs: the most an engine gives without a setting changed
-EVAL_PROMPTS = 32  # small enough for the update gate's few seconds on a CPU
 FLOOR = 1e-12  # a probability never reaches zero in the KL's logarithm
 ANSWER_TOKENS = 48  # the longest task answer (a JSON object) is about 25 tokens
 MISSES = 5  # wrong answers kept in a task's score, to show what went wrong
@@ -49,12 +50,6 @@ class Position:
 
 
 Scores = list[list[Position]]  # per prompt, per predicted token (the first token has none)
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    name: str
-    texts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -105,19 +100,6 @@ class TaskScore:
                 "accuracy": self.accuracy, "misses": [list(m) for m in self.misses]}  # fmt: skip
 
 
-def task_exchanges(per_task: int | None = None) -> list[Exchange]:
-    """The held-out exchanges whose answers are checked exactly (sums and JSON extraction), all
-    of them or `per_task` of each task spread over its list."""
-    from edgeagent.demo.dataset import TASKS, held_out_exchanges
-
-    chosen: list[Exchange] = []
-    for task in TASKS:
-        exchanges = [e for e in held_out_exchanges() if e.task == task]
-        step = max(1, len(exchanges) // per_task) if per_task else 1
-        chosen += exchanges[::step][:per_task]
-    return chosen
-
-
 async def task_accuracy(
     engine: Engine, exchanges: Sequence[Exchange], max_tokens: int = ANSWER_TOKENS
 ) -> list[TaskScore]:
@@ -163,18 +145,6 @@ def task_scores(exchanges: Sequence[Exchange], answers: Sequence[str]) -> list[T
         wrong = [(e.user, a) for e, a in pairs if not e.is_right(a)]
         scores.append(TaskScore(task, len(pairs) - len(wrong), len(pairs), tuple(wrong[:MISSES])))
     return scores
-
-
-def held_out_set(prompts: int = EVAL_PROMPTS) -> EvalSet:
-    """The embedded model's held-out exchanges (never trained on), rendered in Phi-4's chat
-    template: the first `prompts`, spread over the tasks by taking every n-th."""
-    from edgeagent.demo.dataset import held_out_exchanges
-
-    exchanges = held_out_exchanges()
-    step = max(1, len(exchanges) // prompts)
-    chosen = exchanges[::step][:prompts]
-    return EvalSet(f"edgeagent held-out ({len(chosen)} exchanges)",
-                   tuple(e.render() for e in chosen))  # fmt: skip
 
 
 async def score_engine(engine: Engine, eval_set: EvalSet, top_k: int = TOP_K) -> Scores:

@@ -23,16 +23,14 @@ from waits import HANG_S
 from edgeagent.demo import dataset
 from edgeagent.engine.interface import SamplingOptions
 from edgeagent.engine.vllm_engine import VllmEngine
+from edgeagent.eval_set import EvalSet, held_out_set, task_exchanges
 from edgeagent.evaluation import (
-    EvalSet,
     compare,
     evaluate,
-    held_out_set,
     perplexity,
     score_engine,
     score_offline,
     task_accuracy,
-    task_exchanges,
 )
 from edgeagent.store.manifest import ImportSource, Manifest
 from edgeagent.store.store import ModelStore

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.errors import ConfigError
+from edgeagent.eval_set import EVAL_PROMPTS, EvalSet, held_out_set, task_exchanges
 
 EVAL_CONTEXT = 1024  # the held-out exchanges are a few hundred tokens at most
 EVAL_KV_CACHE_BYTES = 128 << 20
 
 
 def add_commands(commands: Any) -> None:
-    from edgeagent.evaluation import EVAL_PROMPTS
-
     evaluate = commands.add_parser(
         "eval",
         help="perplexity and task accuracy on the held-out set; agreement and KL against a "
@@ -47,7 +46,7 @@ def add_commands(commands: Any) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from edgeagent.evaluation import EvalResult, held_out_set, result_of, table, task_table
+    from edgeagent.evaluation import EvalResult, result_of, table, task_table
     from edgeagent.settings import Settings
     from edgeagent.store.store import open_store
 
@@ -83,7 +82,7 @@ def _backend(args: argparse.Namespace) -> str:
 
 
 def _scores(
-    model_dir: Path, quantization: str, eval_set: Any, args: argparse.Namespace
+    model_dir: Path, quantization: str, eval_set: EvalSet, args: argparse.Namespace
 ) -> tuple[Any, float, list[Any]]:
     """The version's scores, the seconds the scoring took (not the engine's start), and its
     task accuracy."""
@@ -92,7 +91,6 @@ def _scores(
         score_offline,
         task_accuracy,
         task_accuracy_offline,
-        task_exchanges,
     )
 
     if args.offline:

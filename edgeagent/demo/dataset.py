@@ -5,7 +5,8 @@ set, the held-out set and their digests are the same on every machine and Python
 tasks give the tiny model something a newcomer can recognise: questions about edgeagent, simple
 arithmetic, and extracting a small JSON object from a sentence (so structured output has
 something sensible to show). Exchanges are split into training and held-out by a hash of the
-user's message: the same question never lands on both sides.
+user's message: the same question never lands on both sides. The held-out ones are the eval set
+(`edgeagent/eval_set.py`).
 """
 
 from __future__ import annotations
@@ -326,11 +327,6 @@ def training_documents() -> list[str]:
             documents += [BOS_TOKEN + exchange.render()] * repeats
     random.Random(SEED).shuffle(documents)
     return documents
-
-
-def held_out_exchanges() -> list[Exchange]:
-    """The evaluation set: generated like the training exchanges, never trained on."""
-    return [e for e in exchanges() if e.held_out]
 
 
 def digest() -> str:

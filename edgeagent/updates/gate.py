@@ -2,12 +2,13 @@
 
 A smoke test catches a candidate that cannot run or produces non-finite numbers; a botched
 quantization, the wrong checkpoint or noise on the weights all pass it. Between the smoke test
-and promotion the gate scores the candidate on the held-out eval set (`edgeagent/evaluation.py`)
-on the engine that will serve it, and compares it with the serving version, scored on the same
-prompts before the pause (its scores are kept per version, so a version is scored once). It is
-refused when its perplexity grows by more than `max_perplexity_ratio`, when its most likely
-token agrees with the serving version's at fewer than `min_top1_agreement` of the positions, or
-when it splits the eval set into other tokens (another model).
+and promotion the gate scores the candidate on the held-out eval set (`edgeagent/eval_set.py`;
+the scoring is `edgeagent/evaluation.py`'s) on the engine that will serve it, and compares it
+with the serving version, scored on the same prompts before the pause (its scores are kept per
+version, so a version is scored once). It is refused when its perplexity grows by more than
+`max_perplexity_ratio`, when its most likely token agrees with the serving version's at fewer
+than `min_top1_agreement` of the positions, or when it splits the eval set into other tokens
+(another model).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine
 from edgeagent.engine.slot import Serving
 from edgeagent.errors import EngineUnresponsiveError, LoadError
-from edgeagent.evaluation import EvalSet, Scores, compare, held_out_set, perplexity, score_engine
+from edgeagent.eval_set import EvalSet, held_out_set
+from edgeagent.evaluation import Scores, compare, perplexity, score_engine
 
 logger = logging.getLogger(__name__)
 

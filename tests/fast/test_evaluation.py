@@ -13,13 +13,12 @@ import pytest
 
 from edgeagent.cli.evaluation import add_commands
 from edgeagent.demo import dataset
+from edgeagent.eval_set import EvalSet, held_out_exchanges, held_out_set
 from edgeagent.evaluation import (
     Comparison,
     EvalResult,
-    EvalSet,
     Position,
     compare,
-    held_out_set,
     kl_top_k,
     perplexity,
     table,
@@ -98,7 +97,7 @@ def test_eval_command_parses() -> None:
 
 
 def test_held_out_and_training_sets_are_disjoint_and_fixed() -> None:
-    held_out = dataset.held_out_exchanges()
+    held_out = held_out_exchanges()
     training_users = {e.user for e in dataset.exchanges() if not e.held_out}
     assert held_out
     assert not {e.user for e in held_out} & training_users

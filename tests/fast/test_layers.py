@@ -1,7 +1,7 @@
 """The house's floors (issue 27): no import runs back up them, and no module imports itself
-round a circle. cli → daemon → server → updates → engine → fit → sources (hub fetch, AutoRound
-build) → demo (the tiny model, its data) → store → settings, errors and the other modules that
-import nothing of edgeagent's but errors."""
+round a circle. cli → daemon → server → updates → engine and evaluation → fit → sources (hub
+fetch, AutoRound build) and eval_set (the held-out exchanges) → demo (the tiny model, its data)
+→ store → settings, errors and the other modules that import nothing of edgeagent's but errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ FLOORS = {  # the first module-name prefix that matches places a module
     "updates": 6,
     "engine": 5, "evaluation": 5,
     "fit": 4,
-    "sources": 3,
+    "sources": 3, "eval_set": 3,
     "demo": 2,
     "store": 1,
 }  # fmt: skip
