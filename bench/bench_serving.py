@@ -20,6 +20,7 @@ import asyncio
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the launcher the tests share
 os.environ.setdefault("VLLM_CACHE_ROOT", str(REPO / ".cache" / "vllm"))
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")  # as the engine wrapper does
 
@@ -331,7 +333,7 @@ async def main() -> None:
         if llm is not None:
             llm.shutdown()
             del llm  # now, not in __del__ at exit, when vLLM's module globals are gone
-        daemon.terminate()
+        daemon.stop()
         daemon.wait(timeout=60)
     print(
         f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, "

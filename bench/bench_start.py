@@ -26,10 +26,12 @@ import time
 from pathlib import Path
 
 import grpc
-from launcher import launch
 
 from edgeagent.client import Parameters, build_request
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the shared launcher
+from launcher import launch
 
 POLL_S = 0.02
 VLLM_TIMINGS = {

@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from launcher import launch
 
 from edgeagent.client import Client, Parameters, build_request
 from edgeagent.errors import ConfigError
@@ -35,6 +35,9 @@ from edgeagent.store.store import ModelStore
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import admin_pb2_grpc as admin_grpc
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the shared launcher
+from launcher import launch
 
 GiB = 1 << 30
 CHECK_PROMPT = "The answer after a swap"

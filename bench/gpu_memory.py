@@ -19,10 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from launcher import launch
-
 from edgeagent.client import Client, Parameters
 from edgeagent.gpu import NvmlProbe
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the shared launcher
+from launcher import launch
 
 GiB = 1 << 30
 
