@@ -333,7 +333,7 @@ async def main() -> None:
         if llm is not None:
             llm.shutdown()
             del llm  # now, not in __del__ at exit, when vLLM's module globals are gone
-        daemon.stop()
+        daemon.terminate()
         daemon.wait(timeout=60)
     print(
         f"\n{args.rounds} interleaved rounds, {args.max_tokens} tokens per stream, "

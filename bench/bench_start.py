@@ -74,7 +74,7 @@ def run_daemon(state_dir: str, cache_dir: str, settings: dict[str, str]) -> dict
     try:
         seconds = first_token_s(daemon.target, started, daemon.process)
     finally:
-        daemon.stop()
+        daemon.terminate()
     log = daemon.log()
     if out := os.environ.get("OUT"):
         (Path(out) / f"start-{int(time.time())}.log").write_text(log)

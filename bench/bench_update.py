@@ -183,7 +183,7 @@ def main() -> None:
         fresh = {version_a: greedy_answer(daemon.target)} if args.check_answers else {}
         result = asyncio.run(run(args, daemon.target, daemon.admin_target, version_a))
     finally:
-        exit_code = daemon.stop()
+        exit_code = daemon.terminate()
         out = Path(os.environ.get("OUT", workdir))
         (out / "daemon-update.log").write_text(daemon.log())
     if args.check_answers:
@@ -213,7 +213,7 @@ def fresh_answers(
                 daemon.wait_until_serving(540)
                 answers[version] = greedy_answer(daemon.target)
             finally:
-                daemon.stop()
+                daemon.terminate()
     finally:
         if current is not None:
             store.activate(current)

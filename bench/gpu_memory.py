@@ -64,7 +64,7 @@ def main(state_dir: str, cache_dir: str, settings: list[str]) -> None:
             answer = client.generate("still there?", Parameters(max_tokens=16))
             result["still_serving_tokens"] = answer.completion_tokens
     finally:
-        result["exit_code"] = daemon.stop()
+        result["exit_code"] = daemon.terminate()
         (Path(os.environ.get("OUT", workdir)) / f"daemon-{int(started)}.log").write_text(
             daemon.log()
         )

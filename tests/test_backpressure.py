@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import REPO
-from real_daemon import RunningDaemon, start_daemon
+from launcher import Launched
+from real_daemon import start_daemon
 from waits import HANG_S
 
 from edgeagent.client import Client, Parameters
@@ -61,7 +62,7 @@ def _scrape(port: int) -> dict[str, float]:
     }
 
 
-def _rss_bytes(daemon: RunningDaemon) -> int:
+def _rss_bytes(daemon: Launched) -> int:
     total = 0
     for pid in [daemon.process.pid, *daemon.children()]:
         status = Path(f"/proc/{pid}/status").read_text()
@@ -70,7 +71,7 @@ def _rss_bytes(daemon: RunningDaemon) -> int:
     return total
 
 
-def _speed_regained(daemon: RunningDaemon, normal: float, attempts: int = 5) -> float:
+def _speed_regained(daemon: Launched, normal: float, attempts: int = 5) -> float:
     """The best speed of a few tries: a 2-core machine's noise (CI's) can slow one try, while
     work the killed client left in the engine would slow every try."""
     best = 0.0
@@ -81,7 +82,7 @@ def _speed_regained(daemon: RunningDaemon, normal: float, attempts: int = 5) -> 
     return best
 
 
-def _tokens_per_s(daemon: RunningDaemon) -> float:
+def _tokens_per_s(daemon: Launched) -> float:
     """The best of three 64-token answers: one answer is too short to time alone."""
     speeds = []
     with Client(daemon.target, timeout=120) as client:

@@ -18,8 +18,9 @@ from typing import Protocol
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import SERVE, Launched, daemon_environment, is_zombie, launch
 from notify_listener import listening
-from real_daemon import RunningDaemon, is_zombie, start_daemon
+from real_daemon import start_daemon
 from waits import HANG_S, until, wait_until
 
 from edgeagent.client import Client, Parameters, build_request
@@ -40,22 +41,20 @@ OUTLIVES_THE_GRACE = Parameters(max_tokens=4000, temperature=0, ignore_eos=True)
 
 
 class DaemonFactory(Protocol):
-    def __call__(self, grace_s: float) -> RunningDaemon: ...
+    def __call__(self, grace_s: float) -> Launched: ...
 
 
 @pytest.fixture
 def daemon_factory(tmp_path: Path, tiny_model: Path) -> Iterator[DaemonFactory]:
-    started: list[RunningDaemon] = []
+    started: list[Launched] = []
 
-    def start(grace_s: float) -> RunningDaemon:
+    def start(grace_s: float) -> Launched:
         started.append(start_daemon(tmp_path, grace_s, served=tiny_model))
         return started[-1]
 
     yield start
     for daemon in started:
-        if daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
+        daemon.kill()
 
 
 def _running(pids: list[int]) -> list[int]:
@@ -79,7 +78,7 @@ async def _health(target: str) -> int:
         return int(reply.status)
 
 
-async def _until_draining(daemon: RunningDaemon) -> None:
+async def _until_draining(daemon: Launched) -> None:
     """Until the daemon has handled a SIGTERM: its health says NOT_SERVING."""
     while await _health(daemon.target) != health_pb2.HealthCheckResponse.NOT_SERVING:
         assert daemon.process.poll() is None, f"the daemon exited; log:\n{daemon.tail()}"
@@ -184,17 +183,11 @@ async def test_second_signal_forces_exit(daemon_factory: DaemonFactory) -> None:
 
 
 def test_empty_store_and_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
-        "EDGEAGENT_CACHE_DIR": str(tmp_path / "cache"),
-        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_HUB__ENDPOINT": "http://127.0.0.1:9",  # the discard port: refused
-    }
+    hub = {"EDGEAGENT_HUB__ENDPOINT": "http://127.0.0.1:9"}  # the discard port: refused
+    env = daemon_environment(tmp_path, tmp_path / "state", tmp_path / "cache", hub)
     result = subprocess.run(
-        [sys.executable, "-m", "edgeagent", "serve"],
-        env=env,
+        SERVE,
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=HANG_S,
@@ -278,7 +271,7 @@ async def test_a_sigkilled_daemon_leaves_no_engine_process_behind(
         lambda: not _running(engine_processes),
     )
     gone_after_s = time.monotonic() - killed
-    killed_log = daemon.log.read_text(errors="replace")  # the next daemon overwrites it
+    killed_log = daemon.log()  # the next daemon overwrites it
     restarted = await asyncio.to_thread(start_daemon, tmp_path, 10.0, None)
     try:
         with Client(restarted.target, timeout=HANG_S) as client:
@@ -334,7 +327,7 @@ async def test_another_layout_restarts_inside_the_daemon_and_death_in_probation_
     assert store.refs().current == tiny_4bit.version
 
 
-def _wait_for_auto_rollback(daemon: RunningDaemon) -> admin_pb.Status:
+def _wait_for_auto_rollback(daemon: Launched) -> admin_pb.Status:
     def rolled_back() -> admin_pb.Status | None:
         assert daemon.process.poll() is None, f"the daemon exited; log:\n{daemon.tail()}"
         with contextlib.suppress(grpc.RpcError):  # busy restarting: asked again
@@ -401,16 +394,11 @@ def test_a_model_that_does_not_fit_is_not_loaded(tmp_path: Path, tiny_model: Pat
     """A memory budget below what the fit check predicts: exit 10 before vLLM starts."""
     store = ModelStore(tmp_path / "state" / "models")
     store.activate(store.import_directory(tiny_model, ImportSource(origin="tiny")).version)
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
-        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_MEMORY__BUDGET_GIB": "0.5",
-    }
+    budget = {"EDGEAGENT_MEMORY__BUDGET_GIB": "0.5"}
+    env = daemon_environment(tmp_path, tmp_path / "state", tmp_path / "cache", budget)
     result = subprocess.run(
-        [sys.executable, "-m", "edgeagent", "serve"],
-        env=env, capture_output=True, text=True, timeout=HANG_S, check=False,
+        SERVE, env={**os.environ, **env}, capture_output=True, text=True, timeout=HANG_S,
+        check=False,
     )  # fmt: skip
     assert result.returncode == 10
     assert "does not fit: the model needs" in result.stderr
@@ -424,26 +412,14 @@ def test_sigterm_while_building_stops_the_build_and_exits_cleanly(
     """An empty store, source `embedded`, the trained model cached: SIGTERM arrives while
     AutoRound runs. The daemon stops the quantizer, exits 0, and leaves the store without a
     version."""
-    env = {
-        **os.environ,
-        "EDGEAGENT_CONFIG": str(tmp_path / "absent.toml"),
-        "EDGEAGENT_STATE_DIR": str(tmp_path / "state"),
-        "EDGEAGENT_CACHE_DIR": str(trained_fp16.parent.parent),
-        "EDGEAGENT_RUNTIME_DIR": str(tmp_path / "run"),
-        "EDGEAGENT_MODEL__SOURCE": "embedded",
-    }
-    log = tmp_path / "daemon.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edgeagent", "serve"], env=env, stdout=out, stderr=out
-        )
-    quantizer = _wait_for_grandchild(process.pid)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=HANG_S) == 0, log.read_text()[-3000:]
+    daemon = launch(tmp_path, tmp_path / "state", trained_fp16.parent.parent,
+                    {"EDGEAGENT_MODEL__SOURCE": "embedded"})  # fmt: skip
+    quantizer = _wait_for_grandchild(daemon.process.pid)
+    assert daemon.terminate(HANG_S) == 0, daemon.log()[-3000:]
     assert not os.path.exists(f"/proc/{quantizer}") or is_zombie(quantizer)
     store = ModelStore(tmp_path / "state" / "models")
     assert store.manifests() == []
-    assert "stopped while preparing the model" in log.read_text()
+    assert "stopped while preparing the model" in daemon.log()
 
 
 def _wait_for_grandchild(pid: int) -> int:

@@ -1,12 +1,12 @@
 """The real daemon with fake engines: in this process (for speed) or as a child process (to be
-killed). Either runs on a `Box`: a state directory whose store holds fake versions."""
+killed; started by the launcher both tiers share, `tests/launcher.py`). Either runs on a `Box`:
+a state directory whose store holds fake versions."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launcher import Launched, daemon_environment, launch
 from waits import HANG_S
 
 from edgeagent.client import Parameters, build_request
@@ -35,6 +36,14 @@ from fast.fakes import Behaviour, FakeEngines, FakeProbe, make_fake_model
 
 TESTS = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about edge boxes"
+BOX_SETTINGS = {  # what every box's daemon gets, in this process or a child
+    "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
+    "EDGEAGENT_UPDATES__HOLD_S": "5",
+    "EDGEAGENT_SERVER__DRAIN_GRACE_S": "5",
+    # The fake GPU always has room for two engines, where "auto" swaps beside; most tests are
+    # about the in-place paths (test_swap_beside.py is about the other).
+    "EDGEAGENT_UPDATES__SWAP": "in_place",
+}
 
 
 @dataclass
@@ -69,20 +78,8 @@ class Box:
 
     def environment(self, **settings: str) -> dict[str, str]:
         """The daemon's settings as `EDGEAGENT_*` variables (what a child process gets)."""
-        values = {
-            "EDGEAGENT_CONFIG": str(self.root / "absent.toml"),
-            "EDGEAGENT_STATE_DIR": str(self.root / "state"),
-            "EDGEAGENT_CACHE_DIR": str(self.root / "cache"),
-            "EDGEAGENT_RUNTIME_DIR": str(self.root / "run"),
-            "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
-            "EDGEAGENT_UPDATES__HOLD_S": "5",
-            "EDGEAGENT_SERVER__DRAIN_GRACE_S": "5",
-            # The fake GPU always has room for two engines, where "auto" swaps beside; most
-            # tests are about the in-place paths (test_swap_beside.py is about the other).
-            "EDGEAGENT_UPDATES__SWAP": "in_place",
-            **settings,
-        }
-        return values
+        return daemon_environment(self.root, self.root / "state", self.root / "cache",
+                                  {**BOX_SETTINGS, **settings})  # fmt: skip
 
     def settings(self, **settings: str) -> Settings:
         """The same settings for a daemon in this process."""
@@ -222,15 +219,15 @@ async def _until_serving_or_exit(running: InProcess) -> None:
 class ChildProcess(Calls):
     """The real daemon with fake engines in a child process (`fast/fake_serve.py`)."""
 
-    def __init__(self, box: Box, process: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(self, box: Box, launched: Launched) -> None:
         super().__init__(box)
-        self.process, self.log = process, log
+        self.launched, self.process = launched, launched.process
 
     def wait(self, within_s: float = HANG_S) -> int:
-        return self.process.wait(timeout=within_s)
+        return self.launched.wait(within_s)
 
     def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-30:])
+        return self.launched.tail(30)
 
 
 @contextlib.contextmanager
@@ -240,17 +237,13 @@ def child_process(
     """Start the fake-engine daemon as a process on `box` (SIGKILLed at the end if alive).
     `without_file_override`: root, but without the capabilities that let root read any file
     (as an unprivileged service user would be)."""
-    log = box.root / log_name
-    environment = {**os.environ, **box.environment(), "PYTHONPATH": str(TESTS), **env}
     command = [sys.executable, "-m", "fast.fake_serve"]
     if without_file_override:
         command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
-    child = ChildProcess(box, process, log)
+    settings = {**BOX_SETTINGS, "PYTHONPATH": str(TESTS), **env}
+    launched = launch(box.root, box.root / "state", box.root / "cache", settings,
+                      command=command, log_name=log_name)  # fmt: skip
     try:
-        yield child
+        yield ChildProcess(box, launched)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        launched.kill()
