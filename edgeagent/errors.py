@@ -34,6 +34,12 @@ class CorruptArtifactError(EdgeAgentError):
     exit_code = 5
 
 
+class SignatureError(CorruptArtifactError):
+    """A version is not admitted by `trust` (store/trust.py): unsigned, signed by a key not in
+    trust.public_keys, or its files are not the ones its signature names; the message says
+    which. Handled wherever a corrupt version is (refused, fallen back from, never served)."""
+
+
 class NoServableVersionError(EdgeAgentError):
     """Neither current nor previous can be loaded: corrupt, missing, or too big for the device."""
 

@@ -19,6 +19,7 @@ from edgeagent.metrics import loopback_address
 from edgeagent.server.auth import check_tcp_callers, server_credentials
 from edgeagent.server.sockets import check_socket_path, group_id
 from edgeagent.settings import Settings
+from edgeagent.store.trust import load_public_key
 
 _REVISION = re.compile(r"^[\w.\-/]+$")
 
@@ -43,6 +44,8 @@ def check_settings(settings: Settings) -> None:
     if settings.metrics.address:
         _check_bindable(*loopback_address(settings.metrics.address), settings.metrics.address)
     _check_model_reference(settings)
+    for key in settings.trust.public_keys:  # readable, and a public key model signing takes
+        load_public_key(key)
     if settings.build.calibration is not None and not settings.build.calibration.is_file():
         raise ConfigError(f"build.calibration {settings.build.calibration}: no such file")
 

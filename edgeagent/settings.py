@@ -14,7 +14,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -260,6 +261,37 @@ class UpdateSettings(BaseModel):
     )  # fmt: skip
 
 
+class TrustSettings(BaseModel):
+    """Which model versions are admitted: those signed with OpenSSF model signing (a `model.sig`
+    beside the files) by one of these keys. Checked at every fetch and import and at start."""
+
+    public_keys: list[Path] = Field(
+        default_factory=list, description="PEM public keys (elliptic curve: P-256, P-384 or "
+        "P-521) whose signatures are trusted",
+    )  # fmt: skip
+    require_signature: bool | None = Field(
+        default=None, description="admit only versions signed by one of public_keys; "
+        "default: on once any key is listed",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _keys_for_a_required_signature(self) -> TrustSettings:
+        if self.require_signature and not self.public_keys:
+            raise PydanticCustomError(
+                "no_public_keys",
+                "trust.require_signature is on but trust.public_keys lists no key, so no "
+                "version could ever be admitted; list the publishers' public key files",
+            )
+        return self
+
+    @property
+    def required(self) -> bool:
+        """Whether only signed versions are admitted (None: whenever keys are listed)."""
+        if self.require_signature is None:
+            return bool(self.public_keys)
+        return self.require_signature
+
+
 class MetricsSettings(BaseModel):
     """Prometheus metrics, off unless an address is set (loopback only)."""
 
@@ -319,6 +351,7 @@ class Settings(BaseSettings):
     updates: UpdateSettings = UpdateSettings()
     limits: LimitSettings = LimitSettings()
     metrics: MetricsSettings = MetricsSettings()
+    trust: TrustSettings = TrustSettings()
 
     @field_validator("hub_token", "api_token", "admin_token", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from edgeagent.errors import (
     NotFoundError,
     RequestCancelledError,
     ResourceExhaustedError,
+    SignatureError,
     UnauthenticatedError,
     UnavailableError,
     UpdateRefusedError,
@@ -56,6 +57,7 @@ _TABLE: tuple[tuple[type[EdgeAgentError], Status, tuple[int, str]], ...] = (
     (EngineDeadError, Status.UNAVAILABLE, UNAVAILABLE),
     (ConfigError, Status.FAILED_PRECONDITION, INVALID_REQUEST),
     (UpdateRefusedError, Status.FAILED_PRECONDITION, INVALID_REQUEST),
+    (SignatureError, Status.FAILED_PRECONDITION, (403, "permission_error")),  # not trusted
     (NotFoundError, Status.NOT_FOUND, (404, "not_found_error")),
     (UnauthenticatedError, Status.UNAUTHENTICATED, (401, "authentication_error")),
 )

@@ -1,8 +1,9 @@
 """What a stored model version is: its files and digests, where it came from, what it is.
 
-A manifest is written once, when a version is committed, and never changed. The version id is
-derived from the file list alone (paths, sha256, sizes), so the same bytes fetched twice or from
-two mirrors are one version.
+A manifest is written once, when a version is committed; only its `signature` may be added or
+replaced later (the same bytes arriving signed, or `edgeagent sign`), since a signature is about
+the version, not part of it. The version id is derived from the file list alone (paths, sha256,
+sizes), so the same bytes fetched twice or from two mirrors are one version.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ class ImportSource(_Frozen):
 Source = Annotated[HubSource | BuildSource | ImportSource, Field(discriminator="kind")]
 
 
+class SignatureRecord(_Frozen):
+    """The signature a version came with (store/trust.py): OpenSSF model signing's `model.sig`,
+    a Sigstore bundle whose DSSE envelope signs every file's sha256."""
+
+    bundle: str = Field(description="the signature file as it came, JSON")
+    key_id: str = Field(
+        description="sha256 of the signer's public key (PEM), as the signature names it"
+    )
+    checked: str = Field(
+        description="what admission found: the trusted key it verified with, or why not"
+    )
+
+
 class Architecture(_Frozen):
     """The facts a fit check and a hot-swap decision need, from config.json and the headers."""
 
@@ -86,6 +100,7 @@ class Manifest(_Frozen):
     total_bytes: int
     architecture: Architecture
     quantization: dict[str, Any] | None = Field(description="config.json's quantization_config")
+    signature: SignatureRecord | None = None
 
     @property
     def quantization_label(self) -> str:
@@ -113,12 +128,15 @@ class Manifest(_Frozen):
 
     @property
     def source_label(self) -> str:
-        source = self.source
-        if isinstance(source, HubSource):
-            return f"{source.repo}@{source.commit[:10]}"
-        if isinstance(source, BuildSource):
-            return f"build of {source.base}"
-        return f"import of {source.origin}"
+        return source_label(self.source)
+
+
+def source_label(source: Source) -> str:
+    if isinstance(source, HubSource):
+        return f"{source.repo}@{source.commit[:10]}"
+    if isinstance(source, BuildSource):
+        return f"build of {source.base}"
+    return f"import of {source.origin}"
 
 
 def files_digest(files: list[FileEntry]) -> str:
@@ -133,7 +151,10 @@ def version_id(files: list[FileEntry]) -> str:
     return files_digest(files)[:VERSION_ID_HEX]
 
 
-def new_manifest(model_dir: Path, files: list[FileEntry], source: Source) -> Manifest:
+def new_manifest(
+    model_dir: Path, files: list[FileEntry], source: Source,
+    signature: SignatureRecord | None = None,
+) -> Manifest:  # fmt: skip
     config = read_config(model_dir)
     return Manifest(
         version=version_id(files),
@@ -143,6 +164,7 @@ def new_manifest(model_dir: Path, files: list[FileEntry], source: Source) -> Man
         total_bytes=sum(entry.size for entry in files),
         architecture=architecture_of(model_dir, config),
         quantization=config.get("quantization_config"),
+        signature=signature,
     )
 
 

@@ -36,6 +36,7 @@ from edgeagent.errors import (
     CorruptArtifactError,
     InsufficientDiskError,
     NotFoundError,
+    SignatureError,
     UnavailableError,
 )
 from edgeagent.settings import GiB, Settings
@@ -43,12 +44,15 @@ from edgeagent.store.durable import fsync_dir, fsync_file, write_durably
 from edgeagent.store.manifest import (
     FileEntry,
     Manifest,
+    SignatureRecord,
     Source,
     git_blob_sha1,
     new_manifest,
     sha256_of,
+    source_label,
 )
 from edgeagent.store.snapshot import copy_member, list_members
+from edgeagent.store.trust import SIGNATURE_FILE, TrustPolicy, read_signature
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +82,12 @@ class GcReport:
 
 
 class ModelStore:
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(
+        self, root: Path, *, min_free_bytes: int = 0, trust: TrustPolicy | None = None
+    ) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.trust = trust or TrustPolicy()
         self.blobs = root / "blobs" / "sha256"
         self.versions = root / "versions"
         self.staging_root = root / "staging"
@@ -167,7 +174,8 @@ class ModelStore:
     def verify(
         self, version: str, *, full: bool = True, cancel: threading.Event | None = None
     ) -> Manifest:
-        """Check every file's size (and sha256 when full); a corrupt blob is moved aside.
+        """Check every file's size (and sha256 when full); a corrupt blob is moved aside. Then,
+        where signatures are required, the version's signature (SignatureError).
 
         Moving it aside means a later fetch or import of the same bytes heals the version.
         """
@@ -185,6 +193,7 @@ class ModelStore:
             )
         if full:
             self._record_verified(manifest)
+        self.trust.check(manifest)
         return manifest
 
     def verified_unchanged(self, version: str) -> Manifest | None:
@@ -208,6 +217,7 @@ class ModelStore:
                 return None
             if recorded.get(entry.path) != now or now[1] != entry.size:
                 return None
+        self.trust.check(manifest)
         return manifest
 
     def _record_verified(self, manifest: Manifest) -> None:
@@ -247,7 +257,8 @@ class ModelStore:
         """A private work directory inside the store's filesystem.
 
         Keyed staging (a download) is kept when the work fails, so the next attempt resumes;
-        unkeyed staging is removed. Either is removed after a successful commit.
+        unkeyed staging is removed, and so is any refused for its signature (nothing of an
+        untrusted version stays). Either is removed after a successful commit.
         """
         name = key or f"tmp-{secrets.token_hex(6)}"
         path = self.staging_root / name
@@ -259,8 +270,8 @@ class ModelStore:
             path.mkdir(exist_ok=True)
             try:
                 yield path
-            except BaseException:
-                if key is None:
+            except BaseException as error:
+                if key is None or isinstance(error, SignatureError):
                     self._discard_staging(name)
                 raise
             self._discard_staging(name)
@@ -285,9 +296,16 @@ class ModelStore:
         """Hash and check every staged file, then make it a version; returns its manifest.
 
         `hashed` gives the sha256 of files whose bytes were hashed (and checked against
-        `expected`) as they were written into this staging, so they are not read again."""
+        `expected`) as they were written into this staging, so they are not read again.
+        A fetched or imported version must satisfy `trust` (a build is admitted, and served
+        once signed); a signature beside the files (`model.sig`) is recorded, not committed
+        as a file."""
         files = self._hash_staged(staged, expected, hashed or {})
-        manifest = new_manifest(staged, files, source)
+        signature = None
+        if source.kind != "build":
+            bundle = read_signature(staged / SIGNATURE_FILE)
+            signature = self.trust.admit(bundle, files, source_label(source))
+        manifest = new_manifest(staged, files, source, signature)
         with self.locked():
             final = self.versions / manifest.version
             for entry in files:
@@ -295,7 +313,7 @@ class ModelStore:
             fsync_dir(self.blobs)
             if final.is_dir():
                 logger.info("version %s is already in the store", manifest.version)
-                return self._read_manifest(manifest.version)
+                return self._with_signature(manifest.version, signature)
             self._write_version(manifest)
             self._record_verified(manifest)  # its bytes were all hashed just now
         logger.info(
@@ -305,6 +323,22 @@ class ModelStore:
             len(files),
             _gib(manifest.total_bytes),
         )
+        return manifest
+
+    def record_signature(self, version: str, signature: SignatureRecord) -> Manifest:
+        """Record a signature made for a stored version (`edgeagent sign VERSION`)."""
+        with self.locked():
+            return self._with_signature(self.resolve(version), signature)
+
+    def _with_signature(self, version: str, signature: SignatureRecord | None) -> Manifest:
+        """The stored manifest, its signature replaced by a newer one (under the lock)."""
+        manifest = self._read_manifest(version)
+        if signature is None or manifest.signature == signature:
+            return manifest
+        manifest = manifest.model_copy(update={"signature": signature})
+        write_durably(self.versions / version / "manifest.json",
+                      manifest.model_dump_json(indent=2).encode())  # fmt: skip
+        logger.info("version %s: signature recorded (%s)", version, signature.checked)
         return manifest
 
     def import_directory(
@@ -332,6 +366,7 @@ class ModelStore:
             for path in sorted(staged.rglob("*"))
             if path.is_file() and not IGNORED_IN_STAGING & set(path.relative_to(staged).parts)
         }
+        found.pop(SIGNATURE_FILE, None)  # recorded in the manifest, not a file of the version
         if expected is not None and (missing := sorted(set(expected) - set(found))):
             raise CorruptArtifactError(f"files missing from the download: {', '.join(missing)}")
         entries = []
@@ -433,7 +468,8 @@ class ModelStore:
 
 def open_store(settings: Settings) -> ModelStore:
     """The store as the settings describe it: its directory and the free space it keeps."""
-    return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB))
+    return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB),
+                      trust=TrustPolicy.from_settings(settings.trust))  # fmt: skip
 
 
 def _check_expected(path: Path, entry: FileEntry, expected: Expected) -> None:
