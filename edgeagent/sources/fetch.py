@@ -6,6 +6,11 @@ file is then downloaded to `<name>.part` in a staging directory keyed by repo an
 (`hub_download.py`: resumable across processes, verified as it arrives, never longer than
 listed), so a later fetch of the same commit continues where the last one stopped. The store
 checks every file against the hub's digests again before committing.
+
+A repo may carry a signature, `model.sig` at its root (store/trust.py). It is downloaded first:
+where signatures are required, a repo without one is refused before any download, and one that
+names another key before the weights are fetched; every other file it signs is fetched with the
+model's, and the store checks the whole set when it commits.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ from edgeagent.errors import (
     HubUnreachableError,
     InsufficientDiskError,
     NotFoundError,
+    SignatureError,
 )
 from edgeagent.progress import Progress
 from edgeagent.sources.hub_checks import check_commit, check_listing
 from edgeagent.sources.hub_download import RetryPolicy, call_with_retries, download
 from edgeagent.store.manifest import HubSource, Manifest
 from edgeagent.store.store import Expected, ModelStore
+from edgeagent.store.trust import SIGNATURE_FILE, read_signature, signed_paths
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +105,13 @@ class HubFetcher:
         with _hub_errors(target):
             commit = self._resolve(target, cancel)
             known = self.store.find_hub_version(target.repo, commit)
-            if known is not None:
+            if known is not None and self._admitted(known):
                 logger.info("%s is commit %s, already stored as %s", target, commit, known.version)
                 return known
-            files = self._model_files(target.repo, commit, cancel)
+            listing = self._listing(target.repo, commit, cancel)
+            files = _model_files(listing, target.repo, commit)
+            if not any(f.path == SIGNATURE_FILE for f in files):  # refused now if required
+                self.store.trust.admit(None, (), f"{target.repo}@{commit[:10]}")
             key = f"fetch-{target.repo.replace('/', '--')}-{commit}"
             resumable = self.store.staging_root / key
             needed = sum(
@@ -109,12 +119,49 @@ class HubFetcher:
             )
             self.store.ensure_free(needed, f"fetching {target.repo}@{commit[:10]}")
             with self.store.staging(key) as staged, _cleaned_up_when_the_disk_fills(staged):
+                files = self._with_signed_files(target.repo, commit, files, listing, staged,
+                                                cancel)  # fmt: skip
                 hashed = self._download(target.repo, commit, files, staged, cancel)
                 source = HubSource(
                     repo=target.repo, revision=target.revision, commit=commit,
                     endpoint=self.endpoint,
                 )  # fmt: skip
-                return self.store.commit(staged, source, _expected(files), hashed)
+                model_files = [f for f in files if f.path != SIGNATURE_FILE]
+                return self.store.commit(staged, source, _expected(model_files), hashed)
+
+    def _admitted(self, known: Manifest) -> bool:
+        """A stored version of the commit may be returned as it is only when trust admits it
+        (it may have been fetched before signatures were required, or before its signature)."""
+        try:
+            self.store.trust.check(known)
+        except SignatureError as error:
+            logger.warning("stored as %s but not admitted (%s): fetching it again with its "
+                           "signature", known.version, error)  # fmt: skip
+            return False
+        return True
+
+    def _with_signed_files(
+        self, repo: str, commit: str, files: list[RepoFile], listing: list[RepoFile],
+        staged: Path, cancel: threading.Event | None,
+    ) -> list[RepoFile]:  # fmt: skip
+        """`files` and, when the repo is signed, whatever else its signature names (a model
+        card, say): the store checks the whole signed set. The signature comes first, so one
+        naming another key is refused before the weights are downloaded."""
+        signature = next((f for f in files if f.path == SIGNATURE_FILE), None)
+        if signature is None:
+            return files
+        self._download_file(repo, commit, signature, staged, cancel)
+        bundle = read_signature(staged / SIGNATURE_FILE) or ""
+        self.store.trust.precheck(bundle, f"{repo}@{commit[:10]}")
+        try:
+            names = signed_paths(bundle)
+        except SignatureError:
+            return files  # not required (precheck passed): recorded as it is
+        have = {f.path for f in files}
+        extra = [entry for entry in listing if entry.path in names and entry.path not in have]
+        if extra:
+            self.store.ensure_free(sum(e.size for e in extra), f"the files {SIGNATURE_FILE} signs")
+        return files + extra
 
     def resolve(self, target: HubTarget) -> str:
         """The commit `target.revision` names on the hub now (one small API call)."""
@@ -144,23 +191,13 @@ class HubFetcher:
         logger.info("%s resolved to commit %s", target, commit)
         return commit
 
-    def _model_files(
-        self, repo: str, commit: str, cancel: threading.Event | None
-    ) -> list[RepoFile]:
+    def _listing(self, repo: str, commit: str, cancel: threading.Event | None) -> list[RepoFile]:
+        """Every file of the commit, each entry checked (`hub_checks.py`)."""
         entries = call_with_retries(
             lambda: list(self._api.list_repo_tree(repo, revision=commit, recursive=True)),
             f"listing {repo}@{commit[:10]}", self._policy, cancel,
         )  # fmt: skip
-        files = [
-            entry
-            for entry in check_listing(entries)
-            if any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
-        ]
-        if not any(f.path.endswith(".safetensors") for f in files):
-            raise NotFoundError(f"{repo}@{commit[:10]} has no safetensors weights")
-        if not any(f.path == "config.json" for f in files):
-            raise NotFoundError(f"{repo}@{commit[:10]} has no config.json")
-        return files
+        return check_listing(entries)
 
     def _in_store(self, file: RepoFile) -> bool:
         return file.lfs is not None and self.store.has_blob(file.lfs.sha256)
@@ -211,6 +248,21 @@ class HubFetcher:
         digests = download(url, part, _expected([file])[file.path], headers, self._policy, cancel)
         part.rename(final)
         return digests.sha256
+
+
+def _model_files(listing: list[RepoFile], repo: str, commit: str) -> list[RepoFile]:
+    """What a model needs from the listing, and its signature if it has one."""
+    files = [
+        entry
+        for entry in listing
+        if entry.path == SIGNATURE_FILE
+        or any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
+    ]
+    if not any(f.path.endswith(".safetensors") for f in files):
+        raise NotFoundError(f"{repo}@{commit[:10]} has no safetensors weights")
+    if not any(f.path == "config.json" for f in files):
+        raise NotFoundError(f"{repo}@{commit[:10]} has no config.json")
+    return files
 
 
 def _expected(files: list[RepoFile]) -> dict[str, Expected]:

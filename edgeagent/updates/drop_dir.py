@@ -127,11 +127,11 @@ async def take_drop(claimed: Path, drop: Path, store: ModelStore, updater: Updat
             reason = f"{outcome.result}: {outcome.reason}"
     except EdgeAgentError as error:
         reason = str(error)
-        updater.note_refused_drop(claimed.name, reason)
+        updater.note_refused("drop", claimed.name, reason)
     except Exception as error:  # a bug or an OS error: this drop fails, the watcher goes on
         logger.exception("drop %s could not be handled", claimed)
         reason = f"unexpected error: {error!r}"
-        updater.note_refused_drop(claimed.name, reason)
+        updater.note_refused("drop", claimed.name, reason)
     where = await asyncio.to_thread(finish, claimed, drop, reason)
     log = logger.warning if reason else logger.info
     log("drop %s handled: %s", where, reason or "promoted")

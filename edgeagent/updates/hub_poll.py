@@ -3,7 +3,8 @@ step), ask the hub which commit the configured revision names; a new one is fetc
 store and updated to through the pipeline. Failures back off exponentially up to a ceiling.
 
 A commit already serving, already handled, or stored as a version marked bad is not fetched or
-tried again.
+tried again; nor is one refused for its signature (in `edgeagent status` with the reason), until
+the daemon restarts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import random
 import threading
 
-from edgeagent.errors import EdgeAgentError
+from edgeagent.errors import EdgeAgentError, SignatureError
 from edgeagent.sources.fetch import HubFetcher, HubTarget
 from edgeagent.updates.journal import UpdateOutcome
 from edgeagent.updates.pipeline import Updater
@@ -85,7 +86,13 @@ class HubPoller:
             return None
         logger.info("%s moved to commit %s: fetching it", self.target, commit)
         pinned = HubTarget(self.target.repo, commit)
-        manifest = await asyncio.to_thread(self._fetcher.fetch, pinned, self._cancel)
+        try:
+            manifest = await asyncio.to_thread(self._fetcher.fetch, pinned, self._cancel)
+        except SignatureError as refused:
+            self._handled_commit = commit
+            logger.warning("hub commit %s refused: %s", commit, refused)
+            self._updater.note_refused("fetch", f"{self.target.repo}@{commit[:10]}", str(refused))
+            return None
         self._handled_commit = commit
         if manifest.version == serving:
             return None

@@ -23,7 +23,7 @@ from edgeagent.store.durable import write_durably
 logger = logging.getLogger(__name__)
 
 HISTORY = 20
-Kind = Literal["update", "rollback", "auto_rollback", "drop"]
+Kind = Literal["update", "rollback", "auto_rollback", "drop", "fetch"]
 Result = Literal["promoted", "refused", "rolled_back", "failed", "interrupted"]
 Method = Literal["", "reload", "restart", "beside"]
 Step = Literal["staged", "verified", "loading", "promoting", "probation"]
@@ -31,8 +31,9 @@ Step = Literal["staged", "verified", "loading", "promoting", "probation"]
 
 @dataclass(frozen=True)
 class UpdateOutcome:
-    """One update, rollback or automatic rollback, or a drop refused before it became an
-    update (kind "drop": `version` is the drop's name). Times in seconds.
+    """One update, rollback or automatic rollback, or a drop or hub fetch refused before it
+    became an update (kind "drop": `version` is the drop's name; "fetch": REPO@COMMIT). Times
+    in seconds.
 
     Results: promoted (the version serves); refused (nothing changed); rolled_back (loaded,
     failed, the old version put back); failed (the old version could not be put back either:

@@ -124,10 +124,10 @@ class Updater:
             return None
         return await self._exclusive(lambda: self._fall_back(reason))
 
-    def note_refused_drop(self, drop: str, reason: str) -> None:
-        """A drop refused before it became an update (not a model, unsafe, unreadable): in the
-        history, so `edgeagent status` shows it."""
-        outcome = UpdateOutcome("drop", drop, self.serving_version or "", "refused", reason)
+    def note_refused(self, kind: Kind, name: str, reason: str) -> None:
+        """A drop or a hub fetch refused before it became an update (not a model, unsafe,
+        unreadable, untrusted): in the history, so `edgeagent status` shows it."""
+        outcome = UpdateOutcome(kind, name, self.serving_version or "", "refused", reason)
         self._record(outcome)
 
     def check_probation(self) -> None:
