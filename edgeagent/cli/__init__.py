@@ -2,9 +2,10 @@
 
 Exit codes: 0 success; 1 failure (serve: the engine died, or nothing could be served after a
 failed update); 2 bad usage or configuration; 3 an RPC failed or no daemon answers; 4 not
-found; 5 failed verification; 6 not enough disk; 7 access denied by the hub; 8 hub unreachable
-(or offline with nothing stored); 9 the quantizer failed; 10 nothing servable (corrupt, does not
-fit the device, or fails to load); 11 an update was not applied; 130 interrupted.
+found; 5 failed verification (or a refused signature); 6 not enough disk; 7 access denied by
+the hub; 8 hub unreachable (or offline with nothing stored); 9 the quantizer failed; 10 nothing
+servable (corrupt, does not fit the device, or fails to load); 11 an update was not applied;
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from edgeagent.cli import admin, evaluation, fit, generation, models, serving
+from edgeagent.cli import admin, evaluation, fit, generation, models, serving, signing
 from edgeagent.client import describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_commands(commands)
     generation.add_commands(commands)
     models.add_commands(commands)
+    signing.add_commands(commands)
     fit.add_commands(commands)
     admin.add_commands(commands)
     evaluation.add_commands(commands)

@@ -161,7 +161,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from edgeagent.errors import CorruptArtifactError
+    from edgeagent.errors import CorruptArtifactError, SignatureError
 
     _, store = _context()
     versions = args.versions or [m.version for m in store.manifests()]
@@ -169,10 +169,11 @@ def _verify(args: argparse.Namespace) -> int:
     for version in versions:
         try:
             manifest = store.verify(version)
-            print(f"ok       {manifest.version}  {len(manifest.files)} files")
+            signed = "signed" if manifest.signature else "unsigned"
+            print(f"ok       {manifest.version}  {len(manifest.files)} files, {signed}")
         except CorruptArtifactError as error:
             failed += 1
-            print(f"CORRUPT  {error}")
+            print(f"{'REFUSED' if isinstance(error, SignatureError) else 'CORRUPT'}  {error}")
     return CorruptArtifactError.exit_code if failed else 0
 
 
