@@ -59,6 +59,16 @@ BAD_SETTINGS = [
         "a Unix socket's path may have at most 107",
         id="socket-path-too-long",
     ),
+    pytest.param(
+        {"EDGEAGENT_TRUST__REQUIRE_SIGNATURE": "true"},
+        "trust.require_signature is on but trust.public_keys lists no key",
+        id="signature-without-keys",
+    ),
+    pytest.param(
+        {"EDGEAGENT_TRUST__PUBLIC_KEYS": '["/nonexistent/publisher.pub"]'},
+        "trust.public_keys: cannot read /nonexistent/publisher.pub",
+        id="trust-key-unreadable",
+    ),
 ]
 
 
