@@ -7,7 +7,8 @@ FP16_DIR is the trained embedded model (`.cache/trained/tiny-phi4-*`), GPTQ_DIR 
 (a store version's `model/` directory). `--avx2` caps torch, oneDNN and MKL at AVX2 in the
 engines' processes as the training child does (vLLM's own library is still the one the CPU's
 features pick). Each variant: single-stream greedy decode of `--tokens` tokens, the best of
-`--rounds`, after one warm-up. Not a test: numbers only.
+`--rounds`, after one warm-up; the three engines run side by side and take turns round by round.
+Not a test: numbers only.
 """
 
 from __future__ import annotations
@@ -18,38 +19,38 @@ import os
 import time
 from pathlib import Path
 
-from edgeagent.artifacts.dataset import Exchange
-from edgeagent.artifacts.train import X86_TRAINING_KERNELS
+from edgeagent.demo.dataset import Exchange
+from edgeagent.demo.train import X86_TRAINING_KERNELS
 from edgeagent.engine.interface import EngineConfig, SamplingOptions
 from edgeagent.engine.vllm_engine import VllmEngine
 
 PROMPT = Exchange("Tell me about edgeagent.", "").prompt()
 
 
-async def decode_speed(engine: VllmEngine, tokens: int, rounds: int) -> float:
+async def decode_speed(engine: VllmEngine, tokens: int, name: str) -> float:
     options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    best = 0.0
-    for round_ in range(rounds + 1):
-        started, generated = time.perf_counter(), 0
-        async for delta in engine.stream(engine.encode(PROMPT), options, f"bench-{round_}"):
-            generated = delta.completion_tokens
-        if round_:  # the first is the warm-up
-            best = max(best, generated / (time.perf_counter() - started))
-    return best
+    started, generated = time.perf_counter(), 0
+    async for delta in engine.stream(engine.encode(PROMPT), options, name):
+        generated = delta.completion_tokens
+    return generated / (time.perf_counter() - started)
 
 
-def measure(model: Path, kernel: str, tokens: int, rounds: int) -> tuple[float, list[str]]:
+def start(model: Path, kernel: str) -> VllmEngine:
     config = EngineConfig(model_path=model, kv_cache_bytes=128 << 20, max_num_seqs=4,
                           max_model_len=1024, cpu_quantized_kernel=kernel)  # fmt: skip
-    engine = VllmEngine.start(config)
-    try:
+    return VllmEngine.start(config)
 
-        async def run() -> tuple[float, list[str]]:
-            return await decode_speed(engine, tokens, rounds), await engine.quantized_kernels()
 
-        return asyncio.run(run())
-    finally:
-        engine.shutdown()
+async def interleaved(engines: dict[str, VllmEngine], tokens: int, rounds: int) -> dict[str, float]:
+    """Each engine's best round; the engines take turns round by round, so a busy spell on the
+    machine falls on all of them alike."""
+    best = dict.fromkeys(engines, 0.0)
+    for round_ in range(rounds + 1):
+        for label, engine in engines.items():
+            speed = await decode_speed(engine, tokens, f"bench-{round_}")
+            if round_:  # the first is the warm-up
+                best[label] = max(best[label], speed)
+    return best
 
 
 def main() -> None:
@@ -65,11 +66,21 @@ def main() -> None:
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     variants = [("fp16", args.fp16, "auto"), ("4-bit, edgeagent's kernel", args.gptq, "edgeagent"),
                 ("4-bit, vLLM's kernel (auto)", args.gptq, "auto")]  # fmt: skip
-    speeds: dict[str, float] = {}
-    for label, model, kernel in variants:
-        speeds[label], kernels = measure(model, kernel, args.tokens, args.rounds)
-        print(f"{label:32s} {speeds[label]:7.1f} tok/s  kernels {kernels or ['(none)']}",
-              flush=True)  # fmt: skip
+    engines: dict[str, VllmEngine] = {}
+    try:
+        for label, model, kernel in variants:
+            engines[label] = start(model, kernel)
+
+        async def run() -> tuple[dict[str, float], dict[str, list[str]]]:
+            kernels = {label: await engine.quantized_kernels() for label, engine in engines.items()}
+            return await interleaved(engines, args.tokens, args.rounds), kernels
+
+        speeds, kernels = asyncio.run(run())
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    for label, speed in speeds.items():
+        print(f"{label:32s} {speed:7.1f} tok/s  kernels {kernels[label] or ['(none)']}")
     base = speeds["fp16"]
     for label, speed in speeds.items():
         print(f"{label:32s} {speed / base:5.2f}x the fp16 model")
