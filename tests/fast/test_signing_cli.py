@@ -1,13 +1,19 @@
 """`edgeagent sign` and the trust settings as an operator meets them: a signature made by
 `edgeagent sign` verifies with model_signing's own CLI and the other way round; a stored
 version signed with `edgeagent sign VERSION` passes `edgeagent models verify` until a file is
-tampered with; bad keys are named (the settings' own checks are test_cli.py's rows)."""
+tampered with; bad keys are named (the settings' own checks are test_cli.py's rows).
+
+`edgeagent` runs in this process (its `main`, as `python -m edgeagent` calls it: seconds saved
+on the fast tier); `model_signing` as the command it is."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -15,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
+from edgeagent.cli import main
 from edgeagent.errors import ConfigError, SignatureError
 from edgeagent.settings import TrustSettings
 from edgeagent.store.manifest import ImportSource
@@ -25,11 +32,41 @@ from fast.runner import Box
 from fast.signed import KeyPair, signed_model, tamper_consistently, trust_settings
 
 
-def _run(*command: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Run = Callable[..., Ran]
+
+
+def _model_signing(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", *command], env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "model_signing", *args], env=dict(os.environ),
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
+
+
+@pytest.fixture
+def edgeagent(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Run:
+    """`edgeagent ARGS` with `env` added to the environment; its SIGTERM handler undone."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> Ran:
+        handler = signal.getsignal(signal.SIGTERM)
+        capsys.readouterr()
+        with monkeypatch.context() as environment:
+            for name, value in (env or {}).items():
+                environment.setenv(name, value)
+            try:
+                code = main(list(args))
+            finally:
+                signal.signal(signal.SIGTERM, handler)
+        out, err = capsys.readouterr()
+        return Ran(code, out, err)
+
+    return run
 
 
 @pytest.fixture
@@ -38,29 +75,29 @@ def publisher(tmp_path: Path) -> KeyPair:
 
 
 def test_edgeagent_sign_dir_verifies_with_model_signing_and_the_other_way_round(
-    tmp_path: Path, publisher: KeyPair
+    tmp_path: Path, publisher: KeyPair, edgeagent: Run
 ) -> None:
     """1. `edgeagent sign --dir` writes model.sig; `model_signing verify key` accepts it.
     2. `model_signing sign key` signs another directory; `edgeagent models import` admits it
     where the publisher's key is required, and records the signature."""
     ours = signed_model(tmp_path / "ours", None, Behaviour(seed=1))
     (ours / "READY").touch()  # a drop's marker is not signed
-    signed = _run("edgeagent", "sign", "--dir", str(ours), "--key", str(publisher.private))
+    signed = edgeagent("sign", "--dir", str(ours), "--key", str(publisher.private))
     assert signed.returncode == 0, signed.stderr
     assert f"{ours / SIGNATURE_FILE}" in signed.stdout
-    verified = _run("model_signing", "verify", "key", str(ours), "--signature",
-                    str(ours / SIGNATURE_FILE), "--public_key", str(publisher.public),
-                    "--ignore-paths", str(ours / "READY"))  # fmt: skip
+    verified = _model_signing("verify", "key", str(ours), "--signature",
+                              str(ours / SIGNATURE_FILE), "--public_key", str(publisher.public),
+                              "--ignore-paths", str(ours / "READY"))  # fmt: skip
     assert verified.returncode == 0, verified.stderr
     assert "Verification succeeded" in verified.stdout
 
     theirs = signed_model(tmp_path / "theirs", None, Behaviour(seed=2))
-    made = _run("model_signing", "sign", "key", str(theirs), "--private_key",
-                str(publisher.private), "--signature", str(theirs / SIGNATURE_FILE))  # fmt: skip
+    made = _model_signing("sign", "key", str(theirs), "--private_key", str(publisher.private),
+                          "--signature", str(theirs / SIGNATURE_FILE))  # fmt: skip
     assert made.returncode == 0, made.stderr
     box = Box(tmp_path / "box")
     env = {**box.environment(), **trust_settings(publisher)}
-    imported = _run("edgeagent", "models", "import", str(theirs), env=env)
+    imported = edgeagent("models", "import", str(theirs), env=env)
     assert imported.returncode == 0, imported.stderr
     signature = box.store.manifest(imported.stdout.strip()).signature
     assert signature is not None
@@ -68,7 +105,7 @@ def test_edgeagent_sign_dir_verifies_with_model_signing_and_the_other_way_round(
 
 
 def test_edgeagent_sign_version_is_recorded_and_checked_by_models_verify(
-    tmp_path: Path, publisher: KeyPair
+    tmp_path: Path, publisher: KeyPair, edgeagent: Run
 ) -> None:
     """1. A version imported unsigned is signed: `edgeagent sign VERSION --output F` records
     the signature and writes it to F, and model_signing verifies F over the store's directory.
@@ -78,37 +115,37 @@ def test_edgeagent_sign_version_is_recorded_and_checked_by_models_verify(
     version = box.add("a", Behaviour(seed=1), current=True).version
     env = {**box.environment(), **trust_settings(publisher)}
     output = tmp_path / "published.sig"
-    signed = _run("edgeagent", "sign", version, "--key", str(publisher.private), "--output",
-                  str(output), env=env)  # fmt: skip
+    signed = edgeagent("sign", version, "--key", str(publisher.private), "--output",
+                       str(output), env=env)  # fmt: skip
     assert signed.returncode == 0, signed.stderr
     assert f"signed version {version} with key " in signed.stdout
     assert f"(verified with {publisher.public})" in signed.stdout
     signature = box.store.manifest(version).signature
     assert signature is not None
     assert signature.bundle == output.read_text()
-    library = _run("model_signing", "verify", "key", str(box.store.model_dir(version)),
-                   "--signature", str(output), "--public_key", str(publisher.public),
-                   "--allow_symlinks")  # fmt: skip
+    library = _model_signing("verify", "key", str(box.store.model_dir(version)),
+                             "--signature", str(output), "--public_key", str(publisher.public),
+                             "--allow_symlinks")  # fmt: skip
     assert library.returncode == 0, library.stderr
 
-    after = _run("edgeagent", "models", "verify", version, env=env)
+    after = edgeagent("models", "verify", version, env=env)
     assert after.returncode == 0, after.stdout
     assert f"ok       {version}  3 files, signed" in after.stdout
 
     tamper_consistently(box.store, version, "config.json", b'{"model_type": "other"}')
-    tampered = _run("edgeagent", "models", "verify", version, env=env)
+    tampered = edgeagent("models", "verify", version, env=env)
     assert tampered.returncode == 5
     assert f"REFUSED  version {version}: config.json changed after signing" in tampered.stdout
 
 
 def test_signing_with_a_key_the_box_does_not_trust_is_refused(
-    tmp_path: Path, publisher: KeyPair
+    tmp_path: Path, publisher: KeyPair, edgeagent: Run
 ) -> None:
     box = Box(tmp_path / "box")
     version = box.add("a", Behaviour(seed=1)).version
     stranger = KeyPair.make(tmp_path / "keys", "stranger")
     env = {**box.environment(), **trust_settings(publisher)}
-    signed = _run("edgeagent", "sign", version, "--key", str(stranger.private), env=env)
+    signed = edgeagent("sign", version, "--key", str(stranger.private), env=env)
     assert signed.returncode == 5
     assert "is signed by another key" in signed.stderr
     assert box.store.manifest(version).signature is None
@@ -118,12 +155,12 @@ def test_signing_with_a_key_the_box_does_not_trust_is_refused(
 
 
 def test_an_unsigned_directory_is_refused_by_models_import(
-    tmp_path: Path, publisher: KeyPair
+    tmp_path: Path, publisher: KeyPair, edgeagent: Run
 ) -> None:
     box = Box(tmp_path / "box")
     unsigned = signed_model(tmp_path / "unsigned", None, Behaviour(seed=1))
-    imported = _run("edgeagent", "models", "import", str(unsigned),
-                    env={**box.environment(), **trust_settings(publisher)})  # fmt: skip
+    imported = edgeagent("models", "import", str(unsigned),
+                         env={**box.environment(), **trust_settings(publisher)})  # fmt: skip
     assert imported.returncode == 5
     assert "is not signed: no model.sig came with its files" in imported.stderr
     assert list(box.store.versions.iterdir()) == []
