@@ -209,12 +209,12 @@ class Daemon:
     async def shutdown(self) -> None:
         slot, grace = self.slot, self.settings.server.drain_grace_s
         self._notifier.stopping(f"stopping: draining {len(slot)} request(s)")
+        if len(slot):  # counted at the stop, before the background tasks take their time to end
+            logger.info("draining %d request(s) for up to %g s", len(slot), grace)
         await slot.begin_drain("the server is shutting down; retry on another instance")
         await self._tasks.stop()
         if self.lifecycle is not None:
             await self.lifecycle.close()  # a change under way is never stopped half-way
-        if len(slot):
-            logger.info("draining %d request(s) for up to %g s", len(slot), grace)
         if not await slot.wait_idle(grace):
             await self._cancel_inflight(
                 f"the server shut down; the request was still running "
