@@ -8,7 +8,8 @@ with the serving version, scored on the same prompts before the pause (its score
 version, so a version is scored once). It is refused when its perplexity grows by more than
 `max_perplexity_ratio`, when its most likely token agrees with the serving version's at fewer
 than `min_top1_agreement` of the positions, or when it splits the eval set into other tokens
-(another model).
+(another model). The figures of the last candidate it scored are kept (`last`) for the
+metrics (`edgeagent_gate_*`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,28 @@ class Reference:
     seconds: float  # the scoring took: what bounds the candidate's (engine/bounds.py)
 
 
+@dataclass(frozen=True)
+class GateFigures:
+    """The last gated candidate's figures against the version it would replace, and the limits
+    they were held to. `finished_at` is wall-clock."""
+
+    candidate: str
+    reference: str
+    perplexity: float
+    reference_perplexity: float
+    max_perplexity_ratio: float
+    top1_agreement: float
+    min_top1_agreement: float
+    mean_kl: float  # nats per position
+    passed: bool
+    seconds: float
+    finished_at: float
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.perplexity / self.reference_perplexity
+
+
 class QualityGate:
     def __init__(
         self, *, enabled: bool = True, max_perplexity_ratio: float = 1.2,
@@ -46,6 +69,15 @@ class QualityGate:
         self._max_ratio, self._min_agreement = max_perplexity_ratio, min_top1_agreement
         self._eval_set = eval_set
         self._reference: Reference | None = None
+        self.last: GateFigures | None = None  # the last candidate scored, passed or refused
+
+    @property
+    def max_perplexity_ratio(self) -> float:
+        return self._max_ratio
+
+    @property
+    def min_top1_agreement(self) -> float:
+        return self._min_agreement
 
     @property
     def eval_set(self) -> EvalSet:
@@ -91,15 +123,21 @@ class QualityGate:
                             f"{reference.version} ({different})") from different  # fmt: skip
         except Exception as error:  # an engine error while scoring
             raise LoadError(f"quality gate: could not score {version}: {error}") from error
-        ppl = perplexity(scores)
+        ppl, seconds = perplexity(scores), time.perf_counter() - started
         ratio = ppl / reference.perplexity
+        passed = not (ratio > self._max_ratio or comparison.agreement < self._min_agreement)
+        self.last = GateFigures(
+            version, reference.version, ppl, reference.perplexity, self._max_ratio,
+            comparison.agreement, self._min_agreement, comparison.mean_kl, passed, seconds,
+            time.time(),
+        )  # fmt: skip
         figures = (
             f"perplexity {ppl:.3f} against {reference.perplexity:.3f} ({ratio:.2f}x, at most "
             f"{self._max_ratio:.2f}x allowed), top-1 agreement {comparison.agreement:.3f} (at "
             f"least {self._min_agreement:.3f}), mean KL {comparison.mean_kl:.4f} nats, on "
-            f"{self.eval_set.name}, in {time.perf_counter() - started:.1f} s"
+            f"{self.eval_set.name}, in {seconds:.1f} s"
         )
-        if ratio > self._max_ratio or comparison.agreement < self._min_agreement:
+        if not passed:
             raise LoadError(f"quality gate refused {version}: {figures}")
         logger.info("quality gate passed %s: %s", version, figures)
-        self._reference = Reference(version, scores, ppl, time.perf_counter() - started)
+        self._reference = Reference(version, scores, ppl, seconds)

@@ -81,6 +81,10 @@ class Updater:
         self._gate = gate or QualityGate(enabled=False)
 
     @property
+    def gate(self) -> QualityGate:
+        return self._gate
+
+    @property
     def serving_version(self) -> str | None:
         serving = self._slot.serving
         return serving.version if serving is not None else None
