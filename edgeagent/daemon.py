@@ -124,6 +124,7 @@ class Daemon:
         if self.should_exit:
             raise StoppedError("stopped while starting the engine")
         metrics.watch_slot(self.slot)
+        metrics.watch_updates(lifecycle.journal, lifecycle.updater.gate)
         await self.listeners.start(lifecycle.updater, timeline, self._probe)
         for name, source in update_sources(settings, store, lifecycle.updater):
             self._tasks.start(name, source)

@@ -4,11 +4,9 @@ endpoint where an address is set."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.gpu import MemoryProbe
-from edgeagent.metrics import Metrics, serve_metrics
+from edgeagent.metrics import Metrics, MetricsServer, serve_metrics
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
@@ -25,7 +23,7 @@ class Listeners:
         self._settings, self._slot, self._metrics = settings, slot, metrics
         self.api: ApiServer | None = None
         self.http: HttpApi | None = None
-        self._stop_metrics: Callable[[], None] | None = None
+        self.metrics_server: MetricsServer | None = None  # its port: `metrics.address` may say 0
 
     async def start(self, updater: Updater, timeline: StartTimeline, probe: MemoryProbe) -> None:
         settings, slot, metrics = self._settings, self._slot, self._metrics
@@ -45,12 +43,12 @@ class Listeners:
             await self.http.start()
         if settings.metrics.address:
             metrics.watch_device(probe)
-            self._stop_metrics = serve_metrics(metrics, settings.metrics.address).stop
+            self.metrics_server = serve_metrics(metrics, settings.metrics.address)
 
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop(grace_s=1.0)
         if self.api is not None:
             await self.api.stop(grace=1.0)
-        if self._stop_metrics is not None:
-            self._stop_metrics()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()

@@ -84,8 +84,11 @@ async def test_requests_tokens_latency_and_memory_are_exported(
     assert samples["edgeagent_requests_running"] == 0
     assert samples["edgeagent_requests_waiting"] == 0
     a = box.versions["a"]
-    labels = f'model_id="{a.model_id}",state="serving",version="{a.version}"'
-    assert samples[f"edgeagent_serving_info{{{labels}}}"] == 1
+    (info,) = [name for name in samples if name.startswith("edgeagent_serving_info{")]
+    assert samples[info] == 1
+    for label in (f'model_id="{a.model_id}"', f'version="{a.version}"', 'state="serving"',
+                  'hub_commit=""', f'quantization="{a.quantization_label}"'):  # fmt: skip
+        assert label in info
     memory = [v for k, v in samples.items() if k.startswith("edgeagent_device_memory_used_bytes")]
     assert len(memory) == 1
     assert memory[0] > 0
