@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md, on a host with the offline bundle installed in
-# /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT.
+# /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT. The bundle needs edgeagent's
+# own dependencies that the host lacks: make it with
+#   ../shared/gpu/make-bundle.sh .gpu grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
+#       grpcio-tools==1.84.0 watchdog cryptography
+# (or unzip their wheels into /tmp/site: `python3 -m zipfile -e WHEEL /tmp/site`).
 #   bash bench/gpu_session.sh prepare   # stubs, Phi-4-shaped checkpoint, store, memory runs
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
@@ -31,8 +35,12 @@ plugins=/tmp/site/edgeagent_plugins-0.dist-info
 mkdir -p "$plugins"
 printf 'Metadata-Version: 2.1\nName: edgeagent-plugins\nVersion: 0\n' > "$plugins/METADATA"
 sed -n '/^\[project.entry-points."vllm.general_plugins"\]/,/^$/p' pyproject.toml \
-    | sed 's/^\[project.entry-points."vllm.general_plugins"\]/[vllm.general_plugins]/' \
+    | sed 's/^\[project.entry-points."vllm.general_plugins"\]/[vllm.general_plugins]/; s/"//g' \
     > "$plugins/entry_points.txt"
+# A plugin that fails to load is only logged by vLLM: refuse to measure without them.
+python3 -c 'from importlib.metadata import entry_points as e
+for p in e(group="vllm.general_plugins"):
+    if p.name.startswith("edgeagent_"): p.load()' || { echo "edgeagent's vLLM plugins do not load"; exit 1; }
 # Version A (/tmp/phi4) serves; CHECKPOINT (LAYERS layers, SEED) is stored beside it; clients
 # stream while bench_update.py swaps A -> it -> A ...; its report goes to $OUT/OUTFILE.
 swaps() {
