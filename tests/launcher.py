@@ -24,6 +24,11 @@ from edgeagent.client import Client
 SERVE = (sys.executable, "-m", "edgeagent", "serve")
 
 
+def socket_target(workdir: Path, name: str) -> str:
+    """The gRPC target of a socket of a daemon launched in `workdir` (its runtime_dir is run/)."""
+    return f"unix:{workdir / 'run' / name}"
+
+
 @dataclass(frozen=True)
 class Launched:
     process: subprocess.Popen[bytes]
@@ -33,11 +38,11 @@ class Launched:
 
     @property
     def target(self) -> str:
-        return f"unix:{self.workdir / 'run' / 'edgeagent.sock'}"
+        return socket_target(self.workdir, "edgeagent.sock")
 
     @property
     def admin_target(self) -> str:
-        return f"unix:{self.workdir / 'run' / 'admin.sock'}"
+        return socket_target(self.workdir, "admin.sock")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -16,8 +16,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from launcher import Launched, daemon_environment, launch
-from waits import HANG_S
+from launcher import Launched, daemon_environment, launch, socket_target
+from waits import HANG_S, until
 
 from edgeagent.client import Parameters, build_request
 from edgeagent.daemon import Daemon
@@ -93,11 +93,19 @@ class Box:
 
     @property
     def target(self) -> str:
-        return f"unix:{self.root / 'run' / 'edgeagent.sock'}"
+        return socket_target(self.root, "edgeagent.sock")
 
     @property
     def admin_target(self) -> str:
-        return f"unix:{self.root / 'run' / 'admin.sock'}"
+        return socket_target(self.root, "admin.sock")
+
+    async def until_filed(self, name: str) -> Path:
+        """The drop `name` once the daemon has filed it under done/ or failed/."""
+        return await until(
+            f"drop {name} filed",
+            lambda: next((self.drop / o / name for o in ("done", "failed")
+                          if (self.drop / o / name).exists()), None),
+        )  # fmt: skip
 
 
 async def slot_and_updater(box: Box, name: str = "a") -> tuple[ServingSlot, Updater]:

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from waits import HANG_S
 
 from fast.fakes import Behaviour, make_fake_model
 from fast.runner import Box, InProcess, child_process, in_process
@@ -82,19 +81,10 @@ HOSTILE: list[tuple[Callable[[Box], Path], str]] = [
 ]
 
 
-async def _until_filed(box: Box, name: str, within_s: float = HANG_S) -> Path:
-    for _ in range(int(within_s / 0.05)):
-        for outcome in ("done", "failed"):
-            if (box.drop / outcome / name).exists():
-                return box.drop / outcome / name
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"drop {name} not filed within {within_s} s")
-
-
 async def _then_a_valid_drop_is_taken(box: Box, daemon: InProcess) -> None:
     valid = _drop(box, "valid-b")
     (valid / "READY").touch()
-    assert (await _until_filed(box, "valid-b")).parent.name == "done"
+    assert (await box.until_filed("valid-b")).parent.name == "done"
     assert (await daemon.status()).version == box.versions["b"].version
 
 
@@ -106,7 +96,7 @@ async def test_a_hostile_drop_is_refused_and_the_next_is_taken(
     async with in_process(box) as daemon:
         drop = make(box)
         (drop / "READY").touch()
-        filed = await _until_filed(box, drop.name)
+        filed = await box.until_filed(drop.name)
         status = await daemon.status()
         assert status.version == box.versions["a"].version
         await _then_a_valid_drop_is_taken(box, daemon)
@@ -140,7 +130,7 @@ async def test_a_file_that_keeps_growing_is_refused_without_blocking(box: Box) -
     try:
         async with in_process(box) as daemon:
             (drop / "READY").touch()
-            filed = await _until_filed(box, "growing")
+            filed = await box.until_filed("growing")
             stop.set()
             await _then_a_valid_drop_is_taken(box, daemon)
     finally:
@@ -176,7 +166,7 @@ async def test_a_drop_named_like_an_existing_version_gets_its_own(box: Box) -> N
     drop = _drop(box, a, make_fake_model(box.root / "x", Behaviour(9)))
     async with in_process(box) as daemon:
         (drop / "READY").touch()
-        await _until_filed(box, a)
+        await box.until_filed(a)
         status = await daemon.status()
     assert status.version not in (a, box.versions["b"].version)
     box.store.verify(a)  # the version whose name it took is untouched
@@ -196,10 +186,10 @@ async def test_a_drop_the_daemon_cannot_read_is_refused(box: Box) -> None:
     with child_process(box, without_file_override=True) as daemon:
         await daemon.until_serving()
         (drop / "READY").touch()
-        filed = await _until_filed(box, "unreadable")
+        filed = await box.until_filed("unreadable")
         valid = _drop(box, "valid-b")
         (valid / "READY").touch()
-        assert (await _until_filed(box, "valid-b")).parent.name == "done", daemon.tail()
+        assert (await box.until_filed("valid-b")).parent.name == "done", daemon.tail()
         status = await daemon.status()
     assert filed.parent.name == "failed"
     assert "Permission denied" in (filed / "REASON").read_text()

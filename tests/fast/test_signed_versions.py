@@ -50,15 +50,6 @@ def _store_contents(box: Box) -> tuple[list[str], list[str], list[str]]:
             sorted(p.name for p in store.staging_root.iterdir()))  # fmt: skip
 
 
-async def _until_filed(box: Box, name: str) -> Path:
-    for _ in range(int(HANG_S / 0.05)):
-        for outcome in ("done", "failed"):
-            if (box.drop / outcome / name).exists():
-                return box.drop / outcome / name
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"drop {name} not filed")
-
-
 async def test_drops_are_admitted_only_when_signed_by_a_trusted_key(
     box: Box, publisher: KeyPair, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -72,7 +63,7 @@ async def test_drops_are_admitted_only_when_signed_by_a_trusted_key(
             make(box.root / "incoming" / name, publisher)
             copy_model(box.root / "incoming" / name, box.drop / name)
             (box.drop / name / "READY").touch()
-            filed = await _until_filed(box, name)
+            filed = await box.until_filed(name)
             assert filed.parent.name == "failed", name
             assert says in (filed / "REASON").read_text(), (name, (filed / "REASON").read_text())
             status = await daemon.status()
@@ -84,7 +75,7 @@ async def test_drops_are_admitted_only_when_signed_by_a_trusted_key(
         good = signed_model(box.root / "incoming" / "good", publisher, Behaviour(seed=3))
         copy_model(good, box.drop / "good")
         (box.drop / "good" / "READY").touch()
-        assert (await _until_filed(box, "good")).parent.name == "done"
+        assert (await box.until_filed("good")).parent.name == "done"
         status = await daemon.status()
     journal = [(o.kind, o.version, o.result) for o in box.journal.history]
     assert journal[1:] == [("drop", m.__name__.strip("_"), "refused") for m, _ in REFUSALS][::-1]
@@ -105,7 +96,7 @@ async def test_a_signature_is_recorded_even_when_none_is_required(tmp_path: Path
     async with in_process(box):
         signed_model(box.drop / "signed", stranger, Behaviour(seed=2))
         (box.drop / "signed" / "READY").touch()
-        assert (await _until_filed(box, "signed")).parent.name == "done"
+        assert (await box.until_filed("signed")).parent.name == "done"
     signature = box.store.manifest("current").signature
     assert signature is not None
     assert signature.checked == "not checked: trust.public_keys lists no key"
