@@ -7,6 +7,7 @@
 #   sudo deploy/install.sh --source 'edgeagent[gpu]==0.3.0' --extra ''   # from an index
 #   sudo deploy/install.sh --exec /usr/bin/edgeagent   # an installation your packaging made
 #   deploy/install.sh --root /tmp/scratch --exec "$PWD/.venv/bin/edgeagent" --no-start
+#   deploy/install.sh --exec /opt/edgeagent/current/venv/bin/edgeagent --restart  # a release's
 #
 # --root installs into another file system tree (a scratch root, an image being built): users
 # and groups go into its /etc/passwd and /etc/group, the unit is enabled there, nothing starts.
@@ -14,11 +15,11 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
-ROOT=/ SOURCE=$REPO EXTRA=gpu EXEC="" START=1 HEALTH_WAIT=900 PYTHON=${PYTHON:-python3}
+ROOT=/ SOURCE=$REPO EXTRA=gpu EXEC="" START=1 RESTART=0 HEALTH_WAIT=900 PYTHON=${PYTHON:-python3}
 VENV=/opt/edgeagent/venv UNIT=edgeagent.service
 CLIENT_GROUP=edgeagent-clients
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) ROOT=$2; shift 2 ;;
@@ -27,6 +28,7 @@ while [ $# -gt 0 ]; do
         --exec) EXEC=$2; shift 2 ;;
         --venv) VENV=$2; shift 2 ;;
         --no-start) START=0; shift ;;
+        --restart) RESTART=1; shift ;;  # restart even if nothing here changed (a new --exec)
         --health-wait) HEALTH_WAIT=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         *) echo "install.sh: unknown option $1" >&2; usage 2 ;;
@@ -103,7 +105,7 @@ ensure_enabled() {
 }
 
 start_and_probe() {
-    if [ "$CHANGED" -eq 1 ] || ! systemctl is-active --quiet "$UNIT"; then
+    if [ "$CHANGED" -eq 1 ] || [ "$RESTART" -eq 1 ] || ! systemctl is-active --quiet "$UNIT"; then
         systemctl restart "$UNIT"
         echo "edgeagent install: started $UNIT; waiting up to ${HEALTH_WAIT} s for it to serve"
     fi
