@@ -10,7 +10,7 @@ STUBS := edgeagent/v1/generation_pb2.py
 DEMO_ENV := EDGEAGENT_STATE_DIR=$(CURDIR)/.demo/state EDGEAGENT_CACHE_DIR=$(CURDIR)/.demo/cache \
             EDGEAGENT_RUNTIME_DIR=$(CURDIR)/.demo/run
 
-.PHONY: demo test test-fast lint bench venv clean
+.PHONY: demo test test-fast lint bench venv clean release lock
 
 venv: $(STAMP) $(STUBS)
 
@@ -29,8 +29,8 @@ demo: venv
 	$(DEMO_ENV) $(BIN)/edgeagent demo
 
 lint: venv
-	$(BIN)/ruff check edgeagent tests bench proto
-	$(BIN)/ruff format --check edgeagent tests bench proto
+	$(BIN)/ruff check edgeagent tests bench proto release
+	$(BIN)/ruff format --check edgeagent tests bench proto release
 	$(BIN)/mypy
 
 # The fast tier's tests mostly wait (timers, sockets, child daemons): 4 processes on 2 cores
@@ -43,6 +43,17 @@ test-fast: venv
 test: lint
 	$(FAST)
 	$(BIN)/pytest -q --durations=40 --ignore=tests/fast
+
+# An offline release (docs/release.md): dist/edgeagent-<version>-<flavor>-linux-x86_64.tar from
+# HEAD, its wheels pinned by release/<flavor>.lock. RELEASE_VERSION labels it (default: the
+# project's version). `make lock` regenerates the lock from pyproject.toml with pip-compile.
+FLAVOR ?= cpu
+release: venv
+	$(BIN)/python release/build.py --flavor $(FLAVOR) $(if $(RELEASE_VERSION),--version $(RELEASE_VERSION))
+
+lock: venv
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra $(FLAVOR) \
+	    --no-emit-index-url --no-emit-find-links -o release/$(FLAVOR).lock pyproject.toml
 
 bench: venv
 	$(BIN)/python bench/bench_serving.py
