@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -157,16 +158,16 @@ def build_edgeagent_wheel(source: Path, into: Path, epoch: int) -> Path:
 
 def fetch_wheels(pins: list[Pin], cache: Path) -> None:
     """Every pinned wheel into `cache`, binary-only, each checked against the lock's hashes;
-    wheels already there are checked and kept (pip download does not fetch them again)."""
+    wheels already there are checked and kept (pip download does not fetch them again). pip
+    picks the wheels for the interpreter running this (hence `check_build_host`)."""
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", suffix=".txt") as requirements:
         requirements.write("".join(pin.requirement() + "\n" for pin in pins))
         requirements.flush()
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "--require-hashes", "--platform", "manylinux_2_28_x86_64",
-             "--python-version", PYTHON, "--implementation", "cp",
-             "--dest", str(cache), "-r", requirements.name],
+             "--only-binary=:all:", "--require-hashes", "--dest", str(cache),
+             "-r", requirements.name],
             check=True,
         )  # fmt: skip
 
@@ -246,6 +247,15 @@ def build(release: Release, out: Path, cache: Path) -> Path:
     return target
 
 
+def check_build_host() -> None:
+    """The wheels are chosen for this interpreter: it must be the boxes' (CPython 3.11 on
+    x86-64 Linux)."""
+    here = f"{sys.implementation.name} {sys.version_info[0]}.{sys.version_info[1]}"
+    if here != f"cpython {PYTHON}" or platform.machine() != "x86_64" or sys.platform != "linux":
+        raise SystemExit(f"release: build on CPython {PYTHON}, x86-64 Linux (this is {here}, "
+                         f"{platform.machine()}, {sys.platform})")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavor", choices=sorted(EXCLUDED), default="cpu")
@@ -254,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "dist")
     parser.add_argument("--wheels", type=Path, default=REPO / ".cache/release-wheels")
     args = parser.parse_args(argv)
+    check_build_host()
     commit = git("rev-parse", "--verify", f"{args.commit}^{{commit}}").decode().strip()
     project = tomllib.loads(git("show", f"{commit}:pyproject.toml").decode())["project"]
     version = args.version or project["version"]
