@@ -21,6 +21,7 @@ from pydantic_settings import SettingsError
 from edgeagent.cli import admin, evaluation, fit, generation, models, serving, signing
 from edgeagent.client import describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
+from edgeagent.release import describe, installed_release
 
 EXIT_RPC_FAILED, EXIT_INTERRUPTED = 3, 130
 
@@ -66,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=describe(installed_release()))
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serving.add_commands(commands)
     generation.add_commands(commands)

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from edgeagent.client import Client, default_admin_target
+from edgeagent.release import installed_release
 from edgeagent.v1 import admin_pb2 as pb
 
 EXIT_NOT_PROMOTED = 11
@@ -35,6 +36,8 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print(f"serving   nothing ({status.state}: {status.problem})")
     print(f"previous  {status.previous_version or '-'}")
+    release = installed_release()  # this command's installation: /opt/edgeagent/current's
+    print(f"release   {f'{release.version} ({release.flavor})' if release else '-'}")
     if status.candidate_version:
         print(f"updating  to {status.candidate_version}")
     if status.probation_left_s > 0:
