@@ -42,7 +42,8 @@ EXCLUDED = {
     # sees the system's site-packages, and install.sh checks torch's version and CUDA there.
     "gpu": frozenset({"torch", "torchvision", "torchaudio", "torchcodec", "triton"}),
 }
-HOST_PREFIXES = {"gpu": ("nvidia-",), "cpu": ()}  # also the host's, for the gpu flavor
+HOST_PREFIXES = {"gpu": ("nvidia-",), "cpu": ()}  # also the host's, for the gpu flavor (CUDA's)
+SHIPPED_ANYWAY = frozenset({"nvidia-ml-py"})  # NVML's Python bindings: edgeagent's own dependency
 # The files of the release besides its wheels: where they come from in the commit.
 FILES = {
     "install.sh": "release/install.sh",
@@ -94,7 +95,8 @@ def shipped(pins: Iterable[Pin], flavor: str) -> list[Pin]:
     return [
         pin
         for pin in pins
-        if pin.name not in EXCLUDED[flavor] and not pin.name.startswith(HOST_PREFIXES[flavor])
+        if pin.name not in EXCLUDED[flavor]
+        and (pin.name in SHIPPED_ANYWAY or not pin.name.startswith(HOST_PREFIXES[flavor]))
     ]
 
 
@@ -165,7 +167,7 @@ def fetch_wheels(pins: list[Pin], cache: Path) -> None:
         requirements.write("".join(pin.requirement() + "\n" for pin in pins))
         requirements.flush()
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            [sys.executable, "-m", "pip", "download", "-qq", "--no-deps",
              "--only-binary=:all:", "--require-hashes", "--dest", str(cache),
              "-r", requirements.name],
             check=True,

@@ -26,7 +26,11 @@ done
 say() { echo "edgeagent release: $*"; }
 fail() { echo "install.sh: $*" >&2; exit 1; }
 field() { "$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' "$@"; }
-linked() { readlink "$OPT/$1" 2>/dev/null | sed 's|.*/||'; }  # the version current/previous names
+linked() {  # current|previous: the version that link names, or nothing
+    local target
+    target=$(readlink "$OPT/$1" 2>/dev/null) || return 0
+    echo "${target##*/}"
+}
 
 switch() {  # LINK VERSION: point $OPT/LINK at releases/VERSION by one rename
     ln -sfn "releases/$2" "$OPT/.$1.new"
