@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Boot systemd as PID 1 in new namespaces on a private root, without touching the host's files
 # (after ../shared/reference/systemd-boot.sh, tried on the development machine): a tmpfs root;
-# /etc, /var and /root as overlays whose upper layers are on tmpfs; fresh /tmp and /run; /usr,
-# /bin, /lib... bound in read-only from the host's own; each SRC:DST of SDBINDS bound at DST.
+# /usr, /etc, /var and /root as overlays whose upper layers are on tmpfs (what the tests install
+# under /usr, the `edgeagent` link and Mender's update module, never reaches the host's); fresh
+# /tmp and /run; /bin, /lib... bound in from the host's own; each SRC:DST of SDBINDS at DST.
 # Prints the host-side PID of the booted systemd; reach it with `nsenter -t PID -a ...`; stop
 # it with `kill -KILL PID` (its namespaces and mounts go with it), never by name.
 #
@@ -19,12 +20,11 @@ setsid unshare --mount --pid --fork --uts --ipc --net --propagation private -- b
   R="$1"; BINDS="$2"
   mount -t tmpfs -o mode=755 sdroot "$R"
   mkdir -p "$R"/{usr,etc,var,root,proc,sys,dev,run,tmp,opt,srv,.up,.oldroot}
-  mount --rbind /usr "$R/usr"
   for l in bin sbin lib lib64 lib32 libx32; do
     if [ -L /$l ]; then cp -P /$l "$R/$l"; elif [ -d /$l ]; then mkdir -p "$R/$l"; mount --rbind /$l "$R/$l"; fi
   done
   mount -t tmpfs tmpfs "$R/.up"
-  for d in etc var root; do
+  for d in usr etc var root; do
     mkdir -p "$R/.up/$d/u" "$R/.up/$d/w"
     mount -t overlay overlay -o lowerdir=/$d,upperdir="$R/.up/$d/u",workdir="$R/.up/$d/w" "$R/$d"
   done
