@@ -82,6 +82,16 @@ ensure_command() {  # `edgeagent` on root's and the apps' PATH
     did "/usr/local/bin/edgeagent -> $EXEC"
 }
 
+ensure_mender_module() {  # where Mender's client is installed: its update module for models
+    local modules target
+    modules=$(at /usr/share/mender/modules/v3)
+    [ -d "$modules" ] || return 0
+    target=$modules/edgeagent-model
+    cmp -s "$REPO/deploy/mender/edgeagent-model" "$target" && return
+    install -m 0755 "$REPO/deploy/mender/edgeagent-model" "$target"
+    did "Mender update module /usr/share/mender/modules/v3/edgeagent-model"
+}
+
 ensure_unit() {
     local rendered target
     rendered=$(sed "s|^ExecStart=.*|ExecStart=$EXEC serve|" "$REPO/systemd/$UNIT")
@@ -125,6 +135,7 @@ done
 chmod 0700 "$(at /etc/edgeagent/credentials)"
 ensure_venv
 ensure_command
+ensure_mender_module
 ensure_unit
 ensure_enabled
 if [ -z "$ROOT" ] && [ "$START" -eq 1 ]; then

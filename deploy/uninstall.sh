@@ -33,6 +33,10 @@ fi
 if [ -L "$(at /usr/local/bin/edgeagent)" ]; then
     rm -f "$(at /usr/local/bin/edgeagent)" && gone /usr/local/bin/edgeagent
 fi
+if [ -f "$(at /usr/share/mender/modules/v3/edgeagent-model)" ]; then
+    rm -f "$(at /usr/share/mender/modules/v3/edgeagent-model)" \
+        && gone /usr/share/mender/modules/v3/edgeagent-model
+fi
 if [ -d "$(at "$VENV")" ]; then
     rm -rf "$(at "$VENV")" && gone "$VENV"
 fi

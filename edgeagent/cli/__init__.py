@@ -18,7 +18,7 @@ import grpc
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from edgeagent.cli import admin, evaluation, fit, generation, models, serving, signing
+from edgeagent.cli import admin, evaluation, fit, generation, mender, models, serving, signing
 from edgeagent.client import describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.release import describe, installed_release
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     generation.add_commands(commands)
     models.add_commands(commands)
     signing.add_commands(commands)
+    mender.add_commands(commands)
     fit.add_commands(commands)
     admin.add_commands(commands)
     evaluation.add_commands(commands)
