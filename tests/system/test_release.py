@@ -2,7 +2,7 @@
 box with no network but loopback (its own network namespace): no index can be reached there.
 
 One box for the module; the tests run in file order, each on what the one before left:
-1. `release/build.py` makes the cpu release twice from HEAD (two version labels, the same
+1. `release/build.py` makes the cpu release twice from one commit (two version labels, the same
    wheels; the wheel cache is reused), and a third whose unit cannot reach READY (its daemon
    exits at start on a bad setting), repacked from the second with its SHA256SUMS redone.
 2. The first is extracted and installed by its install.sh; the unit serves a request; a second
@@ -54,6 +54,9 @@ enforce_eager = true
 probation_s = 0
 quality_gate = false
 """
+COMMIT = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+).stdout.strip()
 HEALTH_WAIT = "600"  # only a hang guard for each start
 
 
@@ -80,7 +83,9 @@ class Box:
 
 
 def _build(label: str) -> Path:
-    release_build.main(["--flavor", "cpu", "--version", label, "--out", str(SHARED)])
+    """A cpu release of the commit HEAD was when the module started (the tree may move on)."""
+    args = ["--flavor", "cpu", "--version", label, "--commit", COMMIT, "--out", str(SHARED)]
+    release_build.main(args)
     return SHARED / f"edgeagent-{label}-cpu-linux-x86_64.tar"
 
 
