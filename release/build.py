@@ -51,10 +51,14 @@ FILES = {
     "deploy/install.sh": "deploy/install.sh",
     "deploy/uninstall.sh": "deploy/uninstall.sh",
     "deploy/edgeagent.toml.example": "deploy/edgeagent.toml.example",
+    "deploy/mender/edgeagent-model": "deploy/mender/edgeagent-model",  # where Mender is
     "systemd/edgeagent.service": "systemd/edgeagent.service",
     "README.md": "docs/release.md",
 }
-EXECUTABLE = {"install.sh", "uninstall.sh", "deploy/install.sh", "deploy/uninstall.sh"}
+EXECUTABLE = {
+    "install.sh", "uninstall.sh", "deploy/install.sh", "deploy/uninstall.sh",
+    "deploy/mender/edgeagent-model",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,14 @@ if [ "$before" != "$VERSION" ]; then
     restart=(--restart)
     say "current: ${before:-nothing} -> $VERSION"
 fi
-if ! start "$VERSION" "${restart[@]}"; then
-    why="$VERSION did not serve within ${HEALTH_WAIT} s (journalctl -u edgeagent)"
+status=0
+start "$VERSION" "${restart[@]}" || status=$?
+if [ "$status" -ne 0 ]; then
+    if [ "$status" -eq 124 ]; then
+        why="$VERSION did not serve within ${HEALTH_WAIT} s (journalctl -u edgeagent)"
+    else
+        why="$VERSION did not serve: its deploy/install.sh exited $status (journalctl -u edgeagent)"
+    fi
     [ -n "$before" ] && [ "$before" != "$VERSION" ] || fail "$why; no previous release to roll back to"
     back_to "$before" "$before_previous" "$why"
 fi
