@@ -15,6 +15,8 @@ What a state learns for the next ones is kept in DIR/tmp, which Mender keeps unt
 from __future__ import annotations
 
 import argparse
+import logging
+import logging.handlers
 import os
 import shutil
 import subprocess
@@ -29,14 +31,17 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from edgeagent.client import Client, default_admin_target
+from edgeagent.client import Client, default_admin_target, describe_rpc_error
 from edgeagent.errors import ConfigError, EdgeAgentError
 from edgeagent.v1 import admin_pb2 as pb
 
 if TYPE_CHECKING:
     from edgeagent.settings import Settings
 
+logger = logging.getLogger(__name__)
+
 MODULE = "edgeagent-model"
+SYSLOG = "/dev/log"
 STATES_WITH_ANSWERS = {"SupportsRollback": "Yes", "NeedsArtifactReboot": "No"}
 POLL_S = 0.5
 # After a daemon dies, systemd restarts it (RestartSec=5) and it starts its engine again.
@@ -80,8 +85,28 @@ def _run_module(args: argparse.Namespace) -> int:
     state = MODULE_STATES.get(args.state)
     if state is None:  # the protocol's other calls and states: nothing to do
         return 0
-    state(Payload(args.files))
+    _log_to_the_journal()
+    logger.info("%s %s", args.state, args.files)
+    try:
+        state(Payload(args.files))
+    except EdgeAgentError as error:
+        logger.error("%s failed: %s", args.state, error)
+        raise
+    except grpc.RpcError as error:
+        logger.error("%s failed: %s", args.state, describe_rpc_error(error))
+        raise
     return 0
+
+
+def _log_to_the_journal() -> None:
+    """Mender 3 drops a module's stderr: what each state did and why it failed goes to syslog
+    (the journal, `journalctl -t edgeagent-mender`) as well."""
+    if logger.handlers or not Path(SYSLOG).exists():
+        return
+    handler = logging.handlers.SysLogHandler(address=SYSLOG)
+    handler.setFormatter(logging.Formatter("edgeagent-mender: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 @dataclass(frozen=True)
@@ -121,7 +146,7 @@ def _download(payload: Payload) -> None:
             _receive(stream, staged / name, owner)
         version = _import_as(owner, staged, settings)
     payload.remember("version", version)
-    print(f"{payload.artifact_name}: stored as version {version}", file=sys.stderr)
+    _say(f"{payload.artifact_name}: stored as version {version}")
 
 
 def _artifact_install(payload: Payload) -> None:
@@ -150,7 +175,7 @@ def _artifact_commit(payload: Payload) -> None:
     started = time.monotonic()
     _wait_for_status(settled, _probation_s() + DAEMON_BACK_S, f"{version} out of probation")
     waited = time.monotonic() - started
-    print(f"{version} serves, its probation over (held {waited:.1f} s)", file=sys.stderr)
+    _say(f"{version} serves, its probation over (held {waited:.1f} s)")
 
 
 def _serve_previous(payload: Payload) -> None:
@@ -159,13 +184,18 @@ def _serve_previous(payload: Payload) -> None:
     version, before = payload.recall("version"), payload.recall("before")
     status = _wait_for_status(lambda s: s.state == "serving", DAEMON_BACK_S, "the daemon serving")
     if not before or status.version == before or status.version != version:
-        print(f"serving {status.version or 'nothing'}", file=sys.stderr)
+        _say(f"serving {status.version or 'nothing'}")
         return
     with _admin() as client:
         outcome = client.update(before)
     if outcome.result != pb.UPDATE_RESULT_PROMOTED:
         raise ModuleError(f"{before} not served again: {_outcome_text(outcome)}")
-    print(f"serving {before} again", file=sys.stderr)
+    _say(f"serving {before} again")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+    logger.info("%s", message)
 
 
 def _cleanup(payload: Payload) -> None:

@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -184,3 +185,33 @@ def test_an_artifact_of_a_stored_version_carries_its_files_and_signature(
     assert re.search(r"Type:\s+edgeagent-model\n", listed), listed
     carried = re.findall(r"name:\s+(\S+)", listed)
     assert carried == sorted(p.name for p in signed.iterdir()), listed  # model.sig among them
+
+
+async def test_a_daemon_killed_in_install_is_waited_for_by_rollback_and_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The daemon SIGKILLs itself loading B (`update.loading`): ArtifactInstall fails;
+    ArtifactRollback and ArtifactFailure wait while nothing answers, then find A served by
+    the daemon started again (systemd's part here) and leave it so."""
+    box = Box(tmp_path / "box")
+    a = box.add("a", Behaviour(seed=1), current=True).version
+    b = box.add("b", Behaviour(seed=2)).version
+    env = box.environment()
+    tree = MenderTree(tmp_path / "tree", "model-b")
+    (tree.root / "tmp" / "version").write_text(b)
+
+    async def state(name: str) -> int:
+        return await asyncio.to_thread(_module, monkeypatch, name, tree, env)
+
+    with child_process(box, EDGEAGENT_FAILPOINT="update.loading") as killed:
+        await killed.until_serving()
+        assert await state("ArtifactInstall") != 0
+        assert await asyncio.to_thread(killed.wait) == -signal.SIGKILL
+    rollback = asyncio.create_task(state("ArtifactRollback"))
+    await asyncio.sleep(1.0)
+    assert not rollback.done()  # waiting for a daemon to answer
+    with child_process(box, "restarted.log"):
+        assert await rollback == 0, capsys.readouterr().err
+        assert await state("ArtifactFailure") == 0, capsys.readouterr().err
+    assert f"serving {a}" in capsys.readouterr().err
+    assert box.store.refs().current == a
