@@ -26,6 +26,19 @@ from edgeagent.demo.tiny import EMBEDDED_MODEL_ID
 from edgeagent.sources.build import EMBEDDED_RECIPE
 from edgeagent.store.manifest import Manifest
 from system.booted import EDGEAGENT, NEEDS_ROOT, REPO_INSIDE, BootedSystem, booted, wait_for
+from system.mender import (
+    FACTORY_ARTIFACT,
+    MODULE,
+    Apps,
+    installed_artifact,
+    mender,
+    module_journal,
+    now,
+    set_up_mender,
+    with_release_notes,
+    with_shuffled_head,
+    write_artifact,
+)
 
 pytestmark = [
     pytest.mark.system,
@@ -338,12 +351,139 @@ def test_start_to_ready_under_systemd_and_bare(
     print(f"\nstart -> READY, warm: under systemd {under_systemd:.1f} s, bare {bare_s:.1f} s")
 
 
+# -- Mender's update module, standalone (issue 31): the last tests before uninstalling, since
+# they leave the quality gate on and a probation ------------------------------------------------
+
+PROBATION_S = 15.0
+MENDER_CONFIG = CONFIG.replace("probation_s = 0", f"probation_s = {PROBATION_S:g}").replace(
+    "quality_gate = false", "quality_gate = true"
+)
+FAILPOINT_DROP_IN = f"/etc/systemd/system/{UNIT}.d/failpoint.conf"
+
+
+@pytest.fixture(scope="module")
+def mender_box(installed: Installed) -> BootedSystem:
+    """The unit with the gate and a probation, whose running daemon SIGKILLs itself at its
+    first update's load (`update.loading`); the one systemd restarts after that does not."""
+    system = installed.system
+    assert system.path(MODULE).is_file(), (
+        "install.sh did not install Mender's update module: is mender-client installed on "
+        "the host (.ci/run installs it)?\n" + installed.install.stdout
+    )
+    set_up_mender(system)
+    system.write("/etc/edgeagent/edgeagent.toml", MENDER_CONFIG)
+    system.write(FAILPOINT_DROP_IN, "[Service]\nEnvironment=EDGEAGENT_FAILPOINT=update.loading\n")
+    system.systemctl("daemon-reload")
+    system.systemctl("restart", UNIT)
+    wait_for("serving", lambda: system.show("StatusText").startswith("serving"))
+    system.run("rm", FAILPOINT_DROP_IN)
+    system.systemctl("daemon-reload")
+    return system
+
+
+def _served_model(system: BootedSystem) -> Path:
+    return system.path(f"/var/lib/edgeagent/models/versions/{system.served_version()}/model")
+
+
+def _client_lines(done: subprocess.CompletedProcess[str]) -> str:
+    """What the Mender client printed, without its routine log lines."""
+    lines = (done.stdout + done.stderr).splitlines()
+    return "\n".join(
+        line
+        for line in lines
+        if "level=info" not in line
+        and "level=warning" not in line
+        and not line.startswith(("0%", "|", "."))
+    )
+
+
+def test_mender_a_daemon_killed_during_artifact_install_comes_back_consistent(
+    mender_box: BootedSystem, tmp_path: Path
+) -> None:
+    """`mender install`: the daemon dies loading the artifact's version (the failpoint);
+    systemd restarts it on the version it served, which the store still names current; Mender
+    rolls back (the module waits for the daemon) and still names the factory artifact."""
+    system = mender_box
+    before, restarts = system.served_version(), int(system.show("NRestarts"))
+    model = with_release_notes(_served_model(system), tmp_path / "killed", "killed in install\n")
+    since = now(system)
+    install = mender(system, "install", write_artifact(system, model, "model-killed"))
+    logged = module_journal(system, since)
+    print(f"\nmender install, daemon killed:\n{_client_lines(install)}\nthe module:\n{logged}")
+    assert install.returncode == 1, install.stdout + install.stderr
+    assert "Rolling back Artifact..." in install.stdout
+    assert int(system.show("NRestarts")) == restarts + 1
+    assert system.served_version() == before
+    assert json.loads(system.cli("models", "show", "current").stdout)["version"] == before
+    assert installed_artifact(system) == FACTORY_ARTIFACT
+    assert mender(system, "commit").returncode == 2  # nothing left in progress
+    assert "ArtifactInstall failed" in logged
+    assert f"serving {before}" in logged.split("ArtifactRollback")[-1]
+
+
+def test_mender_a_good_artifact_is_installed_then_committed_after_probation(
+    mender_box: BootedSystem, tmp_path: Path
+) -> None:
+    """`mender install` hot-swaps while apps generate; `mender commit` returns once the
+    probation is over; no app request fails."""
+    system = mender_box
+    before = system.served_version()
+    model = with_release_notes(_served_model(system), tmp_path / "good", "a good release\n")
+    artifact = write_artifact(system, model, "model-good")
+    since = now(system)
+    with Apps(system) as apps:
+        install = mender(system, "install", artifact)
+        after_install = system.served_version()
+        commit = mender(system, "commit")
+    status = system.cli("status").stdout
+    logged = module_journal(system, since)
+    print(f"\nmender install:\n{_client_lines(install)}\nmender commit:\n"
+          f"{_client_lines(commit)}\nthe module:\n{logged}"
+          f"apps: {apps.completed} requests")  # fmt: skip
+    assert install.returncode == 0, install.stdout + install.stderr
+    assert "Use 'commit' to update" in install.stdout
+    assert after_install not in {"", before}
+    assert commit.returncode == 0, commit.stdout + commit.stderr
+    assert "probation" not in status  # held until it was over
+    assert f"{after_install} serves, its probation over" in logged
+    assert system.served_version() == after_install
+    assert installed_artifact(system) == "model-good"
+    assert apps.failures == []
+    assert apps.completed > 0
+
+
+def test_mender_a_candidate_the_gate_refuses_fails_and_the_old_version_serves(
+    mender_box: BootedSystem, tmp_path: Path
+) -> None:
+    system = mender_box
+    before = system.served_version()
+    model = with_shuffled_head(_served_model(system), tmp_path / "refused")
+    artifact = write_artifact(system, model, "model-refused")
+    since = now(system)
+    with Apps(system) as apps:
+        install = mender(system, "install", artifact)
+    status = system.cli("status").stdout
+    logged = module_journal(system, since)
+    print(f"\nmender install, refused by the gate:\n{_client_lines(install)}\nthe module:\n"
+          f"{logged}apps: {apps.completed} requests")  # fmt: skip
+    assert install.returncode == 1, install.stdout + install.stderr
+    assert "Rolling back Artifact..." in install.stdout
+    assert system.served_version() == before
+    assert installed_artifact(system) == "model-good"
+    assert re.search(r"^bad\s+\S+: quality gate refused", status, re.MULTILINE), status
+    assert "ArtifactInstall failed: " in logged
+    assert "quality gate refused" in logged
+    assert apps.failures == []
+    assert apps.completed > 0
+
+
 def test_uninstall_leaves_only_what_was_asked_to_keep(installed: Installed) -> None:
     system = installed.system
     system.run("bash", f"{REPO_INSIDE}/deploy/uninstall.sh")
     assert system.systemctl("is-active", UNIT, check=False).stdout.strip() == "inactive"
     assert not system.path(f"/etc/systemd/system/{UNIT}").exists()
     assert not system.path("/usr/local/bin/edgeagent").exists()
+    assert not system.path(MODULE).exists()
     assert system.path("/var/lib/edgeagent/models").is_dir()  # kept
     assert system.path("/etc/edgeagent/edgeagent.toml").is_file()  # kept
     system.run("bash", f"{REPO_INSIDE}/deploy/uninstall.sh", "--purge")
