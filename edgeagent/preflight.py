@@ -16,7 +16,7 @@ from huggingface_hub.utils._validators import validate_repo_id
 
 from edgeagent.errors import ConfigError
 from edgeagent.metrics import loopback_address
-from edgeagent.server.auth import check_tcp_callers, server_credentials
+from edgeagent.server.exposure import check_tcp_callers, tls_files
 from edgeagent.server.sockets import check_socket_path, group_id
 from edgeagent.settings import Settings
 from edgeagent.store.trust import load_public_key
@@ -39,7 +39,7 @@ def check_settings(settings: Settings) -> None:
         sockets.append(settings.http_socket_path)
     for path in sockets:
         check_socket_path(path)
-    server_credentials(server)
+    tls_files(server)
     check_tcp_callers(server, settings.api_token_value)
     if settings.metrics.address:
         _check_bindable(*loopback_address(settings.metrics.address), settings.metrics.address)

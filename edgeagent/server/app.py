@@ -24,7 +24,8 @@ from edgeagent.errors import ConfigError
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.admin import add_to_server as add_admin_to_server
-from edgeagent.server.auth import BearerTokenInterceptor, check_tcp_callers, server_credentials
+from edgeagent.server.auth import BearerTokenInterceptor, server_credentials
+from edgeagent.server.exposure import check_tcp_callers
 from edgeagent.server.health import SlotHealth
 from edgeagent.server.service import GenerationService
 from edgeagent.server.sockets import UnixListener

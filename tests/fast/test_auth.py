@@ -40,7 +40,8 @@ from edgeagent.metrics import Metrics
 from edgeagent.server.admin import SERVICE_NAME as ADMIN_SERVICE_NAME
 from edgeagent.server.admin import AdminService
 from edgeagent.server.app import SERVICE_NAME, ApiServer, Tokens
-from edgeagent.server.auth import check_tcp_callers, server_credentials
+from edgeagent.server.auth import server_credentials
+from edgeagent.server.exposure import check_tcp_callers
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.health import SlotHealth
 from edgeagent.server.openai.listen import HttpApi

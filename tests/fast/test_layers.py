@@ -83,3 +83,46 @@ def test_no_import_cycles() -> None:
     for module in sorted(edges):
         visit(module, [])
     assert cycles == []
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every module name `path` imports, edgeagent's or not."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def _reached_from(start: set[str]) -> set[str]:
+    edges, seen, todo = graph(), set[str](), list(start)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(edges[module])
+    return seen
+
+
+def test_only_the_transports_and_the_client_import_the_generated_stubs() -> None:
+    allowed = ("server.", "cli.", "client")
+    importers = sorted(
+        name
+        for name, path in ((module_name(p), p) for p in PACKAGE.rglob("*.py"))
+        if "v1" not in path.parts and not name.startswith(allowed)
+        and any(n.startswith("edgeagent.v1") for n in _imported_names(path))
+    )  # fmt: skip
+    assert importers == []
+
+
+def test_the_openai_server_imports_no_grpc_even_through_others() -> None:
+    """`server/openai/` and everything it imports, all the way down, speak no gRPC."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py") if "v1" not in p.parts}
+    reached = _reached_from({name for name in paths if name.startswith("server.openai")})
+    speaking = sorted(
+        name for name in reached
+        if any(n.split(".")[0] in {"grpc", "grpc_health"} for n in _imported_names(paths[name]))
+    )  # fmt: skip
+    assert speaking == []

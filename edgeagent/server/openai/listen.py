@@ -17,7 +17,7 @@ from typing import Any
 import uvicorn
 
 from edgeagent.errors import ConfigError
-from edgeagent.server.auth import check_tcp_address, server_credentials
+from edgeagent.server.exposure import check_tcp_address, tls_files
 from edgeagent.server.generation import GenerationCore
 from edgeagent.server.openai.app import create_app
 from edgeagent.server.sockets import UnixListener
@@ -45,7 +45,7 @@ class HttpApi:
         settings = self._settings
         address = settings.http_tcp_address
         check_tcp_address(settings, self._token, address, "server.http_tcp_address")
-        server_credentials(settings)  # the TLS files checked as gRPC checks them
+        tls_files(settings)  # the TLS files checked as the gRPC listener checks them
         try:
             await self._serve(self._unix_socket(), token=None, tls={})
             if address is not None:
