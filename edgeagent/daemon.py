@@ -14,14 +14,13 @@ once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 from edgeagent.engine import orphans
@@ -29,7 +28,7 @@ from edgeagent.engine.interface import EngineFactory
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
-from edgeagent.errors import EngineError, StoppedError
+from edgeagent.errors import StoppedError
 from edgeagent.gpu import MemoryProbe, default_probe
 from edgeagent.metrics import Metrics
 from edgeagent.offloop import kill_descendants, run_off_loop
@@ -40,7 +39,7 @@ from edgeagent.server.openai.listen import HttpApi
 from edgeagent.settings import Settings
 from edgeagent.sources.prepare import acquire_default
 from edgeagent.store.store import ModelStore, open_store
-from edgeagent.systemd import Notifier, StatusHandler
+from edgeagent.systemd import Notifier, keep_alive_while_starting, progress_as_status
 from edgeagent.tasks import Supervisor
 from edgeagent.timeline import StartTimeline
 from edgeagent.updates.lifecycle import Lifecycle
@@ -52,10 +51,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 TICK_S = 0.1
 CANCEL_WAIT_S = 35.0  # a cancelled build's AutoRound process gets 30 s to stop
-# While the model is prepared and the engine starts, systemd's start timeout is pushed out by
-# EXTEND_BY_S every EXTEND_EVERY_S from the event loop (a stuck loop stops it), for at most
-# STARTUP_LIMIT_S: fetches and builds report progress, and an engine that takes longer is hung.
-EXTEND_EVERY_S, EXTEND_BY_S, STARTUP_LIMIT_S = 10.0, 30.0, 4 * 3600.0
 EXIT_OK, EXIT_ENGINE_DIED, EXIT_FORCED = 0, 1, 130
 
 
@@ -114,7 +109,10 @@ class Daemon:
         )  # fmt: skip
         lifecycle.settle_interrupted()
         timeline.mark("store open, interrupted update settled")
-        ticker = asyncio.create_task(self._tick_while_starting(), name="startup-ticker")
+        ticker = asyncio.create_task(
+            keep_alive_while_starting(self._notifier, self._started_at, TICK_S),
+            name="startup-ticker",
+        )
         try:
             await self._fill_empty_store(store)
             serving = await lifecycle.start()
@@ -152,22 +150,12 @@ class Daemon:
         self._notifier.status("preparing the model (verify; fetch or build if the store is empty)")
         if store.refs().current is not None:
             return
-        with self._progress_to_systemd():
+        with progress_as_status(self._notifier):
             manifest = await self._off_loop(
                 lambda: acquire_default(self.settings, store, self._cancel)
             )
         store.activate(manifest.version)
         self.timeline.mark("model fetched or built (empty store)")
-
-    @contextlib.contextmanager
-    def _progress_to_systemd(self) -> Iterator[None]:
-        """Fetch and build progress lines, forwarded as STATUS= to systemd."""
-        progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(self._notifier)
-        progress.addHandler(forward)
-        try:
-            yield
-        finally:
-            progress.removeHandler(forward)
 
     async def _off_loop(self, work: Callable[[], T]) -> T:
         """Blocking work (a fetch, a build, a verification) on a thread; on a signal it is
@@ -177,17 +165,6 @@ class Daemon:
             work, stop_requested=lambda: self.should_exit, cancel=self._cancel,
             cancel_wait_s=CANCEL_WAIT_S, tick_s=TICK_S,
         )  # fmt: skip
-
-    async def _tick_while_starting(self) -> None:
-        """Heartbeats, and start timeout extensions for systemd, from the event loop."""
-        next_extend = 0.0
-        while True:
-            self._notifier.heartbeat()
-            now = time.monotonic()
-            if now >= next_extend and now - self._started_at < STARTUP_LIMIT_S:
-                next_extend = now + EXTEND_EVERY_S
-                self._notifier.extend_timeout(EXTEND_BY_S)
-            await asyncio.sleep(TICK_S)
 
     def _announce(self) -> None:
         """Tell systemd what is going on when it changed (an update began or ended)."""
@@ -217,26 +194,18 @@ class Daemon:
         if self.lifecycle is not None:
             await self.lifecycle.close()  # a change under way is never stopped half-way
         if not await slot.wait_idle(grace):
-            await self._cancel_inflight(
+            cancelled = await slot.cancel(
                 f"the server shut down; the request was still running "
                 f"after the {grace:g} s drain grace period"
             )
+            logger.warning("cancelled %d request(s) still running after the grace", cancelled)
+            await slot.wait_idle(within_s=5.0)
         await self.listeners.stop()
         if self.lifecycle is not None:
             await self.lifecycle.unload()
         orphans.stop_resource_tracker()
         self._notifier.close()
         logger.info("stopped")
-
-    async def _cancel_inflight(self, reason: str) -> None:
-        request_ids = self.slot.mark_cancelled(reason)
-        logger.warning("cancelling %d request(s): %s", len(request_ids), reason)
-        serving = self.slot.serving
-        for request_id in request_ids:
-            if serving is not None:
-                with contextlib.suppress(EngineError):
-                    await serving.engine.abort(request_id)
-        await self.slot.wait_idle(within_s=5.0)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -8,11 +8,13 @@ stuck event loop stops it and systemd restarts the service.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +79,35 @@ class StatusHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self._notifier.status(record.getMessage())
+
+
+# While the model is prepared and the engine starts, systemd's start timeout is pushed out by
+# EXTEND_BY_S every EXTEND_EVERY_S from the event loop (a stuck loop stops it), for at most
+# STARTUP_LIMIT_S: fetches and builds report progress, and an engine that takes longer is hung.
+EXTEND_EVERY_S, EXTEND_BY_S, STARTUP_LIMIT_S = 10.0, 30.0, 4 * 3600.0
+
+
+async def keep_alive_while_starting(notifier: Notifier, started_at: float, tick_s: float) -> None:
+    """Heartbeats, and start timeout extensions, from the event loop until cancelled."""
+    next_extend = 0.0
+    while True:
+        notifier.heartbeat()
+        now = time.monotonic()
+        if now >= next_extend and now - started_at < STARTUP_LIMIT_S:
+            next_extend = now + EXTEND_EVERY_S
+            notifier.extend_timeout(EXTEND_BY_S)
+        await asyncio.sleep(tick_s)
+
+
+@contextlib.contextmanager
+def progress_as_status(notifier: Notifier) -> Iterator[None]:
+    """Fetch and build progress lines (`edgeagent.progress`), forwarded as STATUS= lines."""
+    progress, forward = logging.getLogger("edgeagent.progress"), StatusHandler(notifier)
+    progress.addHandler(forward)
+    try:
+        yield
+    finally:
+        progress.removeHandler(forward)
 
 
 def _address(value: str) -> str | bytes | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from edgeagent.engine.interface import Engine
-from edgeagent.errors import UnavailableError
+from edgeagent.errors import EngineError, UnavailableError
 from edgeagent.fit import Plan
 from edgeagent.store.manifest import Manifest
 
@@ -158,13 +158,16 @@ class ServingSlot:
         request = self._requests.get(request_id)
         return request.cancel_reason if request is not None else None
 
-    def mark_cancelled(self, reason: str, on: Serving | None = None) -> list[str]:
-        """Record `reason` on every request under way (`on`: those answered by that engine)
-        and return their ids for the engine."""
-        ids = [i for i, request in self._requests.items() if on is None or request.serving is on]
-        for request_id in ids:
-            self._requests[request_id].cancel_reason = reason
-        return ids
+    async def cancel(self, reason: str, on: Serving | None = None) -> int:
+        """End every request under way (`on`: those answered by that engine): `reason` is
+        recorded for its caller, then the engine answering it aborts it. How many there were."""
+        ending = [(i, r) for i, r in self._requests.items() if on is None or r.serving is on]
+        for _, request in ending:
+            request.cancel_reason = reason
+        for request_id, request in ending:
+            with contextlib.suppress(EngineError):  # an engine that cannot abort is stopped next
+                await request.serving.engine.abort(request_id)
+        return len(ending)
 
     async def wait_released(self, serving: Serving, within_s: float) -> bool:
         """Wait up to `within_s` seconds until no request is answered by `serving`'s engine;

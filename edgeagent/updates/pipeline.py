@@ -306,8 +306,7 @@ class Updater:
         if not await self._slot.wait_released(old, self._hold_s):
             reason = (f"{old.version} was replaced by {successor} and this request ran past "
                       f"the {self._hold_s:g} s given to finish on it")  # fmt: skip
-            for request_id in self._slot.mark_cancelled(reason, on=old):
-                await old.engine.abort(request_id)
+            await self._slot.cancel(reason, on=old)
             await self._slot.wait_released(old, RETIRE_ABORT_S)
         await self._loader.stop(old)
 
