@@ -42,7 +42,14 @@ start() {  # VERSION [--restart]: the unit from that release's own files; fails 
         --exec "$OPT/current/venv/bin/edgeagent" --health-wait "$HEALTH_WAIT" "${@:2}"
 }
 
+settle() {  # the unit stopped (no automatic restart of the failed one under the switch) and its
+    # failed starts forgotten (they must not use up StartLimitBurst before the rollback's start)
+    systemctl stop edgeagent.service 2>/dev/null || true
+    systemctl reset-failed edgeagent.service 2>/dev/null || true
+}
+
 back_to() {  # VERSION PREVIOUS WHY: current -> VERSION (previous -> PREVIOUS) again; exits 1
+    settle
     switch current "$1"
     if [ -n "$2" ]; then switch previous "$2"; else rm -f "$OPT/previous"; fi
     say "rolling back to $1"
@@ -56,6 +63,7 @@ if [ "$ROLLBACK" -eq 1 ]; then
     [ -n "$previous" ] && [ -f "$RELEASES/$previous/release.json" ] \
         || fail "no previous release to roll back to"
     current=$(linked current)
+    settle
     switch current "$previous"
     [ -z "$current" ] || switch previous "$current"
     say "rolled back from ${current:--} to $previous"
