@@ -184,7 +184,8 @@ def test_a_release_that_does_not_serve_is_rolled_back(box: Box) -> None:
     done = box.install(BROKEN)
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"{BROKEN} did not serve" in done.stderr, done.stderr
-    assert f"rolled back to {LABELS[1]}, which serves" in done.stderr, done.stderr
+    journal = system.journal("-n", "80")
+    assert f"rolled back to {LABELS[1]}, which serves" in done.stderr, done.stderr + journal
     assert box.current() == f"releases/{LABELS[1]}"
     assert system.run("readlink", "/opt/edgeagent/previous").stdout.strip() == (
         f"releases/{LABELS[0]}"
