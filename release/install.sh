@@ -112,6 +112,7 @@ else
     (cd "$HERE" && cp -r --parents install.sh uninstall.sh deploy systemd requirements.txt SHA256SUMS "$DEST/")
     cp "$HERE/release.json" "$DEST/release.json"
     installed=1
+    say "installed $VERSION's $(ls "$HERE/wheels" | wc -l) wheels in $SECONDS s"
 fi
 
 # 4. Switch and start. previous is the release that served before this one.
@@ -133,6 +134,7 @@ if [ "$status" -ne 0 ]; then
     [ -n "$before" ] && [ "$before" != "$VERSION" ] || fail "$why; no previous release to roll back to"
     back_to "$before" "$before_previous" "$why"
 fi
+say "$VERSION serves ($SECONDS s since the installer started)"
 # 5. Only current and previous are kept.
 for old in "$RELEASES"/*; do
     name=${old##*/}
