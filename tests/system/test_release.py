@@ -179,6 +179,7 @@ def test_an_upgrade_keeps_the_previous_release(box: Box) -> None:
     )
     assert system.show("MainPID") != pid
     assert "--- " in box.serves()
+    print(system.run("du", "-sh", *(f"/opt/edgeagent/releases/{v}" for v in LABELS)).stdout)
     assert f"release {LABELS[1]}" in system.run("edgeagent", "--version").stdout
 
 
