@@ -12,7 +12,8 @@ One box for the module; the tests run in file order, each on what the one before
    it and exits 1 naming the failed release; the box serves the second again.
 5. `install.sh --rollback` goes back to the first by hand.
 6. uninstall.sh removes the releases and the unit, and keeps the model store and config.
-The model store is filled before the first install (a 4-bit tiny model imported by the
+/opt/edgeagent is a directory of the host's disk bound in (the box's /opt is memory). The
+model store is filled before the first install (a 4-bit tiny model imported by the
 checkout's CLI), so no start builds a model; the engine runs eager (no compile) to keep the
 four starts short.
 """
@@ -125,6 +126,11 @@ def box(tiny_model_b: Path) -> Iterator[Box]:
             for version, tar in tars.items():  # as an operator would: tar -xf, in the box
                 system.run("tar", "-xf", str(tar), "-C", str(SHARED))
                 trees[version] = str(SHARED / tar.name.removesuffix(".tar"))
+            # The box's /opt is a tmpfs: the releases (3.3 GiB each installed, three at the
+            # broken one's install) go on the host's disk instead, bound at /opt/edgeagent.
+            (SHARED / "opt").mkdir()
+            system.run("mkdir", "-p", "/opt/edgeagent")
+            system.run("mount", "--bind", str(SHARED / "opt"), "/opt/edgeagent")
             system.write("/etc/edgeagent/edgeagent.toml", CONFIG)
             model = "/var/tmp/tiny-model"
             shutil.copytree(tiny_model_b, system.path(model))
