@@ -126,16 +126,17 @@ def box(tiny_model_b: Path) -> Iterator[Box]:
             for version, tar in tars.items():  # as an operator would: tar -xf, in the box
                 system.run("tar", "-xf", str(tar), "-C", str(SHARED))
                 trees[version] = str(SHARED / tar.name.removesuffix(".tar"))
-            # The box's /opt is a tmpfs: the releases (3.3 GiB each installed, three at the
-            # broken one's install) go on the host's disk instead, bound at /opt/edgeagent.
-            (SHARED / "opt").mkdir()
-            system.run("mkdir", "-p", "/opt/edgeagent")
-            system.run("mount", "--bind", str(SHARED / "opt"), "/opt/edgeagent")
             system.write("/etc/edgeagent/edgeagent.toml", CONFIG)
             model = "/var/tmp/tiny-model"
             shutil.copytree(tiny_model_b, system.path(model))
             system.run("env", "EDGEAGENT_STATE_DIR=/var/lib/edgeagent", f"{VENV}/bin/edgeagent",
                        "models", "import", model, "--activate")  # fmt: skip
+            # The box's /opt is a tmpfs: the releases (3.3 GiB each installed, three at the
+            # broken one's install) go on the host's disk instead, bound at /opt/edgeagent
+            # (over the checkout's interpreter there, which the import above ran on).
+            (SHARED / "opt").mkdir()
+            system.run("mkdir", "-p", "/opt/edgeagent")
+            system.run("mount", "--bind", str(SHARED / "opt"), "/opt/edgeagent")
             box = Box(system, trees)
             box.seconds["build two releases"] = build_s
             yield box
