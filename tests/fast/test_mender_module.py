@@ -132,38 +132,6 @@ def test_download_stores_a_signed_artifact_and_refuses_an_unsigned_one(
     assert [m.version for m in box.store.manifests()] == [version]
 
 
-async def test_install_commit_and_rollback_move_the_daemon(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Against a daemon serving A with a 1 s probation: ArtifactInstall swaps to B (the
-    version Download stored); ArtifactCommit returns once B is out of probation;
-    ArtifactRollback serves A again; the protocol's questions are answered."""
-    box = Box(tmp_path / "box")
-    a = box.add("a", Behaviour(seed=1), current=True).version
-    b = box.add("b", Behaviour(seed=2)).version
-    env = box.environment(EDGEAGENT_UPDATES__PROBATION_S="1")
-    tree = MenderTree(tmp_path / "tree", "model-b")
-    (tree.root / "tmp" / "version").write_text(b)
-
-    async def state(name: str) -> int:  # the module blocks on gRPC: off the daemon's loop
-        return await asyncio.to_thread(_module, monkeypatch, name, tree, env)
-
-    with child_process(box, EDGEAGENT_UPDATES__PROBATION_S="1") as daemon:
-        await daemon.until_serving()
-        assert await state("SupportsRollback") == 0
-        assert await state("NeedsArtifactReboot") == 0
-        assert capsys.readouterr().out.split() == ["Yes", "No"]
-        assert await state("ArtifactInstall") == 0, capsys.readouterr().err
-        assert tree.learned("before") == a
-        assert (await daemon.status()).version == b
-        assert await state("ArtifactCommit") == 0
-        assert f"{b} serves, its probation over" in capsys.readouterr().err
-        assert await state("ArtifactRollback") == 0
-        assert f"serving {a} again" in capsys.readouterr().err
-        assert (await daemon.status()).version == a
-    assert box.store.refs().current == a
-
-
 @pytest.mark.skipif(shutil.which("mender-artifact") is None, reason="Debian's mender-artifact")
 def test_an_artifact_of_a_stored_version_carries_its_files_and_signature(
     tmp_path: Path, publisher: KeyPair, monkeypatch: pytest.MonkeyPatch,
@@ -187,31 +155,48 @@ def test_an_artifact_of_a_stored_version_carries_its_files_and_signature(
     assert carried == sorted(p.name for p in signed.iterdir()), listed  # model.sig among them
 
 
-async def test_a_daemon_killed_in_install_is_waited_for_by_rollback_and_failure(
+async def test_install_commit_and_rollback_move_the_daemon_and_outlast_its_death(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The daemon SIGKILLs itself loading B (`update.loading`): ArtifactInstall fails;
-    ArtifactRollback and ArtifactFailure wait while nothing answers, then find A served by
-    the daemon started again (systemd's part here) and leave it so."""
+    """1. The daemon SIGKILLs itself loading B (`update.loading`): ArtifactInstall fails;
+    ArtifactRollback waits while nothing answers, then finds A served by the daemon started
+    again (systemd's part here); ArtifactFailure leaves it so. 2. On that daemon (a 0.5 s
+    probation) the protocol's questions are answered; ArtifactInstall swaps to C;
+    ArtifactCommit returns once C is out of probation; ArtifactRollback serves A again."""
     box = Box(tmp_path / "box")
     a = box.add("a", Behaviour(seed=1), current=True).version
     b = box.add("b", Behaviour(seed=2)).version
-    env = box.environment()
+    c = box.add("c", Behaviour(seed=3)).version
+    env = box.environment(EDGEAGENT_UPDATES__PROBATION_S="0.5")
     tree = MenderTree(tmp_path / "tree", "model-b")
-    (tree.root / "tmp" / "version").write_text(b)
 
-    async def state(name: str) -> int:
+    async def state(name: str) -> int:  # the module blocks on gRPC: off the daemon's loop
         return await asyncio.to_thread(_module, monkeypatch, name, tree, env)
 
+    (tree.root / "tmp" / "version").write_text(b)
     with child_process(box, EDGEAGENT_FAILPOINT="update.loading") as killed:
         await killed.until_serving()
         assert await state("ArtifactInstall") != 0
         assert await asyncio.to_thread(killed.wait) == -signal.SIGKILL
     rollback = asyncio.create_task(state("ArtifactRollback"))
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.3)
     assert not rollback.done()  # waiting for a daemon to answer
-    with child_process(box, "restarted.log"):
+    with child_process(box, "restarted.log", EDGEAGENT_UPDATES__PROBATION_S="0.5") as daemon:
         assert await rollback == 0, capsys.readouterr().err
         assert await state("ArtifactFailure") == 0, capsys.readouterr().err
-    assert f"serving {a}" in capsys.readouterr().err
+        assert f"serving {a}" in capsys.readouterr().err
+        assert box.store.refs().current == a
+
+        (tree.root / "tmp" / "version").write_text(c)
+        assert await state("SupportsRollback") == 0
+        assert await state("NeedsArtifactReboot") == 0
+        assert capsys.readouterr().out.split() == ["Yes", "No"]
+        assert await state("ArtifactInstall") == 0, capsys.readouterr().err
+        assert tree.learned("before") == a
+        assert (await daemon.status()).version == c
+        assert await state("ArtifactCommit") == 0
+        assert f"{c} serves, its probation over" in capsys.readouterr().err
+        assert await state("ArtifactRollback") == 0
+        assert f"serving {a} again" in capsys.readouterr().err
+        assert (await daemon.status()).version == a
     assert box.store.refs().current == a
