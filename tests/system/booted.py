@@ -133,6 +133,15 @@ class BootedSystem:
         return self.run(EDGEAGENT, *args, user=user, check=check, timeout=timeout)
 
 
+def ansible_interpreter(system: BootedSystem, directory: Path, name: str) -> Path:
+    """A Python for Ansible's local connection that runs inside `system` (`directory` must be
+    one the system shares with the host, as Ansible's remote temporary directory must)."""
+    wrapper = directory / f"python-{name}"
+    wrapper.write_text(f'#!/bin/sh\nexec nsenter -t {system.pid} -a /usr/bin/python3 "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 def wait_for(what: str, probe: Callable[[], T | None], every_s: float = 0.5) -> T:
     """Poll until `probe` returns something true; only a hang guard (HANG_S) bounds it. Half a
     second between polls: each probe runs a command inside the booted system."""

@@ -22,7 +22,15 @@ from conftest import REPO
 from waits import HANG_S
 
 from edgeagent.store.manifest import Manifest
-from system.booted import EDGEAGENT, NEEDS_ROOT, ROOTS, BootedSystem, booted, wait_for
+from system.booted import (
+    EDGEAGENT,
+    NEEDS_ROOT,
+    ROOTS,
+    BootedSystem,
+    ansible_interpreter,
+    booted,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.system,
@@ -32,13 +40,6 @@ pytestmark = [
     NEEDS_ROOT,
 ]  # fmt: skip
 HUB_PORT = 18080
-
-
-def _interpreter(directory: Path, system: BootedSystem, name: str) -> Path:
-    wrapper = directory / f"python-{name}"
-    wrapper.write_text(f'#!/bin/sh\nexec nsenter -t {system.pid} -a /usr/bin/python3 "$@"\n')
-    wrapper.chmod(0o755)
-    return wrapper
 
 
 def test_the_role_rolls_out_canary_first_and_a_second_run_changes_nothing(
@@ -87,8 +88,8 @@ def _playbook(
     )
     (inventory / "hosts.ini").write_text(
         f"[canary]\nbox-canary ansible_python_interpreter="
-        f"{_interpreter(shared, canary, 'canary')} {common}\n\n"
-        f"[rest]\nbox-2 ansible_python_interpreter={_interpreter(shared, rest, 'rest')} "
+        f"{ansible_interpreter(canary, shared, 'canary')} {common}\n\n"
+        f"[rest]\nbox-2 ansible_python_interpreter={ansible_interpreter(rest, shared, 'rest')} "
         f"{common}\n\n[fleet:children]\ncanary\nrest\n"
     )
     (inventory / "group_vars/fleet.yml").write_text(f"edgeagent_hub_revision: {fleet}\n")
