@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from edgeagent.v1 import admin_pb2, admin_pb2_grpc
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from edgeagent.settings import Settings
 
 Message = tuple[str, str]  # (role, content)
 
@@ -194,10 +198,13 @@ def default_target() -> str:
     return _first_socket(Settings().socket_path, SYSTEM_RUNTIME_DIR / "edgeagent.sock")
 
 
-def default_admin_target() -> str:
+def default_admin_target(settings: Settings | None = None) -> str:
+    """This user's daemon's admin socket (by `settings`, or read now) if there, else the
+    system service's."""
     from edgeagent.settings import Settings
 
-    return _first_socket(Settings().admin_socket_path, SYSTEM_RUNTIME_DIR / "admin.sock")
+    admin_socket = (settings or Settings()).admin_socket_path
+    return _first_socket(admin_socket, SYSTEM_RUNTIME_DIR / "admin.sock")
 
 
 def _first_socket(*paths: Path) -> str:

@@ -88,7 +88,7 @@ def _run_module(args: argparse.Namespace) -> int:
     _log_to_the_journal()
     logger.info("%s %s", args.state, args.files)
     try:
-        state(Payload(args.files))
+        state(Payload(args.files), _the_units_settings())
     except EdgeAgentError as error:
         logger.error("%s failed: %s", args.state, error)
         raise
@@ -136,10 +136,7 @@ class Payload:
             yield Path(named).name, self.root / named
 
 
-def _download(payload: Payload) -> None:
-    from edgeagent.settings import Settings
-
-    settings = Settings()
+def _download(payload: Payload, settings: Settings) -> None:
     owner = _owner_of(settings.state_dir)
     with _staging(settings.cache_dir / "mender", owner) as staged:
         for name, stream in payload.streams():
@@ -149,9 +146,9 @@ def _download(payload: Payload) -> None:
     _say(f"{payload.artifact_name}: stored as version {version}")
 
 
-def _artifact_install(payload: Payload) -> None:
+def _artifact_install(payload: Payload, settings: Settings) -> None:
     version = payload.recall("version")
-    with _admin() as client:
+    with _admin(settings) as client:
         serving = client.status().version
         payload.remember("before", serving)
         if serving == version:
@@ -161,7 +158,7 @@ def _artifact_install(payload: Payload) -> None:
         raise ModuleError(f"{version} not served: {_outcome_text(outcome)}")
 
 
-def _artifact_commit(payload: Payload) -> None:
+def _artifact_commit(payload: Payload, settings: Settings) -> None:
     """Held until the daemon serves the version out of probation: an engine death in probation
     puts the old version back, and then the commit fails and Mender rolls back too."""
     version = payload.recall("version")
@@ -173,20 +170,23 @@ def _artifact_commit(payload: Payload) -> None:
         return status.probation_left_s == 0 and status.state == "serving"
 
     started = time.monotonic()
-    _wait_for_status(settled, _probation_s() + DAEMON_BACK_S, f"{version} out of probation")
+    within_s = settings.updates.probation_s + DAEMON_BACK_S
+    _wait_for_status(settings, settled, within_s, f"{version} out of probation")
     waited = time.monotonic() - started
     _say(f"{version} serves, its probation over (held {waited:.1f} s)")
 
 
-def _serve_previous(payload: Payload) -> None:
+def _serve_previous(payload: Payload, settings: Settings) -> None:
     """ArtifactRollback and ArtifactFailure: the version served before this artifact serves
     again (a daemon killed on the way comes back first: systemd restarts it)."""
     version, before = payload.recall("version"), payload.recall("before")
-    status = _wait_for_status(lambda s: s.state == "serving", DAEMON_BACK_S, "the daemon serving")
+    status = _wait_for_status(
+        settings, lambda s: s.state == "serving", DAEMON_BACK_S, "the daemon serving"
+    )
     if not before or status.version == before or status.version != version:
         _say(f"serving {status.version or 'nothing'}")
         return
-    with _admin() as client:
+    with _admin(settings) as client:
         outcome = client.update(before)
     if outcome.result != pb.UPDATE_RESULT_PROMOTED:
         raise ModuleError(f"{before} not served again: {_outcome_text(outcome)}")
@@ -198,13 +198,11 @@ def _say(message: str) -> None:
     logger.info("%s", message)
 
 
-def _cleanup(payload: Payload) -> None:
-    from edgeagent.settings import Settings
-
-    shutil.rmtree(Settings().cache_dir / "mender", ignore_errors=True)
+def _cleanup(payload: Payload, settings: Settings) -> None:
+    shutil.rmtree(settings.cache_dir / "mender", ignore_errors=True)
 
 
-MODULE_STATES: dict[str, Callable[[Payload], None]] = {
+MODULE_STATES: dict[str, Callable[[Payload, Settings], None]] = {
     "Download": _download,
     "ArtifactInstall": _artifact_install,
     "ArtifactCommit": _artifact_commit,
@@ -271,36 +269,34 @@ def _import_as(owner: Owner, directory: Path, settings: Settings) -> str:
 # -- the daemon -------------------------------------------------------------------------------
 
 
-@contextmanager
-def _admin() -> Iterator[Client]:
-    with Client(default_admin_target(), token=_admin_token()) as client:
-        yield client
-
-
-def _admin_token() -> str | None:
-    """The daemon's admin token: root reads the credential the unit loads."""
+def _the_units_settings() -> Settings:
+    """The settings the unit runs with, read once per state: its config file, and (root reads
+    them) the credentials it loads, the admin token among them."""
     from edgeagent.settings import Settings
 
     credentials = Path("/etc/edgeagent/credentials")
     if "CREDENTIALS_DIRECTORY" not in os.environ and credentials.is_dir():
         os.environ["CREDENTIALS_DIRECTORY"] = str(credentials)
-    return Settings().admin_token_value
+    return Settings()
 
 
-def _probation_s() -> float:
-    from edgeagent.settings import Settings
+@contextmanager
+def _admin(settings: Settings) -> Iterator[Client]:
+    with Client(default_admin_target(settings), token=settings.admin_token_value) as client:
+        yield client
 
-    return Settings().updates.probation_s
 
-
-def _wait_for_status(done: Callable[[pb.Status], bool], within_s: float, what: str) -> pb.Status:
+def _wait_for_status(
+    settings: Settings, done: Callable[[pb.Status], bool], within_s: float, what: str
+) -> pb.Status:
     """Poll the daemon's status until `done` says so; a daemon that does not answer (killed,
-    restarting) is waited for, up to `within_s`."""
+    restarting) is waited for, up to `within_s`. A channel per poll: one kept across a restart
+    would retry on gRPC's growing backoff, long after the daemon is back."""
     deadline = time.monotonic() + within_s
     last = "no answer yet"
     while time.monotonic() < deadline:
         try:
-            with _admin() as client:
+            with _admin(settings) as client:
                 status = client.status()
         except grpc.RpcError as error:
             last = f"the daemon does not answer ({error.code().name})"
