@@ -253,6 +253,7 @@ def _import_as(owner: Owner, directory: Path, settings: Settings) -> str:
     (`trust`), committed; prints the version id."""
     env = {**os.environ, "EDGEAGENT_STATE_DIR": str(settings.state_dir),
            "EDGEAGENT_CACHE_DIR": str(settings.cache_dir)}  # fmt: skip
+    env.pop("CREDENTIALS_DIRECTORY", None)  # root's to read; an import needs no credential
     as_owner: dict[str, Any] = {}
     if os.geteuid() == 0 and owner.uid != 0:
         as_owner = {"user": owner.uid, "group": owner.gid, "extra_groups": []}
