@@ -36,7 +36,6 @@ class Listeners:
             settings.socket_path, AdminService(slot, updater, timeline),
             settings.admin_socket_path, tokens,
         )  # fmt: skip
-        await self.api.start()
         if settings.server.http_enabled:
             self.http = HttpApi(service.core, settings.server, settings.http_socket_path,
                                 settings.api_token_value)  # fmt: skip
@@ -44,6 +43,8 @@ class Listeners:
         if settings.metrics.address:
             metrics.watch_device(probe)
             self.metrics_server = serve_metrics(metrics, settings.metrics.address)
+        # gRPC last: its health says SERVING once it listens, so by then the others listen too
+        await self.api.start()
 
     async def stop(self) -> None:
         if self.http is not None:
