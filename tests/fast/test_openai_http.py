@@ -142,6 +142,29 @@ async def test_client_errors_and_oversized_prompts(box: Box) -> None:
     assert not_json.status_code == 400
 
 
+async def test_busy_is_a_429_rate_limit_error_and_too_large_a_413_invalid_request(
+    box: Box,
+) -> None:
+    """As OpenAI's client sees them: a refusal for load (queued prompt tokens past the bound
+    while another request streams) is a `rate_limit_error` with Retry-After, which it retries;
+    a prompt that can never fit is an `invalid_request_error`, which it does not."""
+    box.add("slow", Behaviour(seed=3, token_s=0.01), current=True)
+    limits = {"EDGEAGENT_LIMITS__MAX_QUEUED_PROMPT_TOKENS": "100",
+              "EDGEAGENT_LIMITS__MAX_PROMPT_TOKENS": "80"}  # fmt: skip
+    body = {"prompt": "x" * 60, "max_tokens": 500, "stream": True}
+    async with in_process(box, **limits), http(box) as raw, client(box) as api:
+        async with raw.stream("POST", "/v1/completions", json=body) as streaming:
+            await anext(streaming.aiter_lines())  # its 60 prompt tokens are queued now
+            with pytest.raises(openai.RateLimitError) as busy:
+                await api.completions.create(model="", prompt="y" * 60)
+        with pytest.raises(openai.APIStatusError) as too_large:
+            await api.completions.create(model="", prompt="z" * 90)
+    assert busy.value.type == "rate_limit_error"
+    assert int(busy.value.response.headers["Retry-After"]) >= 1
+    assert too_large.value.status_code == 413
+    assert too_large.value.type == "invalid_request_error"
+
+
 async def test_a_body_past_the_limit_is_refused_with_or_without_a_length(box: Box) -> None:
     """server.max_message_bytes bounds HTTP bodies as it bounds gRPC messages: one that says
     its length is refused unread, one sent in chunks once it passes the limit."""
@@ -159,6 +182,8 @@ async def test_a_body_past_the_limit_is_refused_with_or_without_a_length(box: Bo
         streamed = await raw.post("/v1/completions", content=chunked(big), headers=json_type)
         fine = await raw.post("/v1/completions", content=chunked(small), headers=json_type)
     assert said.status_code == streamed.status_code == 413, (said.text, streamed.text)
+    for refused in (said, streamed):
+        assert refused.json()["error"]["type"] == "invalid_request_error"
     assert "the limit is 65536 bytes" in streamed.json()["error"]["message"]
     assert fine.status_code == 200, fine.text
     assert fine.json()["usage"]["completion_tokens"] == 2
