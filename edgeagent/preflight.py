@@ -15,6 +15,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils._validators import validate_repo_id
 
 from edgeagent.errors import ConfigError
+from edgeagent.eval_set import configured_file
 from edgeagent.metrics import loopback_address
 from edgeagent.server.exposure import check_tcp_callers, tls_files
 from edgeagent.server.sockets import check_socket_path, group_id
@@ -48,6 +49,8 @@ def check_settings(settings: Settings) -> None:
         load_public_key(key)
     if settings.build.calibration is not None and not settings.build.calibration.is_file():
         raise ConfigError(f"build.calibration {settings.build.calibration}: no such file")
+    if settings.updates.eval_set is not None:  # read and checked line by line
+        configured_file(settings.updates.eval_set)
 
 
 def _check_writable(name: str, directory: Path) -> None:

@@ -241,8 +241,13 @@ class UpdateSettings(BaseModel):
     quality_gate: bool = Field(
         default=True,
         description="score a candidate against the serving version before "
-        "promoting it (perplexity and top-1 agreement on the held-out eval set)",
+        "promoting it (perplexity and top-1 agreement on its eval set)",
     )
+    eval_set: Path | None = Field(
+        default=None, description="a JSONL of prompts or chat exchanges the quality gate "
+        "scores a candidate on when it ships no eval.jsonl of its own (default: the held-out "
+        "set for the embedded model, the project's general set for any other)",
+    )  # fmt: skip
     max_perplexity_ratio: float = Field(
         default=1.2, gt=1, description="refused above this times the serving perplexity"
     )

@@ -33,6 +33,7 @@ from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
 from edgeagent.errors import EngineDeadError
+from edgeagent.eval_set import held_out_set
 from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.server.admin import AdminService
 from edgeagent.settings import ModelSettings, Settings
@@ -377,7 +378,8 @@ async def test_the_quality_gate_promotes_a_close_candidate_and_refuses_bad_ones_
     close = _imported(model_store, _with_noise(trained_fp16, tmp_path / "close", 0.002))
     noisy = _imported(model_store, _with_noise(trained_fp16, tmp_path / "noisy", 1.0))
     other = _imported(model_store, tiny_fp16)
-    gate = QualityGate(max_perplexity_ratio=1.2, min_top1_agreement=0.9)
+    # Imported from a directory, it is not known as the embedded model: its held-out set is named.
+    gate = QualityGate(max_perplexity_ratio=1.2, min_top1_agreement=0.9, eval_set=held_out_set())
     async with serving(model_store, serving_version, VllmEngine.start, tmp_path, gate) as target:
         try:
             load, stop = Load(), asyncio.Event()

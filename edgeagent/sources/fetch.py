@@ -51,6 +51,7 @@ from edgeagent.errors import (
 from edgeagent.progress import Progress
 from edgeagent.sources.hub_checks import check_commit, check_listing
 from edgeagent.sources.hub_download import RetryPolicy, call_with_retries, download
+from edgeagent.store.eval_file import EVAL_FILE
 from edgeagent.store.manifest import HubSource, Manifest
 from edgeagent.store.store import Expected, ModelStore
 from edgeagent.store.trust import SIGNATURE_FILE, read_signature, signed_paths
@@ -251,11 +252,11 @@ class HubFetcher:
 
 
 def _model_files(listing: list[RepoFile], repo: str, commit: str) -> list[RepoFile]:
-    """What a model needs from the listing, and its signature if it has one."""
+    """What a model needs from the listing, and its signature and eval set if it has them."""
     files = [
         entry
         for entry in listing
-        if entry.path == SIGNATURE_FILE
+        if entry.path in (SIGNATURE_FILE, EVAL_FILE)
         or any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
     ]
     if not any(f.path.endswith(".safetensors") for f in files):

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeagent.errors import CorruptArtifactError, StoppedError
+from edgeagent.store.eval_file import EVAL_FILE
 
 MANIFEST_SCHEMA = 1
 VERSION_ID_HEX = 16
@@ -125,6 +126,12 @@ class Manifest(_Frozen):
     @property
     def digest(self) -> str:
         return files_digest(list(self.files))
+
+    @property
+    def eval_file(self) -> FileEntry | None:
+        """The eval set the version ships (`eval.jsonl` at its root), listed and checked like
+        every other file of it; None if it ships none."""
+        return next((entry for entry in self.files if entry.path == EVAL_FILE), None)
 
     @property
     def source_label(self) -> str:

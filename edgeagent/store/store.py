@@ -41,6 +41,7 @@ from edgeagent.errors import (
 )
 from edgeagent.settings import GiB, Settings
 from edgeagent.store.durable import fsync_dir, fsync_file, write_durably
+from edgeagent.store.eval_file import EVAL_FILE, read_eval_file
 from edgeagent.store.manifest import (
     FileEntry,
     Manifest,
@@ -301,6 +302,7 @@ class ModelStore:
         once signed); a signature beside the files (`model.sig`) is recorded, not committed
         as a file."""
         files = self._hash_staged(staged, expected, hashed or {})
+        _check_eval_file(staged, files)
         signature = None
         if source.kind != "build":
             bundle = read_signature(staged / SIGNATURE_FILE)
@@ -470,6 +472,16 @@ def open_store(settings: Settings) -> ModelStore:
     """The store as the settings describe it: its directory and the free space it keeps."""
     return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB),
                       trust=TrustPolicy.from_settings(settings.trust))  # fmt: skip
+
+
+def _check_eval_file(staged: Path, files: list[FileEntry]) -> None:
+    """A version that ships an eval set ships a valid one (store/eval_file.py)."""
+    if any(entry.path == EVAL_FILE for entry in files):
+        try:
+            read_eval_file(staged / EVAL_FILE)
+        except ValueError as error:
+            message = str(error).replace(str(staged / EVAL_FILE), EVAL_FILE)
+            raise CorruptArtifactError(f"the version's eval set {message}") from None
 
 
 def _check_expected(path: Path, entry: FileEntry, expected: Expected) -> None:

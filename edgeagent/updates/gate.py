@@ -2,10 +2,12 @@
 
 A smoke test catches a candidate that cannot run or produces non-finite numbers; a botched
 quantization, the wrong checkpoint or noise on the weights all pass it. Between the smoke test
-and promotion the gate scores the candidate on the held-out eval set (`edgeagent/eval_set.py`;
-the scoring is `edgeagent/evaluation.py`'s) on the engine that will serve it, and compares it
-with the serving version, scored on the same prompts before the pause (its scores are kept per
-version, so a version is scored once). It is refused when its perplexity grows by more than
+and promotion the gate scores the candidate on the eval set chosen for it (`eval_set.py`: the
+eval.jsonl it ships, else `updates.eval_set`, else its model's default; the candidate is the
+version being judged, so its set is the one both are scored on; the scoring is
+`evaluation.py`'s) on the engine that will serve it, and compares it with the serving version,
+scored on the same prompts before the pause (its scores are kept per version and set, so a
+version is scored once per set). It is refused when its perplexity grows by more than
 `max_perplexity_ratio`, when its most likely token agrees with the serving version's at fewer
 than `min_top1_agreement` of the positions, or when it splits the eval set into other tokens
 (another model). The figures of the last candidate it scored are kept (`last`) for the
@@ -17,13 +19,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine
 from edgeagent.engine.slot import Serving
-from edgeagent.errors import EngineUnresponsiveError, LoadError
-from edgeagent.eval_set import EvalSet, held_out_set
+from edgeagent.errors import ConfigError, EngineUnresponsiveError, LoadError
+from edgeagent.eval_set import EvalFile, EvalSet, check_tokens, eval_set_for
 from edgeagent.evaluation import Scores, compare, perplexity, score_engine
+from edgeagent.store.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Reference:
     version: str
+    eval_set: EvalSet  # the candidate's, which it is scored on too
     scores: Scores
     perplexity: float
     seconds: float  # the scoring took: what bounds the candidate's (engine/bounds.py)
@@ -52,6 +57,7 @@ class GateFigures:
     passed: bool
     seconds: float
     finished_at: float
+    eval_set: str = ""  # its name: what it is and where it came from
 
     @property
     def perplexity_ratio(self) -> float:
@@ -61,13 +67,15 @@ class GateFigures:
 class QualityGate:
     def __init__(
         self, *, enabled: bool = True, max_perplexity_ratio: float = 1.2,
-        min_top1_agreement: float = 0.9, eval_set: EvalSet | None = None,
-        bounds: StepBounds | None = None,
+        min_top1_agreement: float = 0.9, eval_file: EvalFile | None = None,
+        eval_set: EvalSet | None = None, bounds: StepBounds | None = None,
     ) -> None:  # fmt: skip
+        """`eval_file`: `updates.eval_set`, read and checked; `eval_set`: one set for every
+        candidate, whatever it ships (tests)."""
         self.enabled = enabled
         self._bounds = bounds or StepBounds()
         self._max_ratio, self._min_agreement = max_perplexity_ratio, min_top1_agreement
-        self._eval_set = eval_set
+        self._eval_file, self._eval_set = eval_file, eval_set
         self._reference: Reference | None = None
         self.last: GateFigures | None = None  # the last candidate scored, passed or refused
 
@@ -79,48 +87,64 @@ class QualityGate:
     def min_top1_agreement(self) -> float:
         return self._min_agreement
 
-    @property
-    def eval_set(self) -> EvalSet:
-        if self._eval_set is None:
-            self._eval_set = held_out_set()
-        return self._eval_set
+    def eval_set_for(self, candidate: Manifest, model_dir: Path) -> EvalSet:
+        """The set `candidate` (its files in `model_dir`) is judged on. CorruptArtifactError
+        when the eval.jsonl it ships fails; LoadError when `updates.eval_set` cannot be
+        rendered in its chat template."""
+        if self._eval_set is not None:
+            return self._eval_set
+        try:
+            return eval_set_for(candidate, model_dir, self._eval_file)
+        except ConfigError as error:
+            raise LoadError(f"quality gate: {error}") from error
 
-    async def reference(self, serving: Serving) -> Reference:
-        """The serving version's scores (computed while it serves, once per version)."""
-        if self._reference is None or self._reference.version != serving.version:
-            started = time.perf_counter()
-            try:
-                scores = await self._scores(serving.engine, serving.version, None)
-            except EngineUnresponsiveError:
-                raise
-            except Exception as error:  # an engine error while scoring
-                raise LoadError(
-                    f"quality gate: could not score {serving.version}: {error}"
-                ) from error
-            self._reference = Reference(serving.version, scores, perplexity(scores),
-                                        time.perf_counter() - started)  # fmt: skip
+    async def reference(self, serving: Serving, candidate: Manifest, model_dir: Path) -> Reference:
+        """The serving version's scores on the set `candidate` is judged on (computed while it
+        serves, once per version and set)."""
+        eval_set = self.eval_set_for(candidate, model_dir)
+        logger.info("quality gate: %s is judged on %s", candidate.version, eval_set.name)
+        known = self._reference
+        if known and known.version == serving.version and known.eval_set.digest == eval_set.digest:
+            return known
+        started = time.perf_counter()
+        try:
+            scores = await self._scores(serving.engine, serving.version, eval_set, None)
+        except (EngineUnresponsiveError, LoadError):
+            raise
+        except Exception as error:  # an engine error while scoring
+            raise LoadError(f"quality gate: could not score {serving.version}: {error}") from error
+        self._reference = Reference(serving.version, eval_set, scores, perplexity(scores),
+                                    time.perf_counter() - started)  # fmt: skip
         return self._reference
 
-    async def _scores(self, engine: Engine, version: str, measured_s: float | None) -> Scores:
-        """The eval set's scores on `engine`, bounded (`measured_s`: the reference's time)."""
-        tokens = sum(len(engine.encode(text)) for text in self.eval_set.texts)
+    async def _scores(
+        self, engine: Engine, version: str, eval_set: EvalSet, measured_s: float | None
+    ) -> Scores:
+        """The set's scores on `engine`, bounded (`measured_s`: the reference's time); LoadError
+        before any scoring for a set too large to score in a few seconds."""
+        counts = [len(engine.encode(text)) for text in eval_set.texts]
+        try:
+            check_tokens(eval_set, counts, engine.facts.max_model_len)
+        except ValueError as too_large:
+            raise LoadError(f"quality gate: {too_large}") from too_large
         bounds = self._bounds
-        return await within(engine, score_engine(engine, self.eval_set),
-                            bounds.scoring_s(measured_s, tokens),
+        return await within(engine, score_engine(engine, eval_set),
+                            bounds.scoring_s(measured_s, sum(counts)),
                             f"the quality gate's scoring of {version}", bounds.poll_s)  # fmt: skip
 
     async def check(self, engine: Engine, version: str, reference: Reference) -> None:
         """Raise LoadError naming the figures when `version`, on `engine`, is not close enough
         to `reference`; remember its scores when it passes (it becomes the reference)."""
-        started = time.perf_counter()
+        started, eval_set = time.perf_counter(), reference.eval_set
         try:
-            scores = await self._scores(engine, version, reference.seconds)
+            scores = await self._scores(engine, version, eval_set, reference.seconds)
             comparison = compare(reference.scores, scores)
-        except EngineUnresponsiveError:
+        except (EngineUnresponsiveError, LoadError):
             raise
         except ValueError as different:  # tokenized otherwise: another model
             raise LoadError(f"quality gate: {version} is not comparable with "
-                            f"{reference.version} ({different})") from different  # fmt: skip
+                            f"{reference.version} on {eval_set.name} ({different})"
+                            ) from different  # fmt: skip
         except Exception as error:  # an engine error while scoring
             raise LoadError(f"quality gate: could not score {version}: {error}") from error
         ppl, seconds = perplexity(scores), time.perf_counter() - started
@@ -129,15 +153,15 @@ class QualityGate:
         self.last = GateFigures(
             version, reference.version, ppl, reference.perplexity, self._max_ratio,
             comparison.agreement, self._min_agreement, comparison.mean_kl, passed, seconds,
-            time.time(),
+            time.time(), eval_set.name,
         )  # fmt: skip
         figures = (
             f"perplexity {ppl:.3f} against {reference.perplexity:.3f} ({ratio:.2f}x, at most "
             f"{self._max_ratio:.2f}x allowed), top-1 agreement {comparison.agreement:.3f} (at "
             f"least {self._min_agreement:.3f}), mean KL {comparison.mean_kl:.4f} nats, on "
-            f"{self.eval_set.name}, in {seconds:.1f} s"
+            f"{eval_set.name}, in {seconds:.1f} s"
         )
         if not passed:
             raise LoadError(f"quality gate refused {version}: {figures}")
         logger.info("quality gate passed %s: %s", version, figures)
-        self._reference = Reference(version, scores, ppl, seconds)
+        self._reference = Reference(version, eval_set, scores, ppl, seconds)

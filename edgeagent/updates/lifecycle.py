@@ -30,6 +30,7 @@ from edgeagent.errors import (
     NoServableVersionError,
     NotFoundError,
 )
+from edgeagent.eval_set import configured_file
 from edgeagent.settings import Settings
 from edgeagent.store.manifest import Manifest
 from edgeagent.store.store import ModelStore
@@ -61,13 +62,14 @@ class Lifecycle:
         self._status = status
         self.journal = UpdateJournal(settings.state_dir / "updates.json")
         updates = settings.updates
+        eval_file = configured_file(updates.eval_set) if updates.eval_set else None
         self.updater = Updater(
             store, loader, slot, self.journal, hold_s=updates.hold_s,
             probation_s=updates.probation_s, on_outcome=on_outcome,
             gate=QualityGate(enabled=updates.quality_gate,
                              max_perplexity_ratio=updates.max_perplexity_ratio,
                              min_top1_agreement=updates.min_top1_agreement,
-                             bounds=loader.bounds),
+                             eval_file=eval_file, bounds=loader.bounds),
         )  # fmt: skip
         self._resumed: ResumedProbation | None = None
         self._hash_after_start: str | None = None  # trusted at start, to be hashed once serving

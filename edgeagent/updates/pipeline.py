@@ -179,7 +179,7 @@ class Updater:
             self.journal.advance("verified")
             failpoint("update.verified")
             method: Method = self._loader.place(candidate, serving)
-            reference = await self._gate_reference(kind, serving)
+            reference = await self._gate_reference(kind, serving, candidate)
             return await self._swap(candidate, serving, outcome, method, reference)
         except (UpdateRefusedError, CorruptArtifactError, UnavailableError, LoadError) as error:
             if isinstance(error, CorruptArtifactError):
@@ -202,12 +202,15 @@ class Updater:
         beside, why = self._loader.beside(serving.manifest, serving)
         return f"{'beside' if beside else 'in place'}: {why}"
 
-    async def _gate_reference(self, kind: Kind, serving: Serving) -> Reference | None:
-        """The serving version's scores, taken before the pause; None when the gate does not
-        apply (it is off, or an operator asked for a rollback)."""
+    async def _gate_reference(
+        self, kind: Kind, serving: Serving, candidate: Manifest
+    ) -> Reference | None:
+        """The serving version's scores on the candidate's eval set, taken before the pause;
+        None when the gate does not apply (it is off, or an operator asked for a rollback)."""
         if not self._gate.enabled or kind != "update":
             return None
-        return await self._gate.reference(serving)
+        model_dir = self._store.model_dir(candidate.version)
+        return await self._gate.reference(serving, candidate, model_dir)
 
     async def _swap(
         self, candidate: Manifest, old: Serving, outcome: UpdateOutcome, method: Method,
