@@ -203,15 +203,26 @@ def test_eval_takes_the_same_chain_and_its_own_flag(tmp_path: Path, box: Box) ->
 
 async def test_the_gate_judges_on_the_candidates_set_and_names_it(box: Box) -> None:
     """Both candidates score worse (perplexity x7.4). The one that ships eval.jsonl is refused
-    on its own set even though the operator set one; the other on the operator's set."""
+    on its own set even though the operator set one; the other on the operator's set. A third
+    ships a prompt too long to score (the fake engine's tokens are bytes): refused before the
+    pause, not marked bad."""
     (operator := box.root / "operator.jsonl").write_text(_jsonl({"prompt": "the operator's"}))
     worse = Behaviour(seed=14, prompt_logprob=-3.0)
     shipped = _version(box.store, box.root, "shipped", _jsonl(EXCHANGE), worse)
     plain = _version(box.store, box.root, "plain", None, worse)
+    long = _version(box.store, box.root, "long", _jsonl({"prompt": "x" * 2000}))
     async with in_process(box, EDGEAGENT_UPDATES__EVAL_SET=str(operator)) as daemon:
         own = await daemon.update(shipped.version)
         setting = await daemon.update(plain.version)
-        history = (await daemon.status()).history
+        too_long = await daemon.update(long.version)
+        status = await daemon.status()
+    assert too_long.result == admin_pb.UPDATE_RESULT_REFUSED, too_long.reason
+    assert too_long.reason == (
+        f"quality gate: eval.jsonl of {long.version} (1 prompts): prompt 1 is 2000 tokens, "
+        f"more than the {MAX_PROMPT_TOKENS} a prompt may have"
+    )
+    assert long.version not in status.bad_versions
+    history = status.history[1:]
     for outcome in (own, setting):
         assert outcome.result == admin_pb.UPDATE_RESULT_ROLLED_BACK, outcome.reason
         assert outcome.reason.startswith("quality gate refused")
