@@ -7,13 +7,15 @@ concurrent streams (others with --streams).
 
     .venv/bin/python bench/bench_http.py [--model DIR | --state DIR] [--rounds 5] [--streams 1 32]
         [--kv-cache-gib 0.5] [--max-num-seqs 32] [--max-model-len N] [--prompt-tokens N]
+        [--http-client aiohttp [httpx]]
 
-The three sides get the same sizes, prompts and seeds, and take turns going first. The HTTP
-side is one shared client on the daemon's Unix socket (`RUNTIME_DIR/openai.sock`): aiohttp (C
-parser; `--http-client httpx` for httpx, pure Python, whose own cost at 32 streams arriving
-together is ~10 ms of time to first token on a slow CPU, measured against a bare socket); its
-time to first token is that of the first event carrying text, and its tokens are the final
-usage event's `completion_tokens`. The functions and options are bench_serving.py's.
+All sides get the same sizes, prompts and seeds, and take turns going first. An HTTP side is
+one shared client on the daemon's Unix socket (`RUNTIME_DIR/openai.sock`), one side for each
+client named: aiohttp (C parser; the default) and httpx (pure Python, whose own cost at 32
+streams arriving together is ~10 ms of time to first token on a slow CPU, measured against a
+bare socket), so `--http-client aiohttp httpx` measures both against the same gRPC and raw
+sides. Its time to first token is that of the first event carrying text, and its tokens are
+the final usage event's `completion_tokens`. The functions and options are bench_serving.py's.
 
 Not a test: nothing here asserts a time.
 """
@@ -21,12 +23,13 @@ Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -177,20 +180,21 @@ async def http_stream(
     return Sample(first, tokens, time.perf_counter() - started)
 
 
-def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Trial]) -> str:
+def row(streams: int, client: str, results: dict[str, list[Trial]]) -> str:
     def per_stream(trials: list[Trial], key: str) -> float:
         return statistics.median(getattr(s, key) for t in trials for s in t.samples)
 
     def aggregate(trials: list[Trial]) -> float:
         return statistics.median(t.aggregate_tok_s for t in trials)
 
+    raw, over_grpc, over_http = results["raw"], results["gRPC"], results[client]
     r_dec, g_dec, h_dec = (per_stream(t, "decode_tok_s") for t in (raw, over_grpc, over_http))
     r_agg, g_agg, h_agg = (aggregate(t) for t in (raw, over_grpc, over_http))
     r_ttft, g_ttft, h_ttft = (per_stream(t, "ttft_s") * 1000 for t in (raw, over_grpc, over_http))
     return (
-        f"| {label} | {r_dec:.0f} | {g_dec:.0f} | {g_dec / r_dec:.3f} | {h_dec:.0f} | "
-        f"{h_dec / r_dec:.3f} | {r_agg:.0f} | {g_agg:.0f} | {g_agg / r_agg:.3f} | {h_agg:.0f} | "
-        f"**{h_agg / r_agg:.3f}** | {r_ttft:.1f} | {g_ttft:.1f} | {h_ttft:.1f} | "
+        f"| {streams} | {client} | {r_dec:.0f} | {g_dec:.0f} | {g_dec / r_dec:.3f} | "
+        f"{h_dec:.0f} | {h_dec / r_dec:.3f} | {r_agg:.0f} | {g_agg:.0f} | {g_agg / r_agg:.3f} | "
+        f"{h_agg:.0f} | **{h_agg / r_agg:.3f}** | {r_ttft:.1f} | {g_ttft:.1f} | {h_ttft:.1f} | "
         f"{h_ttft - g_ttft:+.1f} |"
     )
 
@@ -198,7 +202,13 @@ def row(label: str, raw: list[Trial], over_grpc: list[Trial], over_http: list[Tr
 async def main() -> None:
     parser = serving_parser(streams=32, max_num_seqs=32)
     parser.add_argument("--prompt-tokens", type=int, default=0)
-    parser.add_argument("--http-client", choices=list(HTTP_CLIENTS), default="aiohttp")
+    parser.add_argument(
+        "--http-client",
+        nargs="+",
+        choices=list(HTTP_CLIENTS),
+        default=["aiohttp"],
+        help="one HTTP side for each, all in the same run",
+    )
     args = parser.parse_args()
     sizes = sizes_of(args)
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-bench-"))
@@ -211,46 +221,57 @@ async def main() -> None:
         "EDGEAGENT_SERVER__HTTP_SOCKET_PATH": str(http_socket),
     }
     daemon, target = start_daemon(workdir, state_dir, args.cache, sizes, extra_env=http_env)
-    results: dict[int, tuple[list[Trial], ...]] = {n: ([], [], []) for n in args.streams}
+    clients = {name: HTTP_CLIENTS[name](http_socket) for name in dict.fromkeys(args.http_client)}
+    sides = ["raw", "gRPC", *clients]
+    results: dict[int, dict[str, list[Trial]]] = {n: {s: [] for s in sides} for n in args.streams}
     llm, model_id = None, ""
-    client = HTTP_CLIENTS[args.http_client](http_socket)
     try:
         async with grpc.aio.insecure_channel(target) as channel:
-            model_id = await wait_http_ready(client, daemon, http_socket)
+            for client in clients.values():
+                model_id = await wait_http_ready(client, daemon, http_socket)
             llm = start_raw(model, sizes)
             stub = pb_grpc.GenerationServiceStub(channel)
-            runners: tuple[RunOne, ...] = (
-                lambda m, s: raw_stream(llm, prompts(s), m, s),
-                lambda m, s: daemon_stream(stub, prompts(s), m, s),
-                lambda m, s: http_stream(client, model_id, prompts(s), m, s),
-            )
-            for warm in runners:
+            runners: dict[str, RunOne] = {
+                "raw": lambda m, s: raw_stream(llm, prompts(s), m, s),
+                "gRPC": lambda m, s: daemon_stream(stub, prompts(s), m, s),
+            }
+            for name, client in clients.items():
+                runners[name] = functools.partial(_http_runner, client, model_id, prompts)
+            for warm in runners.values():
                 await trial(warm, max(args.streams), args.max_tokens, 0)
             for round_ in range(1, args.rounds + 1):
                 for streams in args.streams:
-                    shift = round_ % len(runners)  # rotate who goes first
-                    for side in (*range(shift, len(runners)), *range(shift)):
+                    shift = round_ % len(sides)  # rotate who goes first
+                    for side in (*sides[shift:], *sides[:shift]):
                         result = await trial(runners[side], streams, args.max_tokens, round_)
                         results[streams][side].append(result)
     finally:
-        await client.close()
+        for client in clients.values():
+            await client.close()
         if llm is not None:
             llm.shutdown()
         daemon.terminate()
         daemon.wait(timeout=60)
     print(
-        f"\n{args.rounds} interleaved rounds (raw, gRPC, HTTP in rotating order), "
+        f"\n{args.rounds} interleaved rounds ({', '.join(sides)} in rotating order), "
         f"{args.max_tokens} tokens per stream, {args.prompt_tokens or 'short'} prompt tokens, "
-        f"{sizes}, model {model} (served as {model_id!r}), HTTP client {args.http_client}"
+        f"{sizes}, model {model} (served as {model_id!r})"
     )
     print(
-        "| streams | raw decode tok/s/stream | gRPC | gRPC/raw | HTTP | HTTP/raw | "
+        "| streams | HTTP client | raw decode tok/s/stream | gRPC | gRPC/raw | HTTP | HTTP/raw | "
         "raw aggregate tok/s | gRPC | gRPC/raw | HTTP | HTTP/raw | raw TTFT ms | gRPC TTFT ms | "
         "HTTP TTFT ms | HTTP-gRPC TTFT ms |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for streams, (raw, over_grpc, over_http) in results.items():
-        print(row(str(streams), raw, over_grpc, over_http))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for streams, by_side in results.items():
+        for client in clients:
+            print(row(streams, client, by_side))
+
+
+def _http_runner(
+    client: HttpSide, model_id: str, prompts: Prompts, max_tokens: int, seed: int
+) -> Awaitable[Sample]:
+    return http_stream(client, model_id, prompts(seed), max_tokens, seed)
 
 
 if __name__ == "__main__":

