@@ -2,7 +2,8 @@
 systemd, installed by deploy/install.sh as an operator would, serving the real CPU engine.
 
 One booted system for the module: installing builds the embedded model with AutoRound inside
-the unit and compiles vLLM's graphs, which is the expensive part. The tests run in file order
+the unit (from the session's trained fp16 model, put in the unit's cache) and compiles vLLM's
+graphs, which is the expensive part. The tests run in file order
 and each leaves the unit serving for the next; uninstalling comes last.
 """
 
@@ -81,8 +82,13 @@ class Installed:
 
 
 @pytest.fixture(scope="module")
-def installed() -> Iterator[Installed]:
+def installed(trained_fp16: Path) -> Iterator[Installed]:
     with booted("unit") as system:
+        # The fp16 model trained once for the session, in the unit's cache as a box that ran the
+        # demo would have it (systemd hands the directory to the unit's user at start): the
+        # first start builds with AutoRound but does not train again.
+        cached = f"/var/cache/edgeagent/trained/{trained_fp16.name}"
+        shutil.copytree(trained_fp16, system.path(cached))
         system.write("/etc/edgeagent/edgeagent.toml", CONFIG)
         system.write("/etc/edgeagent/credentials/api_token", TOKEN, mode=0o600)
         system.write(f"/etc/systemd/system/{UNIT}.d/test.conf", DROP_IN)
@@ -129,8 +135,8 @@ def _generate(system: BootedSystem, user: str = "app", *extra: str) -> str:
 def test_install_starts_the_unit_which_builds_with_autoround_and_reaches_ready(
     installed: Installed,
 ) -> None:
-    """The unit starts on an empty store, trains the embedded model and builds it with
-    AutoRound inside the sandbox, with the embedded recipe."""
+    """The unit starts on an empty store and builds the embedded model with AutoRound inside
+    the sandbox, with the embedded recipe (from the trained fp16 model in its cache)."""
     system = installed.system
     served = json.loads(system.cli("models", "show", "current").stdout)
     assert served["version"] == system.served_version()
