@@ -24,7 +24,7 @@ from pathlib import Path
 from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine
 from edgeagent.engine.slot import Serving
-from edgeagent.errors import ConfigError, EngineUnresponsiveError, LoadError
+from edgeagent.errors import ConfigError, CorruptArtifactError, EngineUnresponsiveError, LoadError
 from edgeagent.eval_set import EvalFile, EvalSet, check_tokens, eval_set_for
 from edgeagent.evaluation import Scores, compare, perplexity, score_engine
 from edgeagent.store.manifest import Manifest
@@ -106,10 +106,11 @@ class QualityGate:
         known = self._reference
         if known and known.version == serving.version and known.eval_set.digest == eval_set.digest:
             return known
+        tokens = self._tokens(serving.engine, eval_set)
         started = time.perf_counter()
         try:
-            scores = await self._scores(serving.engine, serving.version, eval_set, None)
-        except (EngineUnresponsiveError, LoadError):
+            scores = await self._scores(serving.engine, serving.version, eval_set, tokens, None)
+        except EngineUnresponsiveError:
             raise
         except Exception as error:  # an engine error while scoring
             raise LoadError(f"quality gate: could not score {serving.version}: {error}") from error
@@ -117,19 +118,27 @@ class QualityGate:
                                     time.perf_counter() - started)  # fmt: skip
         return self._reference
 
-    async def _scores(
-        self, engine: Engine, version: str, eval_set: EvalSet, measured_s: float | None
-    ) -> Scores:
-        """The set's scores on `engine`, bounded (`measured_s`: the reference's time); LoadError
-        before any scoring for a set too large to score in a few seconds."""
+    @staticmethod
+    def _tokens(engine: Engine, eval_set: EvalSet) -> int:
+        """The set's tokens on `engine`, before any scoring. A set too large to score in a few
+        seconds is LoadError, or, when the candidate shipped it, CorruptArtifactError (marked
+        bad: it would never pass)."""
         counts = [len(engine.encode(text)) for text in eval_set.texts]
         try:
             check_tokens(eval_set, counts, engine.facts.max_model_len)
         except ValueError as too_large:
-            raise LoadError(f"quality gate: {too_large}") from too_large
+            refusal = CorruptArtifactError if eval_set.source == "version" else LoadError
+            raise refusal(f"quality gate: {too_large}") from too_large
+        return sum(counts)
+
+    async def _scores(
+        self, engine: Engine, version: str, eval_set: EvalSet, tokens: int,
+        measured_s: float | None,
+    ) -> Scores:  # fmt: skip
+        """The set's scores on `engine`, bounded (`measured_s`: the reference's time)."""
         bounds = self._bounds
         return await within(engine, score_engine(engine, eval_set),
-                            bounds.scoring_s(measured_s, sum(counts)),
+                            bounds.scoring_s(measured_s, tokens),
                             f"the quality gate's scoring of {version}", bounds.poll_s)  # fmt: skip
 
     async def check(self, engine: Engine, version: str, reference: Reference) -> None:
@@ -137,9 +146,13 @@ class QualityGate:
         to `reference`; remember its scores when it passes (it becomes the reference)."""
         started, eval_set = time.perf_counter(), reference.eval_set
         try:
-            scores = await self._scores(engine, version, eval_set, reference.seconds)
+            tokens = self._tokens(engine, eval_set)
+        except CorruptArtifactError as too_large:  # passed on the serving engine: in this
+            raise LoadError(str(too_large)) from too_large  # tokenizer, another model
+        try:
+            scores = await self._scores(engine, version, eval_set, tokens, reference.seconds)
             comparison = compare(reference.scores, scores)
-        except (EngineUnresponsiveError, LoadError):
+        except EngineUnresponsiveError:
             raise
         except ValueError as different:  # tokenized otherwise: another model
             raise LoadError(f"quality gate: {version} is not comparable with "

@@ -205,7 +205,7 @@ async def test_the_gate_judges_on_the_candidates_set_and_names_it(box: Box) -> N
     """Both candidates score worse (perplexity x7.4). The one that ships eval.jsonl is refused
     on its own set even though the operator set one; the other on the operator's set. A third
     ships a prompt too long to score (the fake engine's tokens are bytes): refused before the
-    pause, not marked bad."""
+    pause and marked bad (it would never pass)."""
     (operator := box.root / "operator.jsonl").write_text(_jsonl({"prompt": "the operator's"}))
     worse = Behaviour(seed=14, prompt_logprob=-3.0)
     shipped = _version(box.store, box.root, "shipped", _jsonl(EXCHANGE), worse)
@@ -221,7 +221,7 @@ async def test_the_gate_judges_on_the_candidates_set_and_names_it(box: Box) -> N
         f"quality gate: eval.jsonl of {long.version} (1 prompts): prompt 1 is 2000 tokens, "
         f"more than the {MAX_PROMPT_TOKENS} a prompt may have"
     )
-    assert long.version not in status.bad_versions
+    assert status.bad_versions[long.version] == too_long.reason
     history = status.history[1:]
     for outcome in (own, setting):
         assert outcome.result == admin_pb.UPDATE_RESULT_ROLLED_BACK, outcome.reason
