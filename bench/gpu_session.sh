@@ -19,6 +19,8 @@
 #       each a side) vs gRPC vs raw, 1/32 streams
 #   bash bench/gpu_session.sh start    # cold and warm start to a first token: daemon, then raw
 #   bash bench/gpu_session.sh start-after-update  # a new version of the same shape, then raw
+#   bash bench/gpu_session.sh start-steps  # issue 29: cold, then 3 warm starts (the timeline's
+#       engine steps in start.jsonl), 2 raw warm starts, daemon vs raw decode at 1 and 32 streams
 #   bash bench/gpu_session.sh options  # raw vLLM's speed under engine options (kernels, KV dtype)
 #   bash bench/gpu_session.sh ceiling  # a 12 GiB budget: 4k context, prediction vs NVML; 10 GiB
 set -euo pipefail
@@ -150,6 +152,20 @@ start-after-update)  # B (same shape, other weights) made current: the start fin
         python3 bench/bench_start.py raw /tmp/phi4 /tmp/raw-cache --label "$label" "${SIZES[@]}" \
             EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
     done
+    ;;
+start-steps)  # each start's timeline holds the engine's steps: the daemon's, the engine core's
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    rm -rf "$STATE" "$CACHE" /tmp/raw-cache
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    for label in cold warm1 warm2 warm3; do
+        python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label "$label" "${SIZES[@]}" \
+            EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start-steps.jsonl"
+    done
+    for label in raw-cold raw-warm1 raw-warm2; do
+        python3 bench/bench_start.py raw /tmp/phi4 /tmp/raw-cache --label "$label" "${SIZES[@]}" \
+            EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start-steps.jsonl"
+    done
+    bash "$0" bench
     ;;
 options)
     python3 bench/bench_options.py /tmp/phi4 /tmp/raw-cache/vllm --rounds 2 --max-tokens 256 \

@@ -99,6 +99,7 @@ class Daemon:
         # What torch compiles outside vLLM's own cache (the CPU build's precompiled headers)
         # goes to /tmp by default, which the unit's PrivateTmp empties on every start.
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.cache_dir / "inductor"))
+        timeline.collect_steps(settings.runtime_dir / "start-steps.tsv")  # the engine's processes
         store = open_store(settings)
         metrics = self.metrics
         loader = EngineLoader(settings, store, self._engine_factory, self._probe)
@@ -128,6 +129,7 @@ class Daemon:
             self._tasks.start(name, source)
         self._notifier.ready(lifecycle.describe())
         timeline.mark("servers up, READY")
+        timeline.stop_collecting()
         if (check := lifecycle.check_after_start()) is not None:
             self._tasks.start("check-after-start", check)
         logger.info("serving %s (%s) %.1f s after the process started:\n%s", serving.model_id,
@@ -186,6 +188,7 @@ class Daemon:
 
     async def shutdown(self) -> None:
         slot, grace = self.slot, self.settings.server.drain_grace_s
+        self.timeline.stop_collecting()  # a start that failed or was stopped left it
         self._notifier.stopping(f"stopping: draining {len(slot)} request(s)")
         if len(slot):  # counted at the stop, before the background tasks take their time to end
             logger.info("draining %d request(s) for up to %g s", len(slot), grace)

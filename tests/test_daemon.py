@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +27,7 @@ from edgeagent.client import Client, Parameters, build_request
 from edgeagent.demo.tiny import EMBEDDED_MODEL_ID
 from edgeagent.store.manifest import ImportSource, Manifest
 from edgeagent.store.store import ModelStore
+from edgeagent.timeline import SUBSTEP_INDENT
 from edgeagent.v1 import admin_pb2 as admin_pb
 from edgeagent.v1 import generation_pb2 as pb
 from edgeagent.v1 import generation_pb2_grpc as pb_grpc
@@ -124,6 +125,8 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory: DaemonFacto
     ]  # fmt: skip
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("serving   ")
+    with Client(daemon.admin_target, timeout=HANG_S) as admin:
+        _check_start_timeline(admin.status().start_timeline, status.stdout)
     assert on_app_socket.returncode == 3  # the admin API is not on the apps' socket
     assert "UNIMPLEMENTED" in on_app_socket.stderr
 
@@ -140,6 +143,35 @@ async def test_sigterm_lets_streams_in_flight_finish(daemon_factory: DaemonFacto
         messages += await _read_to_end(stream)
     assert messages[-1].finish_reason in (pb.FINISH_REASON_MAX_TOKENS, pb.FINISH_REASON_EOS_TOKEN)
     assert await asyncio.to_thread(daemon.wait, HANG_S) == 0
+
+
+def _check_start_timeline(rows: Sequence[admin_pb.StartPhase], shown: str) -> None:
+    """The start's phases sum to the time since the process started; the engine's steps, from
+    the daemon, the engine core and its worker, sum to the engine's phase, in the order of a
+    start; `edgeagent status` shows them under it."""
+    phases: list[tuple[str, float, list[tuple[str, float]]]] = []
+    for row in rows:
+        if row.name.startswith(SUBSTEP_INDENT):
+            phases[-1][2].append((row.name.strip(), row.seconds))
+        else:
+            phases.append((row.name, row.seconds, []))
+    total = sum(seconds for _, seconds, _ in phases)
+    assert f"started in {total:.1f} s:" in shown
+    engine = [p for p in phases if p[0].startswith("engine start")]
+    assert len(engine) == 1, rows
+    _, engine_s, steps = engine[0]
+    assert sum(seconds for _, seconds in steps) == pytest.approx(engine_s, abs=0.1)
+    assert all(seconds >= 0 for _, seconds in steps)
+    names = [name for name, _ in steps]
+    order = [
+        "daemon: imports (vLLM, torch)", "starting the worker process",
+        "worker: interpreter, imports (vLLM, torch)", "worker: model built, weights read",
+        "worker: torch.compile and warm-up run (Dynamo, Inductor cache)",
+        "engine core: KV cache allocated, warm-up done", "daemon: engine core ready, AsyncLLM up",
+    ]  # fmt: skip
+    assert [name for name in names if name in order] == order, names
+    assert any(name.startswith("engine core:") for name in names[: names.index(order[1])])
+    assert "    " + f"{steps[0][1]:7.2f} s  {steps[0][0]}" in shown
 
 
 async def test_streams_past_the_grace_are_cancelled_with_a_reason(

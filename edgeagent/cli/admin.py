@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from edgeagent.client import Client, default_admin_target
 from edgeagent.release import installed_release
+from edgeagent.timeline import SUBSTEP_INDENT
 from edgeagent.v1 import admin_pb2 as pb
 
 EXIT_NOT_PROMOTED = 11
@@ -49,11 +51,18 @@ def _status(args: argparse.Namespace) -> int:
     for outcome in status.history:
         _print_outcome(outcome)
     if status.start_timeline:
-        total = sum(phase.seconds for phase in status.start_timeline)
-        print(f"started in {total:.1f} s:")
-        for phase in status.start_timeline:
-            print(f"  {phase.seconds:7.2f} s  {phase.name}")
+        _print_timeline(status.start_timeline)
     return 0
+
+
+def _print_timeline(rows: Sequence[pb.StartPhase]) -> None:
+    """The start's phases, each followed by its sub-steps (indented in the name, and already
+    counted in their phase)."""
+    total = sum(row.seconds for row in rows if not row.name.startswith(SUBSTEP_INDENT))
+    print(f"started in {total:.1f} s:")
+    for row in rows:
+        step = row.name.startswith(SUBSTEP_INDENT)
+        print(f"  {'  ' if step else ''}{row.seconds:7.2f} s  {row.name.strip()}")
 
 
 def _update(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeagent.engine import cpu_kernels, orphans
+from edgeagent.engine.core_fork import forked_engine_core
 from edgeagent.engine.interface import (
     ChatMessage,
     Delta,
@@ -31,6 +32,7 @@ from edgeagent.engine.interface import (
 )
 from edgeagent.engine.structured import structured_outputs
 from edgeagent.errors import EngineDeadError, EngineError, InvalidRequestError
+from edgeagent.timeline import record_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +63,7 @@ class VllmEngine:
         orphans.mark_daemon()
         stats = _LatestStats()
         args = _engine_args(config)
+        record_step("daemon: imports (vLLM, torch)")
         freeze_import_heap()
         kernel = _set_engine_environment(config)
         return cls._launch(args, config, stats, kernel)
@@ -76,7 +79,13 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[stats.logger_factory()])
+        vllm_config = args.create_engine_config()
+        record_step("daemon: vLLM's engine config (platform checks, heap frozen)")
+        with forked_engine_core():
+            llm = AsyncLLM.from_vllm_config(
+                vllm_config, stat_loggers=[stats.logger_factory()], disable_log_stats=True
+            )
+        record_step("daemon: engine core ready, AsyncLLM up")
         model_config = llm.model_config
         facts = ModelFacts(
             path=config.model_path,

@@ -43,7 +43,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             bad_versions=updater.journal.bad,
             next_swap=updater.next_swap(),
             start_timeline=[
-                pb.StartPhase(name=name, seconds=seconds) for name, seconds in self._timeline.phases
+                pb.StartPhase(name=name, seconds=seconds) for name, seconds in self._timeline.rows
             ],
         )
 
