@@ -54,7 +54,7 @@ def _gptq_layer(q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor) -> to
     return layer
 
 
-def test_the_kernel_dequantizes_once_and_matches_a_dense_matmul() -> None:
+def test_the_kernel_dequantizes_once_into_the_models_dtype_and_matches_a_dense_matmul() -> None:
     from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
         MPLinearLayerConfig,
     )
@@ -72,10 +72,10 @@ def test_the_kernel_dequantizes_once_and_matches_a_dense_matmul() -> None:
     kernel.process_weights_after_loading(layer)
     out = kernel.apply_weights(layer, x, bias)
 
-    dense = (q.float() - 8) * scales.float().repeat_interleave(group, dim=0)
-    assert torch.equal(getattr(layer, DENSE_PARAMETER), dense.t())
+    dense = ((q.float() - 8) * scales.float().repeat_interleave(group, dim=0)).half()
+    assert torch.equal(getattr(layer, DENSE_PARAMETER), dense.t())  # in the model's dtype
     assert out.dtype == torch.half
-    torch.testing.assert_close(out, (x.float() @ dense + bias.float()).half())
+    torch.testing.assert_close(out, (x.float() @ dense.float() + bias.float()).half())
 
 
 async def test_the_sessions_engine_runs_the_avx2_path(engine: VllmEngine) -> None:
