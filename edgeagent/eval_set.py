@@ -4,7 +4,8 @@ Where it comes from, for the version being judged, first match wins (`eval_set_f
 1. the version's own `eval.jsonl` (at its root: fetched, imported and signed with it, listed
    with its sha256 in the manifest, checked when the version is committed);
 2. `updates.eval_set`, a JSONL on the box (checked before any slow work);
-3. the default for the version's model: the embedded tiny model (`edgeagent/tiny-phi4`) keeps
+3. the default for the version's model: the embedded tiny model (`edgeagent/tiny-phi4`, by its
+   config's mark or its source) keeps
    the held-out exchanges of its own dataset (`held_out_set`); any other model, a real Phi-4
    first, gets the general-purpose exchanges the project ships (`eval_general.jsonl`), never
    the tiny model's synthetic tasks.
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edgeagent.demo.dataset import TASKS, Exchange, exchanges
-from edgeagent.demo.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE
+from edgeagent.demo.tiny import EMBEDDED_MODEL_ID, PHI4_CHAT_TEMPLATE, is_embedded_model
 from edgeagent.errors import ConfigError, CorruptArtifactError
 from edgeagent.store.eval_file import EVAL_FILE, EvalRecord, parse_eval_lines, read_eval_file
 from edgeagent.store.manifest import Manifest
@@ -104,7 +105,7 @@ def eval_set_for(
             raise CorruptArtifactError(f"the eval set of {manifest.version}: {message}") from None
     if configured is not None:
         return rendered_file(configured, model_dir)
-    if manifest.model_id == EMBEDDED_MODEL_ID:
+    if manifest.model_id == EMBEDDED_MODEL_ID or is_embedded_model(model_dir):
         return held_out_set(prompts)
     return general_set(model_dir, prompts)
 

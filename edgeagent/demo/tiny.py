@@ -21,6 +21,7 @@ from typing import Any
 from edgeagent.store.durable import fsync_dir, fsync_tree
 
 EMBEDDED_MODEL_ID = "edgeagent/tiny-phi4"
+MODEL_MARK = "edgeagent_model"  # config.json's key naming the embedded model, wherever it went
 
 # Phi-4's special tokens (microsoft/phi-4 tokenizer_config.json); pad is one of its dummies.
 BOS_TOKEN = "<|endoftext|>"
@@ -160,6 +161,16 @@ def _with_vocabulary_entries(tokenizer: Any, tokens: list[str]) -> Any:
     return Tokenizer.from_str(json.dumps(data))
 
 
+def is_embedded_model(model_dir: Path) -> bool:
+    """Whether `model_dir` holds the embedded model (random, trained or quantized), however it
+    reached the store: its config.json says so."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get(MODEL_MARK) == EMBEDDED_MODEL_ID
+
+
 def write_config(out: Path, shape: TinyShape, ids: dict[str, int]) -> None:
     config = {
         "architectures": ["Phi3ForCausalLM"],
@@ -188,6 +199,7 @@ def write_config(out: Path, shape: TinyShape, ids: dict[str, int]) -> None:
         "torch_dtype": "float16",
         "use_cache": True,
         "vocab_size": shape.vocab_size,
+        MODEL_MARK: EMBEDDED_MODEL_ID,  # kept by transformers, AutoRound and vLLM
     }
     generation = {
         "bos_token_id": ids[BOS_TOKEN],

@@ -40,7 +40,7 @@ from edgeagent.store.durable import fsync_dir, fsync_tree
 
 logger = logging.getLogger(__name__)
 
-TRAINED_FORMAT = 2  # bump when this module changes what it writes
+TRAINED_FORMAT = 3  # bump when this module changes what it writes
 SHAPE = TinyShape()
 
 # The kernels the training child may use, the same on every x86-64 CPU with AVX2 whatever wider
