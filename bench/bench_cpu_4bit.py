@@ -4,11 +4,10 @@ the CPU build has one, vLLM's own 4-bit kernel; each on its own engine, in one r
     .venv/bin/python bench/bench_cpu_4bit.py FP16_DIR GPTQ_DIR [--avx2] [--rounds 3]
 
 FP16_DIR is the trained embedded model (`.cache/trained/tiny-phi4-*`), GPTQ_DIR its 4-bit build
-(a store version's `model/` directory). `--avx2` runs everything as a CPU with AVX2 and no
-AVX-512 would, as `make test-avx2-only` does: torch, oneDNN and MKL capped at AVX2 and vLLM
-loading its AVX2 library (tests/avx2_only/sitecustomize.py), for the fp16 engine too, so the
-ratio is the one an AVX2 machine sees (there both 4-bit variants run edgeagent's kernel).
-Each variant: single-stream greedy decode of `--tokens` tokens, the best of
+(a store version's `model/` directory). `--avx2` caps torch, oneDNN and MKL at AVX2 in the
+engines' processes as the training child does (vLLM's own library is still the one the CPU's
+features pick). Each variant's first answer is printed too: a speed is worth nothing if the
+answer is noise. Each variant: single-stream greedy decode of `--tokens` tokens, the best of
 `--rounds`, after one warm-up; the three engines run side by side and take turns round by round.
 Not a test: numbers only.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -27,16 +25,16 @@ from edgeagent.demo.train import X86_TRAINING_KERNELS
 from edgeagent.engine.interface import EngineConfig, SamplingOptions
 from edgeagent.engine.vllm_engine import VllmEngine
 
-AVX2_ONLY = Path(__file__).resolve().parent.parent / "tests/avx2_only"
 PROMPT = Exchange("Tell me about edgeagent.", "").prompt()
 
 
-async def decode_speed(engine: VllmEngine, tokens: int, name: str) -> float:
+async def decode_speed(engine: VllmEngine, tokens: int, name: str) -> tuple[float, str]:
+    """Tokens a second, and the answer's text."""
     options = SamplingOptions(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    started, generated = time.perf_counter(), 0
+    started, generated, text = time.perf_counter(), 0, ""
     async for delta in engine.stream(engine.encode(PROMPT), options, name):
-        generated = delta.completion_tokens
-    return generated / (time.perf_counter() - started)
+        generated, text = delta.completion_tokens, text + delta.text
+    return generated / (time.perf_counter() - started), text
 
 
 def start(model: Path, kernel: str) -> VllmEngine:
@@ -51,8 +49,10 @@ async def interleaved(engines: dict[str, VllmEngine], tokens: int, rounds: int) 
     best = dict.fromkeys(engines, 0.0)
     for round_ in range(rounds + 1):
         for label, engine in engines.items():
-            speed = await decode_speed(engine, tokens, f"bench-{round_}")
-            if round_:  # the first is the warm-up
+            speed, text = await decode_speed(engine, tokens, f"bench-{round_}")
+            if not round_:  # the warm-up
+                print(f"{label}: {text[:70]!r}")
+            else:
                 best[label] = max(best[label], speed)
     return best
 
@@ -65,9 +65,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    if args.avx2 and os.environ.get("PYTHONPATH") != str(AVX2_ONLY):
-        as_avx2 = {**os.environ, **X86_TRAINING_KERNELS, "PYTHONPATH": str(AVX2_ONLY)}
-        os.execve(sys.executable, [sys.executable, *sys.argv], as_avx2)  # sitecustomize at start
+    if args.avx2:
+        os.environ.update(X86_TRAINING_KERNELS)
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     variants = [("fp16", args.fp16, "auto"), ("4-bit, edgeagent's kernel", args.gptq, "edgeagent"),
                 ("4-bit, vLLM's kernel (auto)", args.gptq, "auto")]  # fmt: skip

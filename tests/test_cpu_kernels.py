@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import REPO
 from vllm.model_executor.layers.quantization.utils.quant_utils import (
     pack_quantized_values_into_int32,
     unpack_quantized_values_into_int32,
 )
 from vllm.scalar_type import scalar_types
-from waits import HANG_S
 
 from edgeagent.engine.cpu_kernels import DENSE_PARAMETER, dense_kernel_class, dequantize
 from edgeagent.engine.vllm_engine import VllmEngine
@@ -82,18 +76,3 @@ async def test_the_sessions_engine_runs_the_avx2_path(engine: VllmEngine) -> Non
     """The session's engine asks for edgeagent's kernel, so every test on it runs the path an
     AVX2-only CPU takes, even on a CPU whose vLLM build has its own 4-bit kernel."""
     assert await engine.quantized_kernels() == ["EdgeagentWNA16LinearKernel"]
-
-
-def test_the_avx2_only_mode_loads_vllms_avx2_library() -> None:
-    """`make test-avx2-only`'s environment: vLLM loads its AVX2 library, which has no 4-bit
-    GEMM (so edgeagent's kernel serves, as on an AVX2-only CPU), and torch dispatches to AVX2."""
-    probe = (
-        "import torch\n"
-        "from vllm.platforms import current_platform\n"
-        "current_platform.import_kernels()\n"
-        "print(torch.backends.cpu.get_cpu_capability(), hasattr(torch.ops._C, 'cpu_gemm_wna16'))\n"
-    )
-    avx2_only = {"PYTHONPATH": str(REPO / "tests/avx2_only"), "ATEN_CPU_CAPABILITY": "avx2"}
-    done = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **avx2_only},
-                          capture_output=True, text=True, timeout=HANG_S, check=True)  # fmt: skip
-    assert done.stdout.split()[-2:] == ["AVX2", "False"], done.stdout + done.stderr
