@@ -10,7 +10,7 @@ STUBS := edgeagent/v1/generation_pb2.py
 DEMO_ENV := EDGEAGENT_STATE_DIR=$(CURDIR)/.demo/state EDGEAGENT_CACHE_DIR=$(CURDIR)/.demo/cache \
             EDGEAGENT_RUNTIME_DIR=$(CURDIR)/.demo/run
 
-.PHONY: demo test test-fast test-avx2-only lint bench venv clean release lock
+.PHONY: demo test test-fast lint bench venv clean release lock
 
 venv: $(STAMP) $(STUBS)
 
@@ -43,15 +43,6 @@ test-fast: venv
 test: lint
 	$(FAST)
 	$(BIN)/pytest -q --durations=40 --ignore=tests/fast
-
-# `make test` with torch's, oneDNN's and MKL's kernels capped at AVX2, on any x86-64 machine.
-# vLLM's own library is still the one the CPU's features pick: made to load its AVX2 library on
-# an AVX-512 machine (by patching torch's CPU checks), vLLM gave NaN logits, so that part is not
-# simulated. The tests' engines take edgeagent's 4-bit kernel (the AVX2 path) on every CPU.
-AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
-test-avx2-only: lint
-	$(AVX2_ONLY) $(FAST)
-	$(AVX2_ONLY) $(BIN)/pytest -q --durations=40 --ignore=tests/fast
 
 # An offline release (docs/release.md): dist/edgeagent-<version>-<flavor>-linux-x86_64.tar from
 # HEAD, its wheels pinned by release/<flavor>.lock. RELEASE_VERSION labels it (default: the
