@@ -7,12 +7,12 @@ daemon's modules already imported. vLLM forks it by default, but its CPU platfor
 the engine core is forked and its worker is still spawned. Where CUDA is already initialized in
 the daemon, vLLM spawns anyway.
 
-A forked process inherits the daemon's state, of which three things are fixed in it, before
+A forked process inherits the daemon's state, of which four things are fixed in it, before
 vLLM's code runs there (`multiprocessing.util.register_after_fork`): the wake-up descriptor of the
 daemon's event loop (a signal to the engine core, such as vLLM's own SIGTERM at shutdown, would
-otherwise arrive in the daemon's loop as the daemon's own), the worker start method, and the
-plugins vLLM loads only once per process (the orphan guard; the start steps' log hook is
-inherited).
+otherwise arrive in the daemon's loop as the daemon's own), the warning filters (a fresh
+interpreter's), the worker start method, and the plugins vLLM loads only once per process (the
+orphan guard; the start steps' log hook is inherited).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import warnings
 from collections.abc import Iterator
 from multiprocessing import util
 
@@ -44,8 +45,17 @@ class _ForkedChild:
             os.environ.pop(METHOD_VARIABLE, None)
         else:
             os.environ[METHOD_VARIABLE] = self.worker_method
+        _fresh_warning_filters()
         orphans.register()
         record_step("daemon: AsyncLLM set up, engine core forked")
+
+
+def _fresh_warning_filters() -> None:
+    """A fresh interpreter's filters: the daemon's own (a test runner's "error", say) would turn
+    a library's DeprecationWarning into a failed request in the engine core."""
+    warnings.resetwarnings()
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
 
 
 _FORKED = _ForkedChild()

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -75,9 +76,14 @@ def test_a_log_line_of_vllm_ends_its_step_and_other_lines_do_not(timeline: Start
 
 
 def _report(out: Connection) -> None:
-    """In the forked child: its start method for workers and whether a signal would still reach
-    the parent's event loop."""
-    out.send((os.environ.get(METHOD_VARIABLE), signal.set_wakeup_fd(-1)))
+    """In the forked child: its start method for workers, whether a signal would still reach
+    the parent's event loop, and whether a library's DeprecationWarning would raise there."""
+    try:
+        warnings.warn("deprecated", DeprecationWarning, stacklevel=1)
+        raised = False
+    except DeprecationWarning:
+        raised = True
+    out.send((os.environ.get(METHOD_VARIABLE), signal.set_wakeup_fd(-1), raised))
 
 
 def test_the_forked_engine_core_keeps_nothing_of_the_daemons_signals_and_spawns_its_worker(
@@ -90,12 +96,13 @@ def test_the_forked_engine_core_keeps_nothing_of_the_daemons_signals_and_spawns_
     previous = signal.set_wakeup_fd(writer.fileno())  # as the daemon's event loop has it
     try:
         receive, send = multiprocessing.Pipe(duplex=False)
-        with forked_engine_core():
+        with forked_engine_core(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # as the test runner has them: not the engine's
             assert os.environ[METHOD_VARIABLE] == "fork"
             child = multiprocessing.get_context("fork").Process(target=_report, args=(send,))
             child.start()
         child.join(timeout=30)
-        assert receive.recv() == ("spawn", -1)
+        assert receive.recv() == ("spawn", -1, False)
         assert os.environ[METHOD_VARIABLE] == "spawn"
     finally:
         signal.set_wakeup_fd(previous)
