@@ -153,8 +153,9 @@ async def test_busy_is_a_429_rate_limit_error_and_too_large_a_413_invalid_reques
               "EDGEAGENT_LIMITS__MAX_PROMPT_TOKENS": "80"}  # fmt: skip
     body = {"prompt": "x" * 60, "max_tokens": 500, "stream": True}
     async with in_process(box, **limits), http(box) as raw, client(box) as api:
-        # Before the stream: a request sent after a closed stream was seen to wait until that
-        # stream's generation ended, which made this check flaky (not yet understood)
+        # Before the stream: sent after it (on the client that got the 429), this request was
+        # seen to wait until the closed stream's generation would have ended, though the
+        # server frees a closed stream at once; that made the check flaky (not yet understood)
         with pytest.raises(openai.APIStatusError) as too_large:
             await api.completions.create(model="", prompt="z" * 90)
         async with raw.stream("POST", "/v1/completions", json=body) as streaming:
