@@ -82,9 +82,11 @@ class VllmEngine:
         vllm_config = args.create_engine_config()
         record_step("daemon: vLLM's engine config (platform checks, heap frozen)")
         with forked_engine_core():
-            llm = AsyncLLM.from_vllm_config(
-                vllm_config, stat_loggers=[stats.logger_factory()], disable_log_stats=True
-            )
+            llm = AsyncLLM.from_vllm_config(  # what from_engine_args passes, from the same args
+                vllm_config, stat_loggers=[stats.logger_factory()],
+                enable_log_requests=args.enable_log_requests,
+                disable_log_stats=args.disable_log_stats,
+            )  # fmt: skip
         record_step("daemon: engine core ready, AsyncLLM up")
         model_config = llm.model_config
         facts = ModelFacts(
