@@ -38,7 +38,9 @@ from edgeagent.server.listeners import Listeners
 from edgeagent.server.openai.listen import HttpApi
 from edgeagent.settings import Settings
 from edgeagent.sources.prepare import acquire_default
+from edgeagent.store.compile_key import BoxFacts, probe_box
 from edgeagent.store.store import ModelStore, open_store
+from edgeagent.store.warm_start import WarmStart
 from edgeagent.systemd import Notifier, keep_alive_while_starting, progress_as_status
 from edgeagent.tasks import Supervisor
 from edgeagent.timeline import StartTimeline
@@ -60,8 +62,11 @@ class Daemon:
         settings: Settings,
         engine_factory: EngineFactory = VllmEngine.start,
         probe: MemoryProbe | None = None,
+        box: Callable[[], BoxFacts] = probe_box,
     ) -> None:
         self.settings = settings
+        self._box = box  # what a compile cache's key says of this machine
+        self.warm_start: WarmStart | None = None
         self.slot = ServingSlot()
         self._engine_factory = engine_factory
         self._probe = probe or default_probe()
@@ -102,7 +107,11 @@ class Daemon:
         timeline.collect_steps(settings.runtime_dir / "start-steps.tsv")  # the engine's processes
         store = open_store(settings)
         metrics = self.metrics
-        loader = EngineLoader(settings, store, self._engine_factory, self._probe)
+        factory = self._engine_factory
+        if settings.store.compile_cache:  # each version's compile cache, in and out
+            self.warm_start = WarmStart(store, settings.cache_dir, self._box)
+            factory = self.warm_start.wrap(factory)
+        loader = EngineLoader(settings, store, factory, self._probe)
         lifecycle = self.lifecycle = Lifecycle(
             settings, store, loader, self.slot, timeline=timeline, off_loop=self._off_loop,
             cancel=self._cancel, status=self._notifier.status,
@@ -127,6 +136,9 @@ class Daemon:
         await self.listeners.start(lifecycle.updater, timeline, self._probe)
         for name, source in update_sources(settings, store, lifecycle.updater):
             self._tasks.start(name, source)
+        if (warm := self.warm_start) is not None:
+            self._tasks.start("compile-cache-export", lambda: warm.export_loop(
+                self._serving_engine, self.slot.changed))  # fmt: skip
         self._notifier.ready(lifecycle.describe())
         timeline.mark("servers up, READY")
         timeline.stop_collecting()
@@ -134,6 +146,10 @@ class Daemon:
             self._tasks.start("check-after-start", check)
         logger.info("serving %s (%s) %.1f s after the process started:\n%s", serving.model_id,
                     serving.version, timeline.total_s, timeline.table())  # fmt: skip
+
+    def _serving_engine(self) -> tuple[object, str] | None:
+        serving = self.slot.serving
+        return (serving.engine, serving.version) if serving is not None else None
 
     @property
     def updater(self) -> Updater | None:

@@ -189,6 +189,16 @@ class StoreSettings(BaseModel):
         "loaded at once and hashed after serving starts, the rest before; full: sha256 of "
         "every file before loading (~1 GB/s); size: sizes only",
     )
+    compile_cache: bool = Field(
+        default=True,
+        description="export what vLLM, Inductor and Triton compiled for a version beside it "
+        "in the store, and start warm from a stored compile cache whose key matches this box",
+    )
+    compile_cache_from_sources: bool = Field(
+        default=True,
+        description="take the compile cache a hub repo or a drop brings (compiled code, run "
+        "by the engine; never taken where signatures are required)",
+    )
 
 
 class BuildSettings(BaseModel):

@@ -32,12 +32,15 @@ class Member:
     status: os.stat_result
 
 
-def list_members(root: Path, *, follow_links: bool) -> list[Member]:
-    """The regular files under `root`, as they are now; refused if anything else is there."""
+def list_members(
+    root: Path, *, follow_links: bool, skip: frozenset[str] = frozenset()
+) -> list[Member]:
+    """The regular files under `root`, as they are now; refused if anything else is there.
+    `skip`: names at the top that are not the model's (its compile cache, taken apart)."""
     if root.is_symlink() and not follow_links:
         raise CorruptArtifactError(f"{root} is a symbolic link; refused")
     members: list[Member] = []
-    _walk(root, "", follow_links, members, depth=0)
+    _walk(root, "", follow_links, members, depth=0, skip=skip)
     return sorted(members, key=lambda m: m.relative)
 
 
@@ -64,7 +67,10 @@ def copy_member(root: Path, member: Member, target: Path, *, follow_links: bool)
         )
 
 
-def _walk(directory: Path, prefix: str, follow: bool, members: list[Member], depth: int) -> None:
+def _walk(
+    directory: Path, prefix: str, follow: bool, members: list[Member], depth: int,
+    skip: frozenset[str] = frozenset(),
+) -> None:  # fmt: skip
     if depth > MAX_DEPTH:
         raise CorruptArtifactError(f"{directory}: nested more than {MAX_DEPTH} levels; refused")
     try:
@@ -73,6 +79,8 @@ def _walk(directory: Path, prefix: str, follow: bool, members: list[Member], dep
         raise CorruptArtifactError(f"cannot list {directory}: {error.strerror}") from None
     for entry in entries:
         relative = f"{prefix}{entry.name}"
+        if depth == 0 and entry.name in skip:
+            continue
         if entry.name.startswith("."):
             logger.info("skipping hidden %s in %s", relative, directory)
             continue

@@ -40,6 +40,7 @@ from edgeagent.errors import (
     UnavailableError,
 )
 from edgeagent.settings import GiB, Settings
+from edgeagent.store.compile_cache import CACHE_FOLDER, take_compile_caches
 from edgeagent.store.durable import fsync_dir, fsync_file, write_durably
 from edgeagent.store.eval_file import EVAL_FILE, read_eval_file
 from edgeagent.store.manifest import (
@@ -58,6 +59,7 @@ from edgeagent.store.trust import SIGNATURE_FILE, TrustPolicy, read_signature
 logger = logging.getLogger(__name__)
 
 IGNORED_IN_STAGING = {".cache", ".gitattributes"}
+NOT_MODEL_FILES = frozenset({CACHE_FOLDER})  # in a directory imported: taken apart
 VERIFIED = "verified.json"  # in a version's directory: each file's identity when last hashed
 
 
@@ -84,11 +86,13 @@ class GcReport:
 
 class ModelStore:
     def __init__(
-        self, root: Path, *, min_free_bytes: int = 0, trust: TrustPolicy | None = None
-    ) -> None:
+        self, root: Path, *, min_free_bytes: int = 0, trust: TrustPolicy | None = None,
+        compile_caches_from_sources: bool = True,
+    ) -> None:  # fmt: skip
         self.root = root
         self.min_free_bytes = min_free_bytes
         self.trust = trust or TrustPolicy()
+        self.compile_caches_from_sources = compile_caches_from_sources
         self.blobs = root / "blobs" / "sha256"
         self.versions = root / "versions"
         self.staging_root = root / "staging"
@@ -145,6 +149,13 @@ class ModelStore:
         os.replace(temporary, link)
         fsync_dir(link.parent)
         return link
+
+    def version_at(self, path: Path) -> str | None:
+        """The stored version whose model `path` is (or links to); None outside the store."""
+        model = path.resolve()
+        if model.name != "model" or model.parent.parent != self.versions.resolve():
+            return None
+        return model.parent.name
 
     def find_hub_version(self, repo: str, revision: str) -> Manifest | None:
         """The newest stored version fetched from repo at revision (a ref name or a commit)."""
@@ -348,8 +359,10 @@ class ModelStore:
     ) -> Manifest:
         """Copy a model directory in, then commit it like any other. Only regular files are
         taken, each as it was when listed (`snapshot.py`); `follow_links=False` for a
-        directory that is not trusted (a drop): a symlink anywhere refuses it."""
-        members = list_members(directory, follow_links=follow_links)
+        directory that is not trusted (a drop): a symlink anywhere refuses it. A compile cache
+        the directory brings (`compile-cache/`) is taken beside the version when it checks out
+        (compile_cache.py), never as one of its files."""
+        members = list_members(directory, follow_links=follow_links, skip=NOT_MODEL_FILES)
         if not any(m.relative == "config.json" for m in members):
             raise CorruptArtifactError(f"{directory}: no config.json; not a model directory")
         self.ensure_free(sum(m.status.st_size for m in members), f"importing {directory}")
@@ -358,7 +371,9 @@ class ModelStore:
                 target = staged / member.relative
                 target.parent.mkdir(parents=True, exist_ok=True)
                 copy_member(directory, member, target, follow_links=follow_links)
-            return self.commit(staged, source)
+            manifest = self.commit(staged, source)
+        take_compile_caches(self, directory / CACHE_FOLDER, manifest.version, str(directory))
+        return manifest
 
     def _hash_staged(
         self, staged: Path, expected: Mapping[str, Expected] | None, hashed: Mapping[str, str]
@@ -471,7 +486,9 @@ class ModelStore:
 def open_store(settings: Settings) -> ModelStore:
     """The store as the settings describe it: its directory and the free space it keeps."""
     return ModelStore(settings.models_dir, min_free_bytes=int(settings.store.min_free_gib * GiB),
-                      trust=TrustPolicy.from_settings(settings.trust))  # fmt: skip
+                      trust=TrustPolicy.from_settings(settings.trust),
+                      compile_caches_from_sources=settings.store.compile_cache
+                      and settings.store.compile_cache_from_sources)  # fmt: skip
 
 
 def _check_eval_file(staged: Path, files: list[FileEntry]) -> None:

@@ -40,8 +40,9 @@ from edgeagent.store.manifest import FileEntry, Manifest, SignatureRecord
 SIGNATURE_FILE = "model.sig"  # model_signing's default name, at the model directory's root
 MAX_SIGNATURE_BYTES = 4 << 20
 # What signing a directory leaves out, besides git's files (as model_signing does): the
-# signature itself, the drop directory's marker, huggingface_hub's local-dir cache.
-UNSIGNED_PATHS = (SIGNATURE_FILE, "READY", ".cache")
+# signature itself, the drop directory's marker, huggingface_hub's local-dir cache, and the
+# compile cache (kept beside the version, not one of its files: store/compile_cache.py).
+UNSIGNED_PATHS = (SIGNATURE_FILE, "READY", ".cache", "compile-cache")
 CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 LISTED = 4  # problems named in one refusal
 
