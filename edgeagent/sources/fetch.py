@@ -49,8 +49,10 @@ from edgeagent.errors import (
     SignatureError,
 )
 from edgeagent.progress import Progress
+from edgeagent.sources.hub_caches import fetch_compile_caches, is_cache_file
 from edgeagent.sources.hub_checks import check_commit, check_listing
 from edgeagent.sources.hub_download import RetryPolicy, call_with_retries, download
+from edgeagent.store.compile_key import probe_box
 from edgeagent.store.eval_file import EVAL_FILE
 from edgeagent.store.manifest import HubSource, Manifest
 from edgeagent.store.store import Expected, ModelStore
@@ -128,7 +130,13 @@ class HubFetcher:
                     endpoint=self.endpoint,
                 )  # fmt: skip
                 model_files = [f for f in files if f.path != SIGNATURE_FILE]
-                return self.store.commit(staged, source, _expected(model_files), hashed)
+                manifest = self.store.commit(staged, source, _expected(model_files), hashed)
+            fetch_compile_caches(
+                self.store, listing, manifest.version, f"{target.repo}@{commit[:10]}",
+                probe_box(), lambda file, root: self._download_file(target.repo, commit, file,
+                                                                    root, cancel), cancel,
+            )  # fmt: skip
+            return manifest
 
     def _admitted(self, known: Manifest) -> bool:
         """A stored version of the commit may be returned as it is only when trust admits it
@@ -257,8 +265,9 @@ def _model_files(listing: list[RepoFile], repo: str, commit: str) -> list[RepoFi
         entry
         for entry in listing
         if entry.path in (SIGNATURE_FILE, EVAL_FILE)
-        or any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS)
-    ]
+        or (not is_cache_file(entry.path)  # fetched apart, after the version (hub_caches.py)
+            and any(fnmatch.fnmatch(entry.path.rsplit("/", 1)[-1], p) for p in MODEL_FILE_PATTERNS))
+    ]  # fmt: skip
     if not any(f.path.endswith(".safetensors") for f in files):
         raise NotFoundError(f"{repo}@{commit[:10]} has no safetensors weights")
     if not any(f.path == "config.json" for f in files):
