@@ -73,6 +73,11 @@ class SystemMemoryProbe:
         )
 
 
+def host_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The host memory available to new allocations (MemAvailable), whatever the device."""
+    return SystemMemoryProbe(meminfo).read().free_bytes
+
+
 def default_probe() -> MemoryProbe:
     """NVML when a GPU is visible, else system memory (vLLM's CPU build)."""
     try:

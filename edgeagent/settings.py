@@ -248,6 +248,16 @@ class UpdateSettings(BaseModel):
         "switch without holding requests; in_place: hold requests, then reload the weights or "
         "restart the engine; auto: beside on a GPU where the fit check says both fit",
     )
+    stage_in_host_memory: bool = Field(
+        default=True,
+        description="for an in-place update, stage the candidate and the serving weights in "
+        "host memory (pinned on a GPU) in the kernels' layout before the pause, so the pause "
+        "is one copy; needs twice the weights in available host memory beside "
+        "`host_reserve_gib`, else the weights are reloaded from disk inside the pause",
+    )
+    host_reserve_gib: float = Field(
+        default=2.0, ge=0, description="host memory staging leaves available to everything else"
+    )
     quality_gate: bool = Field(
         default=True,
         description="score a candidate against the serving version before "

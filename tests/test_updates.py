@@ -188,8 +188,8 @@ async def test_updates_under_load_fail_no_request_and_serve_the_new_weights(
     assert load.versions == {tiny_4bit.version, tiny_4bit_b.version}
     assert (status.version, status.previous_version) == (tiny_4bit.version, tiny_4bit_b.version)
     assert [o.kind for o in status.history] == ["rollback", "update"]
-    assert {o.method for o in status.history} == {"reload"}
-    print(f"\nupdate pause {to_b.pause_s:.3f} s (reload {to_b.reload_s:.3f} s), rollback pause "
+    assert {o.method for o in status.history} == {"copy"}
+    print(f"\nupdate pause {to_b.pause_s:.3f} s (copy {to_b.reload_s:.3f} s), rollback pause "
           f"{back.pause_s:.3f} s; longest gap a client saw {load.longest_gap_s:.3f} s; "
           f"{load.completed} requests, 0 failed")  # fmt: skip
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ DENSE_BUDGET_BYTES = 1 << 30  # dense weights kept per process
 PACK_FACTOR = 8  # 4-bit values in an int32
 
 _state: dict[str, Any] = {"installed": False, "dense_bytes": 0}
+_dense_layers: weakref.WeakSet[Any] = weakref.WeakSet()  # the layers counted in dense_bytes
 
 
 def register() -> None:
@@ -114,12 +116,14 @@ def _define_kernel_class() -> type:
 
 def _keeps_dense(layer: Any, nbytes: int) -> bool:
     """Whether this layer's dense weight fits what is left of the process's budget (a layer
-    reloaded in place already has its share)."""
-    if hasattr(layer, DENSE_PARAMETER):
+    processed again, by a reload or a staging, already has its share: vLLM removes the dense
+    weight before it processes a layer again, so the layer itself is what is remembered)."""
+    if layer in _dense_layers:
         return True
     if _state["dense_bytes"] + nbytes > DENSE_BUDGET_BYTES:
         return False
     _state["dense_bytes"] += nbytes
+    _dense_layers.add(layer)
     return True
 
 

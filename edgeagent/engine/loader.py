@@ -19,12 +19,18 @@ from dataclasses import dataclass
 
 from edgeagent.engine.bounds import StepBounds, within
 from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, SamplingOptions
-from edgeagent.engine.placement import Placement, beside_verdict, require_fit, same_layout
+from edgeagent.engine.placement import (
+    Placement,
+    beside_verdict,
+    require_fit,
+    same_layout,
+    staging_verdict,
+)
 from edgeagent.engine.slot import Serving
 from edgeagent.errors import EngineError, EngineUnresponsiveError, LoadError
 from edgeagent.failpoints import failpoint
 from edgeagent.fit import FitRequest, Plan, plan
-from edgeagent.gpu import DeviceMemory, MemoryProbe
+from edgeagent.gpu import DeviceMemory, MemoryProbe, host_available_bytes
 from edgeagent.settings import GiB, Settings
 from edgeagent.store.manifest import Manifest
 from edgeagent.store.store import ModelStore
@@ -57,6 +63,8 @@ class EngineLoader:
         # the first start, from its fit: the device does not change while the daemon runs);
         # the engine picks its quantized kernel by it (issue 26).
         self.reloads_in_place: tuple[bool, str] | None = None
+        # What each running engine (by id) has staged in host memory: version -> bytes.
+        self._staged: dict[int, dict[str, int]] = {}
 
     def plan(
         self, manifest: Manifest, replacing: Serving | None = None, beside: Serving | None = None
@@ -164,17 +172,62 @@ class EngineLoader:
         except Exception as error:  # whatever the engine raises while starting
             raise LoadError(f"the engine failed to start on {manifest.version}: {error}") from error
 
+    def staging(self, serving: Serving) -> tuple[bool, str]:
+        """Whether an in-place update over `serving` stages in host memory, and why."""
+        staged = self._staged.get(id(serving.engine), {})
+        return staging_verdict(
+            self._settings.updates.stage_in_host_memory, serving.plan.weight_bytes,
+            sum(staged.values()), host_available_bytes(),
+            int(self._settings.updates.host_reserve_gib * GiB),
+        )  # fmt: skip
+
+    async def stage(self, candidate: Manifest, serving: Serving) -> str | None:
+        """Before an in-place update's pause, stage `candidate` and the serving weights in host
+        memory (the pause is then one copy; putting the old weights back is one copy too);
+        None when both are staged, else why not (the pause reloads from disk, as without)."""
+        allowed, why = self.staging(serving)
+        if not allowed:
+            return why
+        engine, keys = serving.engine, [serving.version, candidate.version]
+        started, bounds = time.perf_counter(), self.bounds
+        bound_s = 2 * bounds.reload_s(serving.plan.weight_bytes)  # as two reloads would take
+        try:
+            await engine.keep_staged(keys)
+            await within(engine, self._stage_both(engine, candidate, serving), bound_s,
+                         f"the staging of {candidate.version}", bounds.poll_s)  # fmt: skip
+            self._staged[id(engine)] = await engine.keep_staged(keys)
+        except EngineUnresponsiveError as error:  # the reload in the pause will find it so
+            self._staged[id(engine)] = {}
+            return f"staging failed ({error})"
+        except EngineError as error:
+            self._staged[id(engine)] = await _kept(engine, [serving.version])
+            return f"staging failed ({error})"
+        logger.info("%s and %s staged in host memory in %.2f s (%s)", candidate.version,
+                    serving.version, time.perf_counter() - started, why)  # fmt: skip
+        return None
+
+    async def _stage_both(self, engine: Engine, candidate: Manifest, serving: Serving) -> None:
+        await engine.stage_weights(candidate.version, self._store.model_dir(candidate.version))
+        await engine.stage_weights(serving.version, None)
+
+    def _is_staged(self, serving: Serving, version: str) -> bool:
+        return version in self._staged.get(id(serving.engine), {})
+
     async def reload(
         self, serving: Serving, manifest: Manifest, timings: LoadTimings | None = None
     ) -> Serving:
-        """The running engine with `manifest`'s weights (same layout), smoke-tested. On
-        LoadError the engine still runs, with whatever weights the failure left in it."""
+        """The running engine with `manifest`'s weights (same layout), smoke-tested: copied in
+        from host memory where `stage` staged them, else reloaded from disk. On LoadError the
+        engine still runs, with whatever weights the failure left in it."""
         timings = timings or LoadTimings()
         started = time.perf_counter()
         engine, bounds = serving.engine, self.bounds
+        if self._is_staged(serving, manifest.version):
+            loading = engine.swap_in_staged(manifest.version)
+        else:
+            loading = engine.reload_weights(self._store.model_dir(manifest.version))
         try:
-            await within(engine, engine.reload_weights(self._store.model_dir(manifest.version)),
-                         bounds.reload_s(serving.plan.weight_bytes),
+            await within(engine, loading, bounds.reload_s(serving.plan.weight_bytes),
                          f"the reload of {manifest.version}", bounds.poll_s)  # fmt: skip
         except EngineUnresponsiveError:
             raise
@@ -194,7 +247,12 @@ class EngineLoader:
         return await self.start(manifest, self.plan(manifest), timings)
 
     async def stop(self, serving: Serving) -> None:
+        self._staged.pop(id(serving.engine), None)
         await asyncio.to_thread(serving.engine.shutdown)
+
+    def staged_bytes(self, serving: Serving) -> int:
+        """The host memory `serving`'s engine holds staged weights in."""
+        return sum(self._staged.get(id(serving.engine), {}).values())
 
     async def still_answers(self, serving: Serving, failure: LoadError) -> bool:
         """Whether `serving`'s engine outlived `failure`: not past a bound, and its health
@@ -256,6 +314,14 @@ class EngineLoader:
             async_scheduling=model.async_scheduling,
             speculative=model.speculative,
         )
+
+
+async def _kept(engine: Engine, keys: list[str]) -> dict[str, int]:
+    """After a failed staging: keep only `keys`' sets, if the engine still answers."""
+    try:
+        return await engine.keep_staged(keys)
+    except EngineError:
+        return {}
 
 
 def _shut_down_when_started(starting: asyncio.Future[Engine]) -> None:

@@ -59,3 +59,23 @@ def beside_verdict(mode: SwapMode, second: Plan, first: Plan) -> tuple[bool, str
         f"a second engine of {second.predicted_bytes / GiB:.2f} GiB fits in the "
         f"{second.available_bytes / GiB:.2f} GiB the serving engine leaves"
     )
+
+
+def staging_verdict(
+    enabled: bool, weight_bytes: int, staged_bytes: int, available_bytes: int, reserve_bytes: int
+) -> tuple[bool, str]:
+    """Whether an in-place update may stage the candidate and the serving weights in host
+    memory (two copies of the weights; sets staged already are reused), with the reason."""
+    if not enabled:
+        return False, "updates.stage_in_host_memory is off"
+    needed = max(0, 2 * weight_bytes - staged_bytes)
+    if needed + reserve_bytes > available_bytes:
+        return False, (
+            f"staging needs {needed / GiB:.2f} GiB more host memory (two copies of the weights) "
+            f"and {reserve_bytes / GiB:.2f} GiB kept free; {available_bytes / GiB:.2f} GiB is "
+            "available: the weights are reloaded from disk inside the pause instead"
+        )
+    return True, (
+        f"staged copy: 2 x {weight_bytes / GiB:.2f} GiB of host memory "
+        f"({available_bytes / GiB:.2f} GiB available)"
+    )

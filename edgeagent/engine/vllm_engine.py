@@ -49,6 +49,7 @@ class VllmEngine:
         self._llm_or_none: Any = llm
         self._stats = stats or _LatestStats()
         self._tokenizer = llm.get_tokenizer()
+        self._staged: dict[str, int] = {}  # versions staged in host memory, and their bytes
         self.config = config
         self.facts = facts
 
@@ -264,9 +265,7 @@ class VllmEngine:
         started = time.perf_counter()
         await self._llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_path)})
         loaded = time.perf_counter()
-        if not await self._llm.reset_prefix_cache():
-            raise EngineError("could not drop the prefix cache: requests are still running")
-        await self._llm.collective_rpc("clear_kv_cache")
+        await self._forget_old_computations()
         cleared = time.perf_counter()
         reserved = await self._llm.collective_rpc("release_cached_memory")
         released = time.perf_counter()
@@ -276,6 +275,52 @@ class VllmEngine:
             weights_path, released - started, loaded - started, cleared - loaded,
             released - cleared, sum(reserved) / (1 << 30),
         )  # fmt: skip
+
+    async def stage_weights(self, key: str, weights_path: Path | None) -> int:
+        """Stage `key`'s weights in host memory, in the serving kernels' layout, while the
+        engine serves (`staging.py`): from a checkpoint directory, or (None) the weights serving
+        now. One decoder layer per call, so decode steps run in between. The bytes staged."""
+        started = time.perf_counter()
+        path = str(weights_path) if weights_path is not None else None
+        groups = await self._staging_step("begin_staging", key=key, weights_path=path)
+        staged = 0
+        for index in range(groups):
+            staged = await self._staging_step("stage_group", key=key, index=index)
+        if groups:
+            await self._llm.collective_rpc("release_cached_memory")
+            logger.info("%s staged in host memory: %.2f GiB in %d steps, %.2f s", key,
+                        staged / (1 << 30), groups, time.perf_counter() - started)  # fmt: skip
+        return int(staged) if groups else self.staged().get(key, 0)
+
+    async def _staging_step(self, method: str, **kwargs: Any) -> int:
+        status, value = _first(await self._llm.collective_rpc(method, kwargs=kwargs))
+        if status != "ok":
+            raise EngineError(f"staging {kwargs['key']} failed: {value}")
+        return int(value)
+
+    async def swap_in_staged(self, key: str) -> None:
+        """Copy `key`'s staged weights into the serving tensors (call with no request
+        running); as after a reload, nothing computed by the old weights survives."""
+        started = time.perf_counter()
+        copy_s = _first(await self._llm.collective_rpc("swap_in_staged", kwargs={"key": key}))
+        await self._forget_old_computations()
+        logger.info("%s copied in from host memory in %.3f s (the copy %.3f s)",
+                    key, time.perf_counter() - started, copy_s)  # fmt: skip
+
+    async def keep_staged(self, keys: Sequence[str]) -> dict[str, int]:
+        """Drop every staged set but `keys`'; the sets left and their bytes."""
+        left = _first(await self._llm.collective_rpc("keep_staged", kwargs={"keys": list(keys)}))
+        self._staged = dict(left)
+        return dict(left)
+
+    def staged(self) -> dict[str, int]:
+        """The staged sets, as the last `keep_staged` left them."""
+        return dict(self._staged)
+
+    async def _forget_old_computations(self) -> None:
+        if not await self._llm.reset_prefix_cache():
+            raise EngineError("could not drop the prefix cache: requests are still running")
+        await self._llm.collective_rpc("clear_kv_cache")
 
     @property
     def _llm(self) -> Any:
@@ -499,3 +544,10 @@ def _detail(token: int, text: str | None, entry: Any, top_n: int) -> TokenDetail
     rank = int(chosen.rank) if chosen.rank is not None else None
     text = text if text is not None else (chosen.decoded_token or "")
     return TokenDetail(int(token), text, float(chosen.logprob), rank, top)
+
+
+def _first(per_worker: list[Any]) -> Any:
+    """The answer of the first worker (edgeagent's engines have one: no tensor parallelism)."""
+    if not per_worker:
+        raise EngineError("the engine has no worker to ask")
+    return per_worker[0]

@@ -5,8 +5,12 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from typing import Any
+import logging
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edgeagent.engine.staging import Stager
 
 
 class WorkerExtension:
@@ -37,6 +41,41 @@ class WorkerExtension:
         }
         return sorted(kernels)
 
+    # A method that raises here takes the engine down with it (vLLM's executor treats a failed
+    # RPC as a dead worker), so staging's failures come back as answers: ("error", why).
+
+    def begin_staging(self, key: str, weights_path: str | None) -> tuple[str, Any]:
+        """Start staging `key`'s weights in host memory (`staging.py`): a checkpoint directory,
+        or None for the weights serving now; how many `stage_group` calls it takes."""
+        return _answer(lambda: self._stager().begin(key, weights_path))
+
+    def stage_group(self, key: str, index: int) -> tuple[str, Any]:
+        """Stage one group (a decoder layer) of `key`; the bytes staged so far."""
+        return _answer(lambda: self._stager().stage_group(key, index))
+
+    def swap_in_staged(self, key: str) -> float:
+        """Copy `key`'s staged weights into the serving tensors; the seconds it took."""
+        return self._stager().swap_in(key)
+
+    def keep_staged(self, keys: list[str]) -> dict[str, int]:
+        """Drop every staged set but `keys`'; the sets left, with their bytes."""
+        stager = self._stager()
+        stager.keep_only(keys)
+        return stager.staged()
+
+    def _stager(self) -> Stager:
+        from edgeagent.engine.staging import Stager
+
+        stager = getattr(self, "_edgeagent_stager", None)
+        if stager is None:
+            import torch
+
+            model = self.model_runner.get_model()  # type: ignore[attr-defined]
+            on_gpu = any(p.is_cuda for p in model.parameters()) and torch.cuda.is_available()
+            stager = Stager(model, device_is_gpu=on_gpu)
+            self._edgeagent_stager = stager
+        return stager
+
     def release_cached_memory(self) -> int:
         """Give the allocator's cached blocks back to the device; returns the bytes still
         reserved by PyTorch in this worker (0 on the CPU build).
@@ -51,6 +90,14 @@ class WorkerExtension:
             return 0
         torch.cuda.empty_cache()
         return int(torch.cuda.memory_reserved())
+
+
+def _answer(work: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return "ok", work()
+    except Exception as error:  # whatever the staging met: the candidate is reloaded instead
+        logging.getLogger(__name__).exception("staging failed")
+        return "error", f"{type(error).__name__}: {error}"
 
 
 def _tensors(value: Any) -> Iterator[Any]:

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 HISTORY = 20
 Kind = Literal["update", "rollback", "auto_rollback", "drop", "fetch"]
 Result = Literal["promoted", "refused", "rolled_back", "failed", "interrupted"]
-Method = Literal["", "reload", "restart", "beside"]
+Method = Literal["", "reload", "copy", "restart", "beside"]
 Step = Literal["staged", "verified", "loading", "promoting", "probation"]
 
 
@@ -45,7 +45,8 @@ class UpdateOutcome:
     from_version: str
     result: Result
     reason: str = ""
-    # in place ("reload"), a new engine after the old one ("restart") or beside it ("beside")
+    # in place: from disk ("reload") or copied in from host memory where it was staged before
+    # the pause ("copy"); a new engine after the old one ("restart") or beside it ("beside")
     method: Method = ""
     verify_s: float = 0.0
     pause_s: float = 0.0  # new requests held

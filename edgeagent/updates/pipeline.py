@@ -200,7 +200,10 @@ class Updater:
         if serving is None:
             return ""
         beside, why = self._loader.beside(serving.manifest, serving)
-        return f"{'beside' if beside else 'in place'}: {why}"
+        if beside:
+            return f"beside: {why}"
+        staging, how = self._loader.staging(serving)
+        return f"in place: {why}; {how if staging else 'reloaded from disk: ' + how}"
 
     async def _gate_reference(
         self, kind: Kind, serving: Serving, candidate: Manifest
@@ -232,8 +235,9 @@ class Updater:
                 answers = method != "reload" or await self._loader.still_answers(old, error)
                 return await self._put_back(old, method, engine_answers=answers)
 
+        staged = method == "reload" and await self._staged(candidate, old)
         paused = time.perf_counter()
-        outcome = replace(outcome, method=method)
+        outcome = replace(outcome, method="copy" if staged else method)
         try:
             installed = await self._slot.swap(change, self._hold_s)
         except EngineDeadError as dead:
@@ -250,6 +254,14 @@ class Updater:
         assert installed is not None
         assert installed.version == candidate.version
         return self._promote(installed, old, outcome)
+
+    async def _staged(self, candidate: Manifest, old: Serving) -> bool:
+        """Stage the candidate and the serving weights in host memory before the pause, where
+        the host has room: the pause is then one copy, and so is putting the old back."""
+        not_staged = await self._loader.stage(candidate, old)
+        if not_staged is not None:
+            logger.info("%s loads from disk inside the pause: %s", candidate.version, not_staged)
+        return not_staged is None
 
     async def _bring_in(
         self, candidate: Manifest, old: Serving, method: Method, timings: LoadTimings,

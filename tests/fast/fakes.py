@@ -47,6 +47,9 @@ WORDS = (
 )  # fmt: skip
 
 
+STAGED_BYTES = 4096  # what a fake engine reports for each staged set
+
+
 @dataclass(frozen=True)
 class Behaviour:
     """How a fake engine on a version behaves. Seconds are wall-clock sleeps."""
@@ -168,7 +171,10 @@ class FakeEngine:
         self.closed = self.dead = self.wedged = False
         self.running: set[str] = set()
         self._aborted: set[str] = set()
-        self.reloads: list[Path] = []
+        self.reloads: list[Path] = []  # every change of weights: reloaded or copied in
+        self.copies_in: list[Path] = []  # those copied in from staged host memory
+        self.weights_path = config.model_path.resolve()
+        self.staged: dict[str, tuple[Path, Behaviour]] = {}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode())
@@ -289,11 +295,39 @@ class FakeEngine:
         behaviour = Behaviour.read(weights_path)
         await asyncio.sleep(behaviour.reload_s)
         self.reloads.append(weights_path)
+        self.weights_path = weights_path
         if behaviour.reload_error is not None:
             self.dead = behaviour.reload_kills_engine
             raise EngineError(behaviour.reload_error)
         self.behaviour = behaviour
         self.wedged = behaviour.hang_after_reload
+
+    async def stage_weights(self, key: str, weights_path: Path | None) -> int:
+        """As the real engine stages: a version whose reload fails cannot be staged either
+        (its processing is what fails), and the engine goes on serving."""
+        self._check_alive()
+        path = weights_path or self.weights_path
+        behaviour = Behaviour.read(path) if weights_path is not None else self.behaviour
+        if behaviour.reload_error is not None:
+            raise EngineError(f"staging: {behaviour.reload_error}")
+        self.staged[key] = (path, behaviour)
+        return STAGED_BYTES
+
+    async def swap_in_staged(self, key: str) -> None:
+        self._check_alive()
+        if self.wedged:
+            await _forever()
+        path, behaviour = self.staged[key]
+        await asyncio.sleep(behaviour.reload_s)  # what the copy takes, as the reload's time
+        self.reloads.append(path)
+        self.copies_in.append(path)
+        self.weights_path, self.behaviour = path, behaviour
+        self.wedged = behaviour.hang_after_reload
+
+    async def keep_staged(self, keys: Sequence[str]) -> dict[str, int]:
+        self._check_alive()
+        self.staged = {k: v for k, v in self.staged.items() if k in keys}
+        return dict.fromkeys(self.staged, STAGED_BYTES)
 
     def shutdown(self) -> None:
         self.closed = True

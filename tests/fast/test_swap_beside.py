@@ -123,7 +123,7 @@ async def test_no_room_for_two_swaps_in_place_and_says_so(box: Box) -> None:
         said = (await daemon.status()).next_swap
         outcome = await daemon.update(box.versions["b"].version)
     assert said.startswith("in place: no room for a second engine: "), said
-    assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+    assert (outcome.result, outcome.method) == (PROMOTED, "copy"), outcome
 
 
 async def test_a_memory_budget_counts_the_serving_engine(box: Box) -> None:
@@ -138,7 +138,7 @@ async def test_a_memory_budget_counts_the_serving_engine(box: Box) -> None:
                           EDGEAGENT_MEMORY__BUDGET_GIB=budget) as daemon:  # fmt: skip
         outcome = await daemon.update(box.versions["b"].version)
         live = [engine.behaviour.seed for engine in daemon.engines.live]
-    assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+    assert (outcome.result, outcome.method) == (PROMOTED, "copy"), outcome
     assert live == [2]
 
 
@@ -156,7 +156,7 @@ async def test_a_second_engine_with_less_context_than_the_first_swaps_in_place(b
         said = (await daemon.status()).next_swap
         outcome = await daemon.update(box.versions["b"].version)
     assert "less than the serving engine's" in said, said
-    assert (outcome.result, outcome.method) == (PROMOTED, "reload"), outcome
+    assert (outcome.result, outcome.method) == (PROMOTED, "copy"), outcome
 
 
 def _one_engine(box: Box, probe: FakeProbe) -> Plan:
