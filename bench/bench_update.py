@@ -2,12 +2,13 @@
 
 Starts `edgeagent serve` on STATE_DIR's current version (A), streams from N clients over gRPC
 the whole time, and updates through the admin API A → B → A → ... (`--updates` swaps, one every
-`--every-s` seconds). For each swap it prints the daemon's outcome (pause, reload, smoke test),
-the longest gap in token delivery any client saw around it, and the device's used memory (NVML on
-a GPU) before and after, with the allocator's cache released. With `--check-answers`, after
-each swap a greedy 32-token answer is asked for and compared with the answer of a freshly
-started engine on the same version (A's before the first swap; B's from a second daemon started
-on B after the run). Not a test: numbers only.
+`--every-s` seconds), then optionally one update to a candidate the quality gate refuses
+(`--refused`) and an operator's rollback (`--rollback`). For each swap it prints the daemon's
+outcome (pause, reload, smoke test), the longest gap in token delivery any client saw around
+it, and the device's used memory (NVML on a GPU) before and after, with the allocator's cache
+released. With `--check-answers`, after each swap a greedy 32-token answer is asked for and
+compared with the answer of a freshly started engine on the same version (A's before the first
+swap; B's from a second daemon started on B after the run). Not a test: numbers only.
 
     python bench/bench_update.py STATE_DIR CACHE_DIR VERSION_B [--streams 8] [KEY=VALUE ...]
 """
@@ -110,14 +111,19 @@ async def run(
     ]
     swaps, swaps_at = [], []
     answers: list[tuple[str, str]] = []  # (version served, its greedy answer) after each swap
+    steps = [args.version_b if i % 2 == 0 else version_a for i in range(args.updates)]
+    steps += [args.refused] if args.refused else []
+    steps += ["rollback"] if args.rollback else []
     async with grpc.aio.insecure_channel(admin_target) as channel:
         admin = admin_grpc.AdminServiceStub(channel)
         await asyncio.sleep(args.every_s)
-        for i in range(args.updates):
-            version = args.version_b if i % 2 == 0 else version_a
+        for version in steps:
             before = device_used_bytes()
             asked = time.perf_counter()
-            outcome = await admin.Update(admin_pb.UpdateRequest(version=version))
+            if version == "rollback":
+                outcome = await admin.Rollback(admin_pb.RollbackRequest())
+            else:
+                outcome = await admin.Update(admin_pb.UpdateRequest(version=version))
             answered = time.perf_counter()
             swaps_at.append((asked - 1, answered + 1))
             if args.check_answers:
@@ -163,6 +169,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=4)
     parser.add_argument("--every-s", type=float, default=5.0)
     parser.add_argument("--check-answers", action="store_true")
+    parser.add_argument(
+        "--refused",
+        help="after the updates, one to this version (expected to be refused by the quality gate)",
+    )
+    parser.add_argument("--rollback", action="store_true", help="then an operator's rollback")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edgeagent-update-"))
     settings = {
@@ -189,7 +200,9 @@ def main() -> None:
     if args.check_answers:
         fresh |= fresh_answers(args, workdir, settings, exclude=set(fresh))
         result["answers_match_fresh_engines"] = all(
-            fresh.get(version) == answer for version, answer in result["answers_after_swaps"]
+            fresh.get(version) == answer
+            for version, answer in result["answers_after_swaps"]
+            if version in fresh
         )
         result["fresh_answers"] = fresh
     print(json.dumps(result | {"exit_code": exit_code}, indent=2))

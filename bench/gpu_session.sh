@@ -12,6 +12,9 @@
 #   bash bench/gpu_session.sh update    # hot swaps between two Phi-4-shaped versions under load
 #   bash bench/gpu_session.sh inplace [N] [KERNELS]  # N in-place swaps (8) under 16 streams in a
 #       12 GiB budget, for each kernel (auto marlin machete), answers checked against fresh engines
+#   bash bench/gpu_session.sh onecopy-prepare   # issue 28: A, a close B, a noisy C; a cold start
+#   bash bench/gpu_session.sh onecopy [N]  # N one-copy in-place swaps (8) in a 12 GiB budget
+#       under 16 streams with the quality gate, then C (refused) and a rollback
 #   bash bench/gpu_session.sh beside [N]  # N swaps (8) under 16 streams, candidate beside the old
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
@@ -19,8 +22,9 @@
 #       each a side) vs gRPC vs raw, 1/32 streams
 #   bash bench/gpu_session.sh start    # cold and warm start to a first token: daemon, then raw
 #   bash bench/gpu_session.sh start-after-update  # a new version of the same shape, then raw
-#   bash bench/gpu_session.sh start-steps  # issue 29: cold, then 3 warm starts (the timeline's
-#       engine steps in start.jsonl), 2 raw warm starts, daemon vs raw decode at 1 and 32 streams
+#   bash bench/gpu_session.sh start-steps  # issue 29: cold, then 2 warm starts (the timeline's
+#       engine steps in start-steps.jsonl), 2 raw starts on the daemon's path and cache
+#       (then `bench` for daemon vs raw decode at 1 and 32 streams)
 #   bash bench/gpu_session.sh options  # raw vLLM's speed under engine options (kernels, KV dtype)
 #   bash bench/gpu_session.sh ceiling  # a 12 GiB budget: 4k context, prediction vs NVML; 10 GiB
 set -euo pipefail
@@ -105,6 +109,27 @@ inplace)  # issue 26: a card that holds one engine (12 GiB), each kernel the dae
             --streams 16 --check-answers
     done
     ;;
+onecopy-prepare)  # issue 28: A, a close B (the gate passes it), a noisy C (refused), a warm cache
+    [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
+    [ -d /tmp/phi4-close ] || python3 bench/perturb_checkpoint.py /tmp/phi4 /tmp/phi4-close 0.002 1
+    [ -d /tmp/phi4-noisy ] || python3 bench/perturb_checkpoint.py /tmp/phi4 /tmp/phi4-noisy 0.5 2
+    rm -rf "$STATE"
+    prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
+    for v in close noisy; do
+        prepare_version /tmp/phi4-$v "$STATE" --keep-current | tee -a "$OUT/setup.txt" \
+            | sed -n 's/^imported \([0-9a-f]*\):.*/\1/p' > /tmp/version-$v
+    done
+    EDGEAGENT_MEMORY__BUDGET_GIB=12 python3 bench/bench_start.py daemon "$STATE" "$CACHE" \
+        --label cold-12gib "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start.jsonl"
+    ;;
+onecopy)  # issue 28: in-place swaps staged in pinned host memory, 12 GiB budget, 16 streams,
+    # the quality gate on: N updates A <-> B, then the noisy C (refused) and a rollback
+    python3 bench/bench_update.py "$STATE" "$CACHE" "$(cat /tmp/version-close)" "${SIZES[@]}" \
+        EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 EDGEAGENT_MEMORY__BUDGET_GIB=12 \
+        EDGEAGENT_UPDATES__QUALITY_GATE=true --streams 16 --max-tokens 256 \
+        --updates "${2:-8}" --every-s 6 --check-answers --refused "$(cat /tmp/version-noisy)" \
+        --rollback 2>&1 | tee "$OUT/bench-onecopy.txt" | grep -v "^INFO\|^(" || true
+    ;;
 beside)  # the same, with the default swap (auto: beside where the fit check says both fit)
     swaps /tmp/phi4b "" 1 bench-beside.txt --updates "${2:-8}" --every-s 6 --streams 16
     ;;
@@ -157,15 +182,16 @@ start-steps)  # each start's timeline holds the engine's steps: the daemon's, th
     [ -d /tmp/phi4 ] || python3 /tmp/gpu-tools/make_phi4_gptq.py /tmp/phi4 0
     rm -rf "$STATE" "$CACHE" /tmp/raw-cache
     prepare_version /tmp/phi4 "$STATE" | tee -a "$OUT/setup.txt"
-    for label in cold warm1 warm2 warm3; do
+    for label in cold warm1 warm2; do
         python3 bench/bench_start.py daemon "$STATE" "$CACHE" --label "$label" "${SIZES[@]}" \
             EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start-steps.jsonl"
     done
-    for label in raw-cold raw-warm1 raw-warm2; do
-        python3 bench/bench_start.py raw /tmp/phi4 /tmp/raw-cache --label "$label" "${SIZES[@]}" \
-            EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start-steps.jsonl"
+    # raw vLLM from the daemon's served-model path and compile cache: warm where its graphs'
+    # key matches the daemon's (a cold first start here says it does not)
+    for label in raw-1 raw-2; do
+        python3 bench/bench_start.py raw "$CACHE/served-model" "$CACHE" --label "$label" \
+            "${SIZES[@]}" EDGEAGENT_MODEL__KV_CACHE_GIB=1.5 | tee -a "$OUT/start-steps.jsonl"
     done
-    bash "$0" bench
     ;;
 options)
     python3 bench/bench_options.py /tmp/phi4 /tmp/raw-cache/vllm --rounds 2 --max-tokens 256 \
