@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -328,11 +328,22 @@ def _modules_of(model: Any, group: int) -> list[tuple[str, Any]]:
 def _loaded_modules(model: Any) -> Iterator[tuple[str, Any]]:
     """The modules whose own parameters come from the checkpoint (attention modules' scales
     are processed by vLLM after everything else, and a reload keeps them)."""
-    from vllm.model_executor.layers.attention import is_deferred_attention_layer
-
+    is_attention = _attention_check()
     for name, module in model.named_modules():
-        if module._parameters and not is_deferred_attention_layer(module):
+        if module._parameters and not is_attention(module):
             yield name, module
+
+
+def _attention_check() -> Callable[[Any], bool]:
+    """vLLM's test for the layers its reload processes last: a function since vLLM 0.27, the
+    attention classes in 0.26 (the GPU bundle's)."""
+    try:
+        from vllm.model_executor.layers.attention import is_deferred_attention_layer
+    except ImportError:
+        from vllm.model_executor.layers.attention import Attention, MLAAttention
+
+        return lambda module: isinstance(module, (Attention, MLAAttention))
+    return is_deferred_attention_layer
 
 
 def _checkpoint_tensors(weights_path: Path, group: int) -> Iterator[tuple[str, Any]]:
