@@ -138,6 +138,7 @@ async def run(
                 "pause_s": round(outcome.pause_s, 3),
                 "reload_s": round(outcome.reload_s, 3),
                 "smoke_s": round(outcome.smoke_s, 3),
+                "gate_s": round(outcome.gate_s, 3),
                 "update_rpc_s": round(answered - asked, 3),
                 "longest_gap_s": round(longest_gap(load.arrivals, asked - 1, answered + 1), 3),
                 "used_gib_before": None if before is None else round(before / GiB, 3),

@@ -176,7 +176,7 @@ class _Updates(Collector):
              "where both versions' most likely token agree", gate.min_top1_agreement),
         ):  # fmt: skip
             yield GaugeMetricFamily(metric, help_text, value=value)
-        figures, labels = gate.last, ["candidate", "reference"]
+        figures, labels = gate.last, ["candidate", "reference", "eval_set"]
         for metric, help_text, read in (
             ("edgeagent_gate_candidate_perplexity", "The last gated candidate's perplexity on "
              "the eval set", lambda f: f.perplexity),
@@ -197,7 +197,8 @@ class _Updates(Collector):
         ):  # fmt: skip
             family = GaugeMetricFamily(metric, help_text, labels=labels)
             if figures is not None:
-                family.add_metric([figures.candidate, figures.reference], read(figures))
+                family.add_metric([figures.candidate, figures.reference, figures.eval_set],
+                                  read(figures))  # fmt: skip
             yield family
 
 

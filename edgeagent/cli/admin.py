@@ -87,5 +87,6 @@ def _print_outcome(outcome: pb.UpdateOutcome) -> None:
         f"{when}  {outcome.kind} {outcome.from_version} -> {outcome.version}: {result}"
         f"{' (' + outcome.reason + ')' if outcome.reason else ''}; verify {outcome.verify_s:.2f} s,"
         f" pause {outcome.pause_s:.2f} s ({outcome.method or 'load'} {outcome.reload_s:.2f} s,"
-        f" smoke test {outcome.smoke_s:.2f} s)"
+        f" smoke test {outcome.smoke_s:.2f} s"
+        f"{f', quality gate {outcome.gate_s:.2f} s' if outcome.gate_s else ''})"
     )

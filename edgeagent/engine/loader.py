@@ -43,10 +43,12 @@ SMOKE_TOKENS = 8
 
 @dataclass
 class LoadTimings:
-    """Filled in by a load, for the update's record: the start or reload, then the smoke test."""
+    """Filled in by a load, for the update's record: the start, reload or copy, the smoke test
+    and the quality gate."""
 
     load_s: float = 0.0
     smoke_s: float = 0.0
+    gate_s: float = 0.0  # the quality gate's scoring of the candidate (the updater's)
 
 
 class EngineLoader:

@@ -70,6 +70,7 @@ def _outcome(outcome: UpdateOutcome) -> pb.UpdateOutcome:
         pause_s=outcome.pause_s,
         reload_s=outcome.reload_s,
         smoke_s=outcome.smoke_s,
+        gate_s=outcome.gate_s,
         finished_unix_ms=int(outcome.finished_at * 1000),
     )
 

@@ -52,6 +52,7 @@ class UpdateOutcome:
     pause_s: float = 0.0  # new requests held
     reload_s: float = 0.0  # the reload or the restart
     smoke_s: float = 0.0
+    gate_s: float = 0.0  # the quality gate's scoring of the candidate, inside the pause in place
     finished_at: float = field(default_factory=time.time)
 
 

@@ -247,7 +247,8 @@ class Updater:
                          bad=(candidate.version, why))  # fmt: skip
             raise
         outcome = replace(outcome, pause_s=time.perf_counter() - paused,
-                          reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+                          reload_s=timings.load_s, smoke_s=timings.smoke_s,
+                          gate_s=timings.gate_s)  # fmt: skip
         if problem:
             return self._record(replace(outcome, result="rolled_back", reason=problem[0]),
                                 bad=(candidate.version, problem[0]))  # fmt: skip
@@ -271,22 +272,28 @@ class Updater:
             installed = await self._loader.reload(old, candidate, timings)
         else:
             installed = await self._loader.restart(old, candidate, timings)
-        await self._check_quality(installed, reference, stop_on_failure=method == "restart")
+        await self._check_quality(
+            installed, reference, timings, stop_on_failure=method == "restart"
+        )
         return installed
 
     async def _check_quality(
-        self, installed: Serving, reference: Reference | None, *, stop_on_failure: bool
-    ) -> None:
-        """The quality gate, where it applies; a refused candidate with its own engine has that
-        engine stopped before the error propagates."""
+        self, installed: Serving, reference: Reference | None, timings: LoadTimings, *,
+        stop_on_failure: bool,
+    ) -> None:  # fmt: skip
+        """The quality gate, where it applies (its time in `timings`); a refused candidate with
+        its own engine has that engine stopped before the error propagates."""
         if reference is None:
             return
+        started = time.perf_counter()
         try:
             await self._gate.check(installed.engine, installed.version, reference)
         except LoadError:
             if stop_on_failure:
                 await self._loader.stop(installed)
             raise
+        finally:
+            timings.gate_s = time.perf_counter() - started
 
     async def _swap_beside(
         self, candidate: Manifest, old: Serving, outcome: UpdateOutcome,
@@ -301,16 +308,18 @@ class Updater:
         try:
             fit = self._loader.plan(candidate, beside=old)
             installed = await self._loader.start(candidate, fit, timings)
-            await self._check_quality(installed, reference, stop_on_failure=True)
+            await self._check_quality(installed, reference, timings, stop_on_failure=True)
         except LoadError as error:
             logger.error("beside %s, %s failed: %s", old.version, candidate.version, error)
             failed = replace(outcome, result="rolled_back", reason=str(error),
-                             reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+                             reload_s=timings.load_s, smoke_s=timings.smoke_s,
+                          gate_s=timings.gate_s)  # fmt: skip
             return self._record(failed, bad=(candidate.version, str(error)))
         switched = time.perf_counter()
         await self._slot.switch(installed)
         outcome = replace(outcome, pause_s=time.perf_counter() - switched,
-                          reload_s=timings.load_s, smoke_s=timings.smoke_s)  # fmt: skip
+                          reload_s=timings.load_s, smoke_s=timings.smoke_s,
+                          gate_s=timings.gate_s)  # fmt: skip
         promoted = self._promote(installed, old, outcome)
         await self._retire(old, installed.version)
         return promoted
@@ -389,7 +398,8 @@ class Updater:
         self.journal.advance("promoting")
         self._store.activate(fallback.version)
         return self._record(replace(outcome, pause_s=time.perf_counter() - paused,
-                                    reload_s=timings.load_s, smoke_s=timings.smoke_s))  # fmt: skip
+                                    reload_s=timings.load_s, smoke_s=timings.smoke_s,
+                          gate_s=timings.gate_s))  # fmt: skip
 
     def _record(
         self, outcome: UpdateOutcome, *, bad: tuple[str, str] | None = None,

@@ -213,6 +213,7 @@ def _gate(text: str) -> tuple[set[tuple[str, str]], dict[str, float]]:
         sample = one(text, f"edgeagent_gate_{name}")
         figures[name] = sample.value
         pairs.add((sample.labels["candidate"], sample.labels["reference"]))
+        assert sample.labels["eval_set"].startswith("edgeagent "), sample.labels  # its name
     return pairs, figures
 
 

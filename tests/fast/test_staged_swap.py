@@ -27,6 +27,9 @@ async def test_an_update_is_copied_in_and_a_refused_one_goes_back_by_one_copy(bo
     assert (promoted.result, promoted.method) == (PROMOTED, "copy"), promoted
     assert (refused.result, refused.method) == (ROLLED_BACK, "copy"), refused
     assert "quality gate refused" in refused.reason
+    assert promoted.gate_s > 0  # inside the pause, and reported
+    assert refused.gate_s > 0
+    assert back.gate_s == 0  # an operator's rollback is not gated
     assert (back.result, back.method) == (PROMOTED, "copy"), back
     assert reply.model_version == a.version
     dirs = [box.store.model_dir(v.version).resolve() for v in (b, worse, b, a)]
