@@ -32,7 +32,7 @@ from edgeagent.engine.interface import Engine, EngineConfig, EngineFactory, Samp
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import Serving, ServingSlot
 from edgeagent.engine.vllm_engine import VllmEngine
-from edgeagent.errors import EngineDeadError
+from edgeagent.errors import EngineDeadError, EngineError
 from edgeagent.eval_set import held_out_set
 from edgeagent.gpu import SystemMemoryProbe
 from edgeagent.server.admin import AdminService
@@ -275,6 +275,34 @@ async def _stream_until(target: str, stop: asyncio.Event, load: Load, client: in
                 load.completed += 1
             except grpc.aio.AioRpcError as error:
                 load.failures.append(f"{error.code().name}: {error.details()}")
+
+
+async def test_staged_weights_change_nothing_that_serves_until_copied_in(
+    engine: VllmEngine, tiny_4bit: Manifest, tiny_4bit_b: Manifest, tiny_model_b: Path,
+    tiny_fp16: Path, fresh_b_outputs: list[str],
+) -> None:  # fmt: skip
+    """The one-copy swap's parts on the real engine: B staged beside the serving A changes no
+    answer; a checkpoint of another layout cannot be staged and changes nothing either; B
+    copied in answers as a fresh engine on B; A's staged copy puts A back exactly."""
+    a, b = tiny_4bit.version, tiny_4bit_b.version
+    on_a = await _greedy_all(engine)
+    await engine.stage_weights(b, tiny_model_b)
+    assert await _greedy_all(engine) == on_a
+    with pytest.raises(EngineError, match="staging fp16 failed"):
+        await engine.stage_weights("fp16", tiny_fp16)
+    assert await _greedy_all(engine) == on_a
+    await engine.stage_weights(a, None)
+    staged = await engine.keep_staged([a, b])
+    assert set(staged) == {a, b}
+    assert staged[a] == staged[b] > 0
+    try:
+        await engine.swap_in_staged(b)
+        on_b = await _greedy_all(engine)
+    finally:
+        await engine.swap_in_staged(a)
+    assert on_b == fresh_b_outputs
+    assert await _greedy_all(engine) == on_a
+    assert await engine.keep_staged([]) == {}
 
 
 async def _greedy_all(engine: Engine) -> list[str]:
