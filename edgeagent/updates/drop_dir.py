@@ -104,11 +104,12 @@ def _unused(path: Path) -> Path:
 
 
 def finish(claimed: Path, drop: Path, reason: str | None) -> Path:
-    """Move a handled drop to done/ or failed/ (with its reason), so it is not taken again."""
+    """Move a handled drop to done/ or failed/ (with its reason), so it is not taken again.
+    The reason is written before the move: whoever sees the drop in failed/ finds it there."""
     target = _unused(drop / (FAILED if reason else DONE) / claimed.name)
-    claimed.rename(target)
     if reason:
-        (target / "REASON").write_text(reason + "\n")
+        (claimed / "REASON").write_text(reason + "\n")
+    claimed.rename(target)
     return target
 
 
