@@ -9,7 +9,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from edgeagent.daemon import Daemon
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import ServingSlot
 from edgeagent.settings import Settings
+from edgeagent.store.compile_key import BoxFacts
 from edgeagent.store.manifest import ImportSource, Manifest
 from edgeagent.store.store import ModelStore
 from edgeagent.updates.journal import UpdateJournal
@@ -36,6 +37,7 @@ from fast.fakes import Behaviour, FakeEngines, FakeProbe, make_fake_model
 
 TESTS = Path(__file__).resolve().parent.parent
 PROMPT = "Tell me about edge boxes"
+COMPILE_CACHE_VARIABLES = ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")  # the daemon sets them
 BOX_SETTINGS = {  # what every box's daemon gets, in this process or a child
     "EDGEAGENT_UPDATES__HUB_POLL_INTERVAL_S": "0",
     "EDGEAGENT_UPDATES__HOLD_S": "5",
@@ -196,13 +198,17 @@ class InProcess(Calls):
 
 @contextlib.asynccontextmanager
 async def in_process(
-    box: Box, probe: FakeProbe | None = None, **settings: str
-) -> AsyncIterator[InProcess]:
-    """The real daemon on `box` with fake engines, serving; stopped (SIGTERM's path) at the end
-    unless the test ended it."""
-    saved_cache_root = os.environ.get("VLLM_CACHE_ROOT")  # the daemon points vLLM at its cache
-    engines = FakeEngines()
-    daemon = Daemon(box.settings(**settings), engines, probe or FakeProbe())
+    box: Box, probe: FakeProbe | None = None, *, engines: FakeEngines | None = None,
+    machine: Callable[[], BoxFacts] | None = None, **settings: str,
+) -> AsyncIterator[InProcess]:  # fmt: skip
+    """The real daemon on `box` with fake engines (`engines`, or new ones), serving; stopped
+    (SIGTERM's path) at the end unless the test ended it. `machine`: what the daemon reads of
+    the machine for compile caches' keys (default: this one's)."""
+    # the daemon points vLLM and Inductor at its cache
+    saved = {name: os.environ.get(name) for name in COMPILE_CACHE_VARIABLES}
+    engines = engines or FakeEngines()
+    daemon = Daemon(box.settings(**settings), engines, probe or FakeProbe(),
+                    **({"box": machine} if machine is not None else {}))  # fmt: skip
     running = InProcess(box, daemon, engines)
     try:
         await _until_serving_or_exit(running)
@@ -210,8 +216,11 @@ async def in_process(
     finally:
         if not running.task.done():
             await running.stop()
-        if saved_cache_root is not None:
-            os.environ["VLLM_CACHE_ROOT"] = saved_cache_root
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 async def _until_serving_or_exit(running: InProcess) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +21,6 @@ import pytest
 from hub_server import HubServer
 from waits import until
 
-from edgeagent.daemon import Daemon
 from edgeagent.engine.interface import EngineConfig
 from edgeagent.errors import CorruptArtifactError
 from edgeagent.sources.fetch import HubFetcher, HubTarget
@@ -31,8 +30,8 @@ from edgeagent.store.compile_key import BoxFacts, CompileKey, cpu_device, engine
 from edgeagent.store.manifest import ImportSource, Manifest
 from edgeagent.store.store import ModelStore
 from edgeagent.store.trust import TrustPolicy
-from fast.fakes import FakeEngine, FakeEngines, FakeProbe, make_fake_model
-from fast.runner import Box, InProcess, _until_serving_or_exit
+from fast.fakes import FakeEngine, FakeEngines, make_fake_model
+from fast.runner import Box, InProcess, in_process
 
 CPU_BOX = BoxFacts(device="cpu x86_64 AVX512 +avx512_vnni", driver="none", python="3.11",
                    torch="2.13.0+cpu", vllm="0.32.0", triton="unused")  # fmt: skip
@@ -56,22 +55,10 @@ class CompilingEngines(FakeEngines):
         return super().__call__(config)
 
 
-@contextlib.asynccontextmanager
-async def serving(box: Box, engines: CompilingEngines, **settings: str) -> AsyncIterator[InProcess]:
-    saved = {k: os.environ.get(k) for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR")}
-    daemon = Daemon(box.settings(**settings), engines, FakeProbe(), box=lambda: CPU_BOX)
-    running = InProcess(box, daemon, engines)
-    try:
-        await _until_serving_or_exit(running)
-        yield running
-    finally:
-        if not running.task.done():
-            await running.stop()
-        for name, value in saved.items():  # the daemon pointed vLLM and Inductor at its cache
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def serving(
+    box: Box, engines: CompilingEngines, **settings: str
+) -> contextlib.AbstractAsyncContextManager[InProcess]:
+    return in_process(box, None, engines=engines, machine=lambda: CPU_BOX, **settings)
 
 
 def stored(box: Box, name: str = "a") -> list[Path]:
