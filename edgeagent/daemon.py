@@ -133,9 +133,10 @@ class Daemon:
             raise StoppedError("stopped while starting the engine")
         metrics.watch_slot(self.slot)
         metrics.watch_updates(lifecycle.journal, lifecycle.updater.gate)
-        await self.listeners.start(lifecycle.updater, timeline, self._probe)
+        # The sources before the listeners: once health says SERVING, the drop directory is there
         for name, source in update_sources(settings, store, lifecycle.updater):
             self._tasks.start(name, source)
+        await self.listeners.start(lifecycle.updater, timeline, self._probe)
         if (warm := self.warm_start) is not None:
             self._tasks.start("compile-cache-export", lambda: warm.export_loop(
                 self._serving_engine, self.slot.changed))  # fmt: skip

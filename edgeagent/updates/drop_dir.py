@@ -44,9 +44,14 @@ class DropDirectory:
         self.path = path
         self._on_ready = on_ready
 
-    async def run(self) -> None:
+    def prepare(self) -> None:
+        """Make the directory and its folders (before the daemon says it serves: whoever drops
+        or links a version in then finds the directory there)."""
         for name in (TAKEN, DONE, FAILED):
-            await asyncio.to_thread((self.path / name).mkdir, parents=True, exist_ok=True)
+            (self.path / name).mkdir(parents=True, exist_ok=True)
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.prepare)
         loop, noticed = asyncio.get_running_loop(), asyncio.Queue[Path]()
         notice = _Handler(lambda path: loop.call_soon_threadsafe(noticed.put_nowait, path))
         observer = Observer()

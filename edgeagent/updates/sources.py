@@ -28,7 +28,9 @@ def update_sources(settings: Settings, store: ModelStore, updater: Updater) -> l
         async def take(claimed: Path) -> None:
             await take_drop(claimed, drop, store, updater)
 
-        sources.append(("drop-directory", DropDirectory(drop, take).run))
+        directory = DropDirectory(drop, take)
+        directory.prepare()
+        sources.append(("drop-directory", directory.run))
         logger.info("watching %s for model updates (a directory with a READY file)", drop)
     if settings.polls_hub:
         updates = settings.updates
