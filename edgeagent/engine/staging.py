@@ -164,8 +164,11 @@ class Stager:
         return staged.nbytes
 
     def keep_only(self, keys: Iterable[str]) -> None:
+        """Drop every set but `keys`'; with none left, the pooled buffers are freed too."""
         for key in set(self._sets) - set(keys):
             self.drop(key)
+        if not self._sets:
+            self._pool.release()
 
     def staged(self) -> dict[str, int]:
         """The complete sets and their bytes."""
