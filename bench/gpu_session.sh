@@ -15,6 +15,8 @@
 #   bash bench/gpu_session.sh onecopy-prepare   # issue 28: A, a close B, another C; a cold start
 #   bash bench/gpu_session.sh onecopy [N]  # N one-copy in-place swaps (8) in a 12 GiB budget
 #       under 16 streams with the quality gate, then C (refused) and a rollback
+#   bash bench/gpu_session.sh staging-check A C  # the staged copy on one engine, no second
+#       (A: the tiny 4-bit model carried from a `make demo` store, C: its noisy copy; ~2 minutes)
 #   bash bench/gpu_session.sh beside [N]  # N swaps (8) under 16 streams, candidate beside the old
 #   bash bench/gpu_session.sh restart   # updates to another architecture (32 layers): restarts
 #   bash bench/gpu_session.sh constrained  # a fresh host: JSON-schema vs free decode, daemon vs raw
@@ -131,6 +133,11 @@ onecopy)  # issue 28: in-place swaps staged in pinned host memory, 12 GiB budget
         EDGEAGENT_UPDATES__QUALITY_GATE=true --streams 16 --max-tokens 256 \
         --updates "${2:-8}" --every-s 6 --check-answers --refused "$(cat /tmp/version-other)" \
         --rollback 2>&1 | tee "$OUT/bench-onecopy.txt" | grep -v "^INFO\|^(" || true
+    ;;
+staging-check)  # issue 28: the staging's parts on the bundle's vLLM (its Marlin or Machete
+    # repack), one engine: A staged from disk answers as A, C copied in differs, A copied back
+    python3 bench/staging_check.py "$2" "$3" 2>&1 | tee "$OUT/staging-check.txt" \
+        | grep -v "^INFO\|^(" || true
     ;;
 beside)  # the same, with the default swap (auto: beside where the fit check says both fit)
     swaps /tmp/phi4b "" 1 bench-beside.txt --updates "${2:-8}" --every-s 6 --streams 16
