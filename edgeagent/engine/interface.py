@@ -183,8 +183,9 @@ class Engine(Protocol):
     async def reload_weights(self, weights_path: Path) -> None: ...
     async def stage_weights(self, key: str, weights_path: Path | None) -> int:
         """Stage weights in host memory while serving: a checkpoint (`weights_path`), or the
-        weights serving now (None); kept under `key`. The bytes staged; EngineError when the
-        engine cannot stage them (the caller reloads from disk instead)."""
+        weights serving now (None); kept under `key`. The bytes staged by this call (0: `key`
+        was staged already); EngineError when the engine cannot stage them (the caller reloads
+        from disk instead)."""
         ...
 
     async def swap_in_staged(self, key: str) -> None:

@@ -252,10 +252,6 @@ class EngineLoader:
         self._staged.pop(id(serving.engine), None)
         await asyncio.to_thread(serving.engine.shutdown)
 
-    def staged_bytes(self, serving: Serving) -> int:
-        """The host memory `serving`'s engine holds staged weights in."""
-        return sum(self._staged.get(id(serving.engine), {}).values())
-
     async def still_answers(self, serving: Serving, failure: LoadError) -> bool:
         """Whether `serving`'s engine outlived `failure`: not past a bound, and its health
         check passes (within the step floor)."""

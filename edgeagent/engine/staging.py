@@ -56,8 +56,7 @@ class StagedSet:
     """One version's weights in host memory: (serving tensor, host copy) pairs, and the plain
     attributes its processing set."""
 
-    key: str
-    groups: list[int]
+    groups: list[tuple[int, list[tuple[str, Any]]]]  # (layer index or REST, its modules)
     weights_path: Path | None  # None: a copy of what serves now
     pairs: list[tuple[Any, Any]] = field(default_factory=list)
     attributes: list[_Attributes] = field(default_factory=list)
@@ -114,17 +113,15 @@ class Stager:
             return 0
         self.drop(key)
         path = Path(weights_path) if weights_path is not None else None
-        groups = sorted(_layer_groups(self._model), key=lambda g: (g == REST, g))
-        self._sets[key] = StagedSet(key, groups, path)
-        return len(groups)
+        self._sets[key] = StagedSet(_modules_by_group(self._model), path)
+        return len(self._sets[key].groups)
 
     def stage_group(self, key: str, index: int) -> int:
         """Stage the `index`th group of `key`; the bytes staged so far."""
         staged = self._sets.get(key)
         if staged is None or index != staged.staged_groups:
             raise StagingError(f"staging {key}: group {index} asked out of order")
-        group = staged.groups[index]
-        modules = _modules_of(self._model, group)
+        group, modules = staged.groups[index]
         try:
             if staged.weights_path is None:
                 self._copy_serving(staged, modules)
@@ -154,14 +151,11 @@ class Stager:
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    def drop(self, key: str) -> int:
-        """Forget `key`'s set; its buffers go back to the pool. The bytes it held."""
+    def drop(self, key: str) -> None:
+        """Forget `key`'s set; its buffers go back to the pool."""
         staged = self._sets.pop(key, None)
-        if staged is None:
-            return 0
-        for _, host in staged.pairs:
+        for _, host in staged.pairs if staged is not None else ():
             self._pool.give_back(host)
-        return staged.nbytes
 
     def keep_only(self, keys: Iterable[str]) -> None:
         """Drop every set but `keys`'; with none left, the pooled buffers are freed too."""
@@ -180,10 +174,11 @@ class Stager:
         """What serves now, copied to host buffers, with the plain attributes any other set
         changes on these modules (so swapping this set back restores them)."""
         import torch
+        from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
 
         with torch.no_grad():
             for _, module in modules:
-                for tensor in _tensors(module).values():
+                for tensor in get_layer_tensors(module).values():
                     host = self._pool.take(tensor)
                     host.copy_(tensor)
                     staged.pairs.append((tensor, host))
@@ -270,8 +265,9 @@ class _Saved:
 
     def put_back(self, module: Any) -> None:
         from vllm.model_executor.model_loader.reload import layerwise
+        from vllm.model_executor.model_loader.reload.utils import get_layer_tensors
 
-        for name in list(_tensors(module)):
+        for name in get_layer_tensors(module):
             delattr(module, name)
         for name, parameter in self.parameters.items():
             module.register_parameter(name, parameter)
@@ -310,22 +306,17 @@ def _state_owners(module: Any) -> list[Any]:
     return owners
 
 
-def _tensors(module: Any) -> dict[str, Any]:
-    params = {n: p for n, p in module._parameters.items() if p is not None}
-    return params | {n: b for n, b in module._buffers.items() if b is not None}
-
-
 def _group_of(name: str) -> int:
     match = LAYER_INDEX.search(name)
     return int(match.group(1)) if match else REST
 
 
-def _layer_groups(model: Any) -> set[int]:
-    return {group for name, _ in _loaded_modules(model) for group in (_group_of(name + "."),)}
-
-
-def _modules_of(model: Any, group: int) -> list[tuple[str, Any]]:
-    return [(n, m) for n, m in _loaded_modules(model) if _group_of(n + ".") == group]
+def _modules_by_group(model: Any) -> list[tuple[int, list[tuple[str, Any]]]]:
+    """The modules to stage, by decoder layer in order, then the rest (REST)."""
+    groups: dict[int, list[tuple[str, Any]]] = {}
+    for name, module in _loaded_modules(model):
+        groups.setdefault(_group_of(name + "."), []).append((name, module))
+    return sorted(groups.items(), key=lambda item: (item[0] == REST, item[0]))
 
 
 def _loaded_modules(model: Any) -> Iterator[tuple[str, Any]]:

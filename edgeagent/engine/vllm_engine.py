@@ -49,7 +49,6 @@ class VllmEngine:
         self._llm_or_none: Any = llm
         self._stats = stats or _LatestStats()
         self._tokenizer = llm.get_tokenizer()
-        self._staged: dict[str, int] = {}  # versions staged in host memory, and their bytes
         self.config = config
         self.facts = facts
 
@@ -279,7 +278,8 @@ class VllmEngine:
     async def stage_weights(self, key: str, weights_path: Path | None) -> int:
         """Stage `key`'s weights in host memory, in the serving kernels' layout, while the
         engine serves (`staging.py`): from a checkpoint directory, or (None) the weights serving
-        now. One decoder layer per call, so decode steps run in between. The bytes staged."""
+        now. One decoder layer per call, so decode steps run in between. The bytes staged by
+        this call (0: `key` was staged already)."""
         started = time.perf_counter()
         path = str(weights_path) if weights_path is not None else None
         groups = await self._staging_step("begin_staging", key=key, weights_path=path)
@@ -290,7 +290,7 @@ class VllmEngine:
             await self._llm.collective_rpc("release_cached_memory")
             logger.info("%s staged in host memory: %.2f GiB in %d steps, %.2f s", key,
                         staged / (1 << 30), groups, time.perf_counter() - started)  # fmt: skip
-        return int(staged) if groups else self.staged().get(key, 0)
+        return staged
 
     async def _staging_step(self, method: str, **kwargs: Any) -> int:
         status, value = _first(await self._llm.collective_rpc(method, kwargs=kwargs))
@@ -310,12 +310,7 @@ class VllmEngine:
     async def keep_staged(self, keys: Sequence[str]) -> dict[str, int]:
         """Drop every staged set but `keys`'; the sets left and their bytes."""
         left = _first(await self._llm.collective_rpc("keep_staged", kwargs={"keys": list(keys)}))
-        self._staged = dict(left)
         return dict(left)
-
-    def staged(self) -> dict[str, int]:
-        """The staged sets, as the last `keep_staged` left them."""
-        return dict(self._staged)
 
     async def _forget_old_computations(self) -> None:
         if not await self._llm.reset_prefix_cache():

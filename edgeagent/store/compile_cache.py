@@ -42,6 +42,7 @@ from edgeagent.errors import CorruptArtifactError, InsufficientDiskError, Stoppe
 from edgeagent.store.compile_key import CompileKey
 from edgeagent.store.durable import fsync_dir, fsync_tree, write_durably
 from edgeagent.store.manifest import sha256_of
+from edgeagent.store.snapshot import copy_member, list_members
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +165,20 @@ def check_in(
     trusted): its `cache.json` read, only the files it lists copied, never through a link, each
     of its size and sha256; CorruptArtifactError otherwise. Ready for `install`."""
     manifest = read_manifest(source)
-    _refuse_links(source)
+    # links or special files anywhere refuse it (snapshot.py, as for a drop's model files)
+    members = {m.relative: m for m in list_members(source, follow_links=False)}
     building = scratch / manifest.keyid
     for entry in manifest.files:
+        member = members.get(f"{FILES}/{entry.path}")
+        if member is None:
+            raise CorruptArtifactError(f"{entry.path} is missing")
+        if member.status.st_size != entry.size:  # checked before reading it
+            raise CorruptArtifactError(
+                f"{entry.path}: {member.status.st_size} bytes, listed {entry.size}"
+            )
         copied = building / FILES / entry.path
         copied.parent.mkdir(parents=True, exist_ok=True)
-        _copy_no_links(source / FILES / entry.path, copied, entry.size)
+        copy_member(source, member, copied, follow_links=False)
     (building / FILES).mkdir(parents=True, exist_ok=True)
     verify(building, manifest, cancel)
     write_durably(building / CACHE_MANIFEST, manifest.model_dump_json(indent=1).encode())
@@ -208,23 +217,6 @@ def place(bundle: Path, manifest: CacheManifest, box_dir: Path) -> None:
         os.rename(building, box_dir)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-
-
-def _copy_no_links(source: Path, target: Path, size: int) -> None:
-    """At most `size` + 1 bytes of a regular file reached without following a link (a
-    longer one then fails its check)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(source, flags)
-    except OSError as error:
-        raise CorruptArtifactError(f"cannot read {source.name}: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as file, target.open("wb") as out:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise CorruptArtifactError(f"{source.name} is not a regular file")
-        left = size + 1
-        while left and (chunk := file.read(min(4 << 20, left))):
-            out.write(chunk)
-            left -= len(chunk)
 
 
 def stored_caches(version_dir: Path) -> Iterator[Path]:
@@ -302,15 +294,6 @@ def remove(bundle: Path) -> None:
     with contextlib.suppress(OSError):
         os.rename(bundle, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def _refuse_links(root: Path) -> None:
-    """Only folders and regular files under `root` (a link could point anywhere on the box)."""
-    for directory, folders, names in os.walk(root):
-        for name in [*folders, *names]:
-            mode = (Path(directory) / name).lstat().st_mode
-            if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
-                raise CorruptArtifactError(f"{name} is a link or a special file; refused")
 
 
 def _tree(root: Path) -> list[str]:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from edgeagent.errors import ConfigError, SignatureError
 from edgeagent.settings import TrustSettings
+from edgeagent.store.compile_cache import CACHE_FOLDER
 from edgeagent.store.manifest import FileEntry, Manifest, SignatureRecord
 
 SIGNATURE_FILE = "model.sig"  # model_signing's default name, at the model directory's root
@@ -42,7 +43,7 @@ MAX_SIGNATURE_BYTES = 4 << 20
 # What signing a directory leaves out, besides git's files (as model_signing does): the
 # signature itself, the drop directory's marker, huggingface_hub's local-dir cache, and the
 # compile cache (kept beside the version, not one of its files: store/compile_cache.py).
-UNSIGNED_PATHS = (SIGNATURE_FILE, "READY", ".cache", "compile-cache")
+UNSIGNED_PATHS = (SIGNATURE_FILE, "READY", ".cache", CACHE_FOLDER)
 CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 LISTED = 4  # problems named in one refusal
 
