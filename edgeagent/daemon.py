@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from edgeagent.engine import orphans
+from edgeagent.engine import orphans, worker_forkserver
 from edgeagent.engine.interface import EngineFactory
 from edgeagent.engine.loader import EngineLoader
 from edgeagent.engine.slot import ServingSlot
@@ -223,6 +223,7 @@ class Daemon:
         await self.listeners.stop()
         if self.lifecycle is not None:
             await self.lifecycle.unload()
+        worker_forkserver.stop()
         orphans.stop_resource_tracker()
         self._notifier.close()
         logger.info("stopped")

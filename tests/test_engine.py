@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import wait_until_engine_idle
 
-from edgeagent.engine.interface import Delta, FinishReason, SamplingOptions
+from edgeagent.engine import worker_forkserver
+from edgeagent.engine.interface import Delta, EngineConfig, FinishReason, SamplingOptions
 from edgeagent.engine.vllm_engine import VllmEngine
 
 
@@ -134,3 +136,62 @@ def test_vllms_imports_are_frozen_and_the_engine_is_not(engine: VllmEngine) -> N
     walked = gc.get_objects()
     assert any(obj is engine._llm for obj in walked)
     assert not any(obj is async_llm_module.__dict__ for obj in walked)
+
+
+def _parents() -> dict[int, int]:
+    """Every process's parent, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def _descendants(pid: int) -> set[int]:
+    parents, found = _parents(), {pid}
+    while more := {p for p, parent in parents.items() if parent in found} - found:
+        found |= more
+    return found - {pid}
+
+
+def _started_worker(config: EngineConfig) -> tuple[VllmEngine, int, int]:
+    """An engine started on `config`, its worker process's pid and that worker's parent."""
+    before = _descendants(os.getpid())
+    engine = VllmEngine.start(config)
+    parents = _parents()
+    me = os.getpid()  # the engine core and a server are this process's children, a worker
+    workers = [p for p in _descendants(me) - before if parents.get(parents[p]) == me  # theirs
+               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
+    assert len(workers) == 1, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in workers]
+    return engine, workers[0], parents[workers[0]]
+
+
+async def test_a_restarted_engines_worker_is_forked_from_the_server_and_answers_alike(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """On CPU, a start after the first forks vLLM's worker from a server that imported torch
+    and vLLM beside the daemon (worker_forkserver.py), with the same thread binding (the CPU
+    it may run on) as the spawned worker of the first start, and the same answers."""
+    config = EngineConfig(
+        model_path=tiny_model, kv_cache_bytes=64 << 20, max_num_seqs=4, max_model_len=512,
+        cpu_quantized_kernel="edgeagent", worker_record=tmp_path / "cpu-worker-environment.json",
+    )  # fmt: skip
+    greedy = SamplingOptions(max_tokens=24, temperature=0, ignore_eos=True)
+    try:
+        first, worker, parent = _started_worker(config)
+        spawned = (os.sched_getaffinity(worker), await _run(first, "The river runs", greedy))
+        assert parent not in (os.getpid(), None)
+        assert worker_forkserver._server is None
+        first.shutdown()
+
+        second, worker, parent = _started_worker(config)
+        forked = (os.sched_getaffinity(worker), await _run(second, "The river runs", greedy))
+        server = worker_forkserver._server
+        assert server is not None
+        assert parent == server._forkserver_pid
+        second.shutdown()
+    finally:
+        worker_forkserver.stop()
+        worker_forkserver.prepare(None)
+    assert forked[0] == spawned[0]
+    assert _text(forked[1]) == _text(spawned[1])

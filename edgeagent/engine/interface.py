@@ -32,6 +32,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     async_scheduling: bool | None = None
     speculative: dict[str, Any] | None = None
+    # CPU: where the worker's environment is recorded, for a worker forked from a server that
+    # imports beside the daemon (worker_forkserver.py); None: vLLM spawns it
+    worker_record: Path | None = None
 
 
 @dataclass(frozen=True)

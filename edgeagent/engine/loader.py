@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 SMOKE_PROMPT = "The quick brown fox"
 SMOKE_TOKENS = 8
+WORKER_RECORD = "cpu-worker-environment.json"  # under CACHE_DIR/engine (worker_forkserver.py)
 
 
 @dataclass
@@ -311,6 +312,7 @@ class EngineLoader:
             kv_cache_dtype=model.kv_cache_dtype,
             async_scheduling=model.async_scheduling,
             speculative=model.speculative,
+            worker_record=self._settings.cache_dir / "engine" / WORKER_RECORD,
         )
 
 

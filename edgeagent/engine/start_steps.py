@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from edgeagent.engine import worker_forkserver
 from edgeagent.timeline import STEPS_VARIABLE, process_started_monotonic, record_step
 
 # The start of a line vLLM logs (its format string) -> what the process did until then.
@@ -82,6 +83,10 @@ def register() -> None:
     steps; the daemon records its own."""
     install_log_hook()
     who = role()
-    if who != "daemon":
+    if who == "worker" and worker_forkserver.forked_from_server:
+        record_step("starting the worker process (forked: its imports ran beside the daemon's)",
+                    at=process_started_monotonic())  # fmt: skip
+        record_step("worker: set up", at=time.monotonic())
+    elif who != "daemon":
         record_step(f"starting the {who} process", at=process_started_monotonic())
         record_step(f"{who}: interpreter, imports (vLLM, torch)", at=time.monotonic())

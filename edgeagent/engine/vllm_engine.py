@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgeagent.engine import cpu_kernels, orphans
+from edgeagent.engine import cpu_kernels, orphans, worker_forkserver
 from edgeagent.engine.core_fork import forked_engine_core
 from edgeagent.engine.interface import (
     ChatMessage,
@@ -61,6 +61,7 @@ class VllmEngine:
         # sends nothing anywhere it was not configured to (an operator may still opt in).
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         orphans.mark_daemon()
+        worker_forkserver.prepare(config.worker_record)  # imports beside this process's, below
         stats = _LatestStats()
         args = _engine_args(config)
         record_step("daemon: imports (vLLM, torch)")
@@ -76,11 +77,16 @@ class VllmEngine:
         whose frames some library keeps in a stored traceback; the `AsyncLLM` must not be a
         local of any of them, or it outlives its shutdown until interpreter exit."""
         from vllm import __version__ as vllm_version
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         started = time.perf_counter()
         vllm_config = args.create_engine_config()
         record_step("daemon: vLLM's engine config (platform checks, heap frozen)")
+        if current_platform.is_cpu():  # where vLLM's worker is a process of its own
+            from vllm.v1.executor import multiproc_executor
+
+            worker_forkserver.install(multiproc_executor)
         with forked_engine_core():
             llm = AsyncLLM.from_vllm_config(  # what from_engine_args passes, from the same args
                 vllm_config, stat_loggers=[stats.logger_factory()],
