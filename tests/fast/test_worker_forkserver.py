@@ -65,12 +65,19 @@ def record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     worker_forkserver.prepare(None)
 
 
-def test_the_first_worker_is_spawned_and_its_environment_recorded(
-    record: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _first_start(monkeypatch: pytest.MonkeyPatch, record: Path) -> dict[str, Any]:
+    """An engine start whose worker vLLM starts with BINDING set: what that worker reported."""
     worker_forkserver.prepare(record, PRELOAD)
     monkeypatch.setenv(BINDING, "{0}")
     report, _ = _start_worker()
+    monkeypatch.delenv(BINDING)  # the next engine start begins before vLLM sets it again
+    return report
+
+
+def test_the_first_worker_is_spawned_and_its_environment_recorded(
+    record: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    report = _first_start(monkeypatch, record)
     assert not report["forked"]
     assert report["binding"] == "{0}"
     assert worker_forkserver._server is None  # none to fork from on a first start
@@ -80,10 +87,7 @@ def test_the_first_worker_is_spawned_and_its_environment_recorded(
 def test_a_later_worker_is_forked_from_a_server_started_with_the_recorded_environment(
     record: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker_forkserver.prepare(record, PRELOAD)
-    monkeypatch.setenv(BINDING, "{0}")
-    spawned, _ = _start_worker()
-    monkeypatch.delenv(BINDING)  # the next engine start, before vLLM sets it again
+    spawned = _first_start(monkeypatch, record)
 
     worker_forkserver.prepare(record, PRELOAD)
     server = worker_forkserver._server
@@ -104,10 +108,7 @@ def test_a_later_worker_is_forked_from_a_server_started_with_the_recorded_enviro
 def test_a_worker_whose_environment_changed_is_spawned_and_says_why(
     record: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    worker_forkserver.prepare(record, PRELOAD)
-    monkeypatch.setenv(BINDING, "{0}")
-    _start_worker()
-    monkeypatch.delenv(BINDING)
+    _first_start(monkeypatch, record)
     worker_forkserver.prepare(record, PRELOAD)
     monkeypatch.setenv(BINDING, "{1}")  # another binding than the server loaded with
 
@@ -132,10 +133,7 @@ def test_a_damaged_record_is_ignored(record: Path, caplog: pytest.LogCaptureFixt
 def test_the_server_ends_when_the_daemon_stops_it(
     record: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    worker_forkserver.prepare(record, PRELOAD)
-    monkeypatch.setenv(BINDING, "{0}")
-    _start_worker()
-    monkeypatch.delenv(BINDING)
+    _first_start(monkeypatch, record)
     worker_forkserver.prepare(record, PRELOAD)
     server = worker_forkserver._server
     assert server is not None
