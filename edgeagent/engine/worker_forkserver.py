@@ -83,7 +83,7 @@ class _Server(forkserver.ForkServer):
             listener.bind(address)
             os.chmod(address, 0o600)
             listener.listen()
-            alive_r, alive_w = os.pipe()  # the server ends when every holder of alive_w has
+            alive_r, alive_w = os.pipe()  # it ends once every holder of alive_w has closed it
             try:
                 command %= (listener.fileno(), alive_r, self._preload_modules,
                             {"sys_path": sys.path})  # fmt: skip
