@@ -163,9 +163,14 @@ def _check_start_timeline(rows: Sequence[admin_pb.StartPhase], shown: str) -> No
     assert sum(seconds for _, seconds in steps) == pytest.approx(engine_s, abs=0.1)
     assert all(seconds >= 0 for _, seconds in steps)
     names = [name for name, _ in steps]
+    # The worker is spawned (its own imports) or, once its environment is recorded in the cache
+    # directory, forked from the server that imported beside the daemon (worker_forkserver.py).
+    worker_started = next(name for name in names if name.startswith("starting the worker"))
+    forked = worker_started.startswith("starting the worker process (forked:")
     order = [
-        "daemon: imports (vLLM, torch)", "starting the worker process",
-        "worker: interpreter, imports (vLLM, torch)", "worker: model built, weights read",
+        "daemon: imports (vLLM, torch)", worker_started,
+        "worker: set up" if forked else "worker: interpreter, imports (vLLM, torch)",
+        "worker: model built, weights read",
         "worker: torch.compile and warm-up run (Dynamo, Inductor cache)",
         "engine core: KV cache allocated, warm-up done", "daemon: engine core ready, AsyncLLM up",
     ]  # fmt: skip
