@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import wait_until_engine_idle
+from launcher import children_of
 
 from edgeagent.engine import worker_forkserver
 from edgeagent.engine.interface import Delta, EngineConfig, FinishReason, SamplingOptions
@@ -138,32 +139,19 @@ def test_vllms_imports_are_frozen_and_the_engine_is_not(engine: VllmEngine) -> N
     assert not any(obj is async_llm_module.__dict__ for obj in walked)
 
 
-def _parents() -> dict[int, int]:
-    """Every process's parent, from /proc."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    return parents
-
-
-def _descendants(pid: int) -> set[int]:
-    parents, found = _parents(), {pid}
-    while more := {p for p, parent in parents.items() if parent in found} - found:
-        found |= more
-    return found - {pid}
-
-
 def _started_worker(config: EngineConfig) -> tuple[VllmEngine, int, int]:
-    """An engine started on `config`, its worker process's pid and that worker's parent."""
-    before = _descendants(os.getpid())
+    """An engine started on `config`, its worker process's pid and that worker's parent: the
+    engine core and a fork server are this process's new children, the worker is theirs."""
+    me = os.getpid()
+    before = set(children_of(me))
     engine = VllmEngine.start(config)
-    parents = _parents()
-    me = os.getpid()  # the engine core and a server are this process's children, a worker
-    workers = [p for p in _descendants(me) - before if parents.get(parents[p]) == me  # theirs
-               and b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()]  # fmt: skip
-    assert len(workers) == 1, [Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in workers]
-    return engine, workers[0], parents[workers[0]]
+    new = [pid for pid in children_of(me) if pid not in before]
+    workers = [
+        (worker, parent) for parent in new for worker in children_of(parent)
+        if b"resource_tracker" not in Path(f"/proc/{worker}/cmdline").read_bytes()
+    ]  # fmt: skip
+    assert len(workers) == 1, [Path(f"/proc/{w}/cmdline").read_bytes()[:80] for w, _ in workers]
+    return engine, *workers[0]
 
 
 async def test_a_restarted_engines_worker_is_forked_from_the_server_and_answers_alike(
